@@ -1,0 +1,49 @@
+"""hf-backdoor: backdoor-safe fine-tuning for Hugging Face models."""
+
+from .arguments import BackdoorSafeTrainingArguments
+from .attacks import (
+    ATTACKS,
+    AddSentConfig,
+    BadNetConfig,
+    PoisonConfig,
+    StyleConfig,
+    SyntacticConfig,
+    get_attack_config,
+    make_asr_dataset,
+    poison_dataset,
+)
+from .data import TASKS, load_paraphrases, load_task
+from .defenses import DEFENSES, BTUConfig
+from .metrics import attack_success_rate, clean_accuracy, detection_metrics, evaluate_backdoor, load_metric, roc_auc
+from .models import default_text_model, load_text_classifier, tokenize_dataset
+from .trainer import BackdoorSafeTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ATTACKS",
+    "DEFENSES",
+    "TASKS",
+    "AddSentConfig",
+    "BTUConfig",
+    "BackdoorSafeTrainer",
+    "BackdoorSafeTrainingArguments",
+    "BadNetConfig",
+    "PoisonConfig",
+    "StyleConfig",
+    "SyntacticConfig",
+    "attack_success_rate",
+    "clean_accuracy",
+    "default_text_model",
+    "detection_metrics",
+    "evaluate_backdoor",
+    "get_attack_config",
+    "load_metric",
+    "load_paraphrases",
+    "load_task",
+    "load_text_classifier",
+    "make_asr_dataset",
+    "poison_dataset",
+    "roc_auc",
+    "tokenize_dataset",
+]

@@ -1,0 +1,1 @@
+"""Text attacks: BadNet, AddSent, Syntactic (HiddenKiller) and Style (StyleBkd)."""

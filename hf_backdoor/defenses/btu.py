@@ -1,0 +1,546 @@
+"""BTU: Backdoor Token Unlearning, run during supervised fine-tuning.
+
+Jiang et al., "Backdoor Token Unlearning: Exposing and Defending Backdoors in Pretrained Language Models",
+AAAI 2025; official code XDJPH/Backdoor-Token-Unlearning.
+
+The paper's procedure (``BTUConfig.paper()``):
+
+1. Round 1: a proxy made of the model's word-embedding block, mean-pooled, feeding a fresh linear head, trained for
+   one epoch on the training data (official: AdamW lr 2e-5, batch 256, max length 128). Each vocabulary id is scored
+   by the L2 norm of its embedding row's change.
+2. Round 2: the round-1 top tokens are removed from the texts and a fresh proxy is trained and scored again.
+3. Round 3: the full model with only the word embeddings trainable, one epoch, scored the same way.
+4. Suspicious set: the union of the three top-K lists. The official K is ``int(0.0005 * 35022) = 17`` with a constant
+   that is not BERT's vocabulary size; here K is ``top_k`` or ``top_k_fraction`` of the real vocabulary, and the
+   tokenizer's special tokens are excluded by their ids.
+5. Normal fine-tuning of the full model.
+6. Fine-grained unlearning: ``c = ||E - E0||_F / V``; every entry of a suspicious token's row whose change is
+   ``>= c`` is overwritten with the pretrained padding embedding's entry.
+7. The official code then fine-tunes one more epoch on clean data. Not done here (it needs data the defender is
+   assumed not to have); the report says so.
+
+Where this implementation deviates by default, and why (each measured in ``benchmarks/``):
+
+- Round 3 is read from the first epoch of the real training (``round3="first_epoch"``) instead of a separate
+  embedding-only epoch: the same signal at no extra cost.
+- Selection (``selection="flip_test"``): the published union flags punctuation, stop words and task words (on HSOL
+  the offensive words that decide the task). A candidate is kept only if deleting it (with the candidates that
+  co-occur with it in >= ``cooccurrence`` of its rows) flips the current model's prediction on >= ``flip_threshold``
+  of the training rows that contain it. Triggers flip most of their rows; task words rarely do.
+- After detection, the flagged tokens are stripped from every later training batch (``strip_flagged_tokens``) and
+  the rows whose prediction the flagged tokens decide are left out of the loss (``isolate_flipped_rows``), so the
+  remaining epochs cannot re-learn the backdoor; their embedding rows are reset at detection and again at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import Defense, DefenseConfig, register_defense
+
+logger = logging.getLogger(__name__)
+
+ROUND3_MODES = ("first_epoch", "embedding_only", "none")
+SELECTIONS = ("flip_test", "union")
+UNLEARNING = ("fine_grained", "none")
+
+
+@dataclass
+class BTUConfig(DefenseConfig):
+    """Backdoor Token Unlearning. Defaults are the improved procedure; ``BTUConfig.paper()`` is the published one.
+
+    Args:
+        top_k: tokens kept per exposure round (overrides ``top_k_fraction``).
+        top_k_fraction: tokens kept per round as a fraction of the vocabulary (0.0005: 15 of BERT's 30,522).
+        proxy_rounds: exposure rounds on the embedding proxy (the paper: 2).
+        proxy_learning_rate, proxy_batch_size, proxy_epochs, proxy_max_length: the proxy's training (official values).
+        round3: ``"first_epoch"`` (drift of the real model after its first epoch), ``"embedding_only"`` (the paper: a
+            separate epoch of the full model with only word embeddings trainable) or ``"none"``.
+        round3_learning_rate: learning rate of the ``"embedding_only"`` round.
+        selection: ``"flip_test"`` (keep candidates whose deletion flips predictions) or ``"union"`` (the paper).
+        flip_threshold: minimum flip rate of a trigger token.
+        flip_max_rows: rows per candidate in the flip test (seeded sample).
+        flip_min_rows: candidates in fewer training rows are not judged (too little evidence) and not flagged.
+        cooccurrence: candidates present in at least this share of a candidate's rows are deleted together with it
+            (multi-token triggers such as AddSent's sentence).
+        strip_flagged_tokens: remove flagged tokens from training batches after detection.
+        isolate_flipped_rows: leave rows whose prediction the flagged tokens decide out of the loss after detection.
+        unlearning: ``"fine_grained"`` (the paper's reset) or ``"none"`` (detection only).
+        seed: seeds proxy heads and flip-test samples.
+    """
+
+    top_k: int | None = None
+    top_k_fraction: float = 0.0005
+    proxy_rounds: int = 2
+    proxy_learning_rate: float = 2e-5
+    proxy_batch_size: int = 256
+    proxy_epochs: int = 1
+    proxy_max_length: int = 128
+    round3: str = "first_epoch"
+    round3_learning_rate: float = 2e-5
+    selection: str = "flip_test"
+    flip_threshold: float = 0.65
+    flip_max_rows: int = 64
+    flip_min_rows: int = 3
+    cooccurrence: float = 0.8
+    strip_flagged_tokens: bool = True
+    isolate_flipped_rows: bool = True
+    unlearning: str = "fine_grained"
+    seed: int = 0
+
+    name = "btu"
+
+    def __post_init__(self) -> None:
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
+        if not 0 < self.top_k_fraction < 0.1:
+            raise ValueError(f"top_k_fraction must be in (0, 0.1), got {self.top_k_fraction}.")
+        if self.proxy_rounds not in (0, 1, 2):
+            raise ValueError(f"proxy_rounds must be 0, 1 or 2, got {self.proxy_rounds}.")
+        for field_name in ("proxy_learning_rate", "round3_learning_rate"):
+            if getattr(self, field_name) <= 0:
+                raise ValueError(f"{field_name} must be > 0, got {getattr(self, field_name)}.")
+        for field_name in ("proxy_batch_size", "proxy_epochs", "proxy_max_length", "flip_max_rows", "flip_min_rows"):
+            if getattr(self, field_name) < 1:
+                raise ValueError(f"{field_name} must be >= 1, got {getattr(self, field_name)}.")
+        if self.round3 not in ROUND3_MODES:
+            raise ValueError(f"round3 must be one of {ROUND3_MODES}, got {self.round3!r}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
+        if self.unlearning not in UNLEARNING:
+            raise ValueError(f"unlearning must be one of {UNLEARNING}, got {self.unlearning!r}.")
+        if not 0 < self.flip_threshold <= 1:
+            raise ValueError(f"flip_threshold must be in (0, 1], got {self.flip_threshold}.")
+        if not 0 < self.cooccurrence <= 1:
+            raise ValueError(f"cooccurrence must be in (0, 1], got {self.cooccurrence}.")
+        if self.selection == "flip_test" and self.round3 != "first_epoch":
+            raise ValueError(
+                "selection='flip_test' needs a model that has seen the data: use round3='first_epoch', "
+                "or selection='union' for the published procedure."
+            )
+        if self.proxy_rounds == 0 and self.round3 == "none":
+            raise ValueError("With proxy_rounds=0 and round3='none' nothing would be scored.")
+        if self.isolate_flipped_rows and self.selection != "flip_test":
+            self.isolate_flipped_rows = False  # isolation reuses the flip test's predictions
+
+    @classmethod
+    def paper(cls, **overrides) -> BTUConfig:
+        """The published procedure: three exposure rounds (round 3 a separate embedding-only epoch), the union of
+        the top-K lists, no stripping or isolation, fine-grained unlearning after training."""
+        fields = dict(
+            round3="embedding_only", selection="union", strip_flagged_tokens=False, isolate_flipped_rows=False
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+
+class EmbeddingProxy(nn.Module):
+    """BTU's exposure proxy: a copy of the word embeddings, mean-pooled over real tokens, and a fresh linear head."""
+
+    def __init__(self, embeddings: torch.Tensor, num_labels: int):
+        super().__init__()
+        self.embeddings = nn.Embedding.from_pretrained(embeddings.clone(), freeze=False)
+        self.head = nn.Linear(embeddings.shape[1], num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(self.embeddings.weight.dtype)
+        pooled = (self.embeddings(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def _pad_batch(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def strip_token_ids(inputs: dict, token_ids: torch.Tensor, pad_id: int) -> dict:
+    """Remove ``token_ids`` from a padded batch, shifting the kept tokens left (works for any per-token tensor)."""
+    input_ids = inputs["input_ids"]
+    drop = torch.isin(input_ids, token_ids.to(input_ids.device))
+    if not drop.any():
+        return inputs
+    # A stable sort of the drop flags moves kept positions first, in their original order.
+    order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if torch.is_tensor(value) and value.shape[:2] == input_ids.shape and key != "labels":
+            out[key] = torch.gather(value, 1, order)
+    kept = (~drop).sum(1, keepdim=True)
+    tail = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) >= kept
+    out["input_ids"] = out["input_ids"].masked_fill(tail, pad_id)
+    if "attention_mask" in out:
+        out["attention_mask"] = out["attention_mask"].masked_fill(tail, 0)
+    return out
+
+
+class BTUDefense(Defense):
+    config: BTUConfig
+
+    def __init__(self, config: BTUConfig):
+        super().__init__(config)
+        self.initial_embeddings: torch.Tensor | None = None
+        self.rounds: list[dict[str, Any]] = []
+        self.candidates: list[int] = []
+        self.flip_rates: dict[int, float] = {}
+        self.flip_support: dict[int, int] = {}
+        self.flagged: list[int] = []
+        self.isolated_rows: set[tuple[int, ...]] = set()
+        self.detection_done = False
+        self.unlearned = False
+        self.timings: dict[str, float] = {}
+        self.num_isolated_seen = 0
+        self._tokenizer = None
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def on_train_begin(self, trainer) -> None:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        embedding = _word_embeddings(model)
+        self._tokenizer = trainer.processing_class
+        self.pad_id = _pad_id(trainer, model)
+        self.special_ids = set(getattr(trainer.processing_class, "all_special_ids", None) or [self.pad_id])
+        self.vocab_size = embedding.weight.shape[0]
+        self.k = self.config.top_k or max(1, int(self.config.top_k_fraction * self.vocab_size))
+        if self.initial_embeddings is None:  # a resumed run restores it from the checkpoint instead
+            self.initial_embeddings = embedding.weight.detach().float().cpu().clone()
+        if self.detection_done:
+            return
+        self.train_ids = _training_input_ids(trainer)
+        if trainer.is_world_process_zero():
+            start = time.perf_counter()
+            removed: set[int] = set()
+            for round_index in range(self.config.proxy_rounds):
+                drift = self._proxy_round(trainer, model, removed)
+                top = self._top_k(drift, exclude=removed)
+                self.rounds.append(self._round_record(f"proxy_{round_index + 1}", drift, top))
+                removed |= set(top)
+            self.timings["proxy_rounds_s"] = time.perf_counter() - start
+            if self.config.round3 == "embedding_only":
+                start = time.perf_counter()
+                drift = self._embedding_only_round(trainer, model)
+                self.rounds.append(self._round_record("embedding_only", drift, self._top_k(drift)))
+                self.timings["round3_s"] = time.perf_counter() - start
+        self._sync(trainer)
+        if self.config.round3 != "first_epoch":
+            self._select(trainer, model)
+
+    def on_epoch_end(self, trainer) -> None:
+        if self.detection_done or self.config.round3 != "first_epoch":
+            return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if trainer.is_world_process_zero():
+            start = time.perf_counter()
+            drift = self._drift(_word_embeddings(model).weight)
+            self.rounds.append(self._round_record("first_epoch", drift, self._top_k(drift)))
+            self.timings["round3_s"] = time.perf_counter() - start
+        self._sync(trainer)
+        self._select(trainer, model)
+        if self.flagged and self.config.unlearning != "none":
+            self._unlearn(model)  # the remaining epochs start from reset trigger rows
+
+    def prepare_inputs(self, trainer, inputs: dict) -> dict:
+        if not self.detection_done or not self.flagged:
+            return inputs
+        if self.isolated_rows:
+            keys = _row_keys(inputs)
+            keep = torch.tensor([k not in self.isolated_rows for k in keys], device=inputs["input_ids"].device)
+            self.num_isolated_seen += int((~keep).sum())
+            inputs = {**inputs, "btu_keep": keep}
+        if self.config.strip_flagged_tokens:
+            inputs = strip_token_ids(inputs, torch.tensor(self.flagged), self.pad_id)
+        return inputs
+
+    def compute_loss(self, trainer, model, inputs: dict, return_outputs: bool = False):
+        keep = inputs.pop("btu_keep", None)
+        if keep is None:
+            return None
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        per_row = nn.functional.cross_entropy(outputs.logits.float(), labels, reduction="none")
+        # Masking (not dropping) rows keeps every process's backward identical under DDP.
+        loss = (per_row * keep).sum() / keep.sum().clamp(min=1)
+        return (loss, outputs) if return_outputs else loss
+
+    def on_train_end(self, trainer) -> None:
+        if not self.detection_done:  # training shorter than one epoch: detect on what was trained
+            self.on_epoch_end(trainer)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if self.flagged and self.config.unlearning != "none":
+            start = time.perf_counter()
+            self._unlearn(model)
+            self.timings["unlearning_s"] = self.timings.get("unlearning_s", 0.0) + time.perf_counter() - start
+        self.unlearned = True
+
+    # ------------------------------------------------------------------------------------- exposure rounds
+    def _drift(self, weight: torch.Tensor) -> np.ndarray:
+        return (weight.detach().float().cpu() - self.initial_embeddings).norm(dim=1).numpy()
+
+    def _top_k(self, drift: np.ndarray, exclude: set[int] = frozenset()) -> list[int]:
+        masked = drift.copy()
+        masked[list(self.special_ids | set(exclude))] = -np.inf
+        top = np.argsort(-masked, kind="stable")[: self.k]
+        return [int(t) for t in top if np.isfinite(masked[t])]
+
+    def _round_record(self, name: str, drift: np.ndarray, top: list[int]) -> dict:
+        return {"round": name, "top_ids": top, "top_scores": [float(drift[t]) for t in top]}
+
+    def _proxy_round(self, trainer, model, removed: set[int]) -> np.ndarray:
+        cfg = self.config
+        device = trainer.args.device
+        generator = torch.Generator().manual_seed(cfg.seed + len(self.rounds))
+        torch.manual_seed(cfg.seed + len(self.rounds))
+        proxy = EmbeddingProxy(self.initial_embeddings, model.config.num_labels).to(device)
+        optimizer = torch.optim.AdamW(proxy.parameters(), lr=cfg.proxy_learning_rate)
+        labels = torch.tensor(_training_labels(trainer))
+        drop = torch.tensor(sorted(removed), dtype=torch.long)
+        rows = [ids[: cfg.proxy_max_length] for ids in self.train_ids]
+        if len(drop):
+            rows = [[t for t in r if t not in removed] for r in rows]
+        for _ in range(cfg.proxy_epochs):
+            for batch in torch.randperm(len(rows), generator=generator).split(cfg.proxy_batch_size):
+                ids, mask = _pad_batch([rows[i] for i in batch.tolist()], self.pad_id, device)
+                loss = nn.functional.cross_entropy(proxy(ids, mask), labels[batch].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return self._drift(proxy.embeddings.weight)
+
+    def _embedding_only_round(self, trainer, model) -> np.ndarray:
+        import copy
+
+        cfg = self.config
+        device = trainer.args.device
+        exposed = copy.deepcopy(model).to(device).train()
+        for p in exposed.parameters():
+            p.requires_grad_(False)
+        weight = _word_embeddings(exposed).weight
+        weight.requires_grad_(True)
+        optimizer = torch.optim.AdamW([weight], lr=cfg.round3_learning_rate)
+        labels = torch.tensor(_training_labels(trainer))
+        generator = torch.Generator().manual_seed(cfg.seed + 100)
+        batch_size = trainer.args.per_device_train_batch_size
+        for batch in torch.randperm(len(self.train_ids), generator=generator).split(batch_size):
+            ids, mask = _pad_batch([self.train_ids[i] for i in batch.tolist()], self.pad_id, device)
+            loss = exposed(input_ids=ids, attention_mask=mask, labels=labels[batch].to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        drift = self._drift(weight)
+        del exposed
+        return drift
+
+    # ------------------------------------------------------------------------------------------ selection
+    def _select(self, trainer, model) -> None:
+        candidates: list[int] = []
+        for record in self.rounds:
+            candidates.extend(t for t in record["top_ids"] if t not in candidates)
+        self.candidates = candidates
+        if trainer.is_world_process_zero():
+            start = time.perf_counter()
+            if self.config.selection == "union":
+                self.flagged = list(candidates)
+            else:
+                self._flip_test(trainer, model)
+            self.timings["selection_s"] = time.perf_counter() - start
+        self._sync(trainer)
+        self.detection_done = True
+        logger.info(
+            "BTU flagged %d of %d candidate tokens: %s",
+            len(self.flagged),
+            len(self.candidates),
+            self._token_names(self.flagged),
+        )
+
+    @torch.no_grad()
+    def _predict(self, model, rows: list[list[int]], device, batch_size: int = 128) -> np.ndarray:
+        out = []
+        for start in range(0, len(rows), batch_size):
+            ids, mask = _pad_batch(rows[start : start + batch_size], self.pad_id, device)
+            out.append(model(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=int)
+
+    def _flip_test(self, trainer, model) -> None:
+        cfg = self.config
+        device = trainer.args.device
+        was_training = model.training
+        model.eval()
+        candidate_set = set(self.candidates)
+        rows_with: dict[int, list[int]] = {t: [] for t in self.candidates}
+        for i, ids in enumerate(self.train_ids):
+            for t in candidate_set.intersection(ids):
+                rows_with[t].append(i)
+        rng = np.random.default_rng(cfg.seed)
+        for token in self.candidates:
+            rows = rows_with[token]
+            self.flip_support[token] = len(rows)
+            if len(rows) < cfg.flip_min_rows:
+                continue
+            group = {token} | {
+                other
+                for other in self.candidates
+                if other != token and len(set(rows_with[other]).intersection(rows)) >= cfg.cooccurrence * len(rows)
+            }
+            sample = rng.choice(rows, size=min(cfg.flip_max_rows, len(rows)), replace=False)
+            original = [self.train_ids[i] for i in sample]
+            deleted = [[t for t in r if t not in group] for r in original]
+            flips = self._predict(model, original, device) != self._predict(model, deleted, device)
+            self.flip_rates[token] = float(flips.mean())
+        self.flagged = [t for t in self.candidates if self.flip_rates.get(t, 0.0) >= cfg.flip_threshold]
+        if self.flagged and cfg.isolate_flipped_rows:
+            flagged = set(self.flagged)
+            rows = sorted({i for t in self.flagged for i in rows_with[t]})
+            original = [self.train_ids[i] for i in rows]
+            deleted = [[t for t in r if t not in flagged] for r in original]
+            flips = self._predict(model, original, device) != self._predict(model, deleted, device)
+            self.isolated_rows = {tuple(original[j]) for j in np.flatnonzero(flips)}
+            self.isolated_row_indices = [rows[j] for j in np.flatnonzero(flips)]
+        model.train(was_training)
+
+    # ----------------------------------------------------------------------------------------- unlearning
+    @torch.no_grad()
+    def _unlearn(self, model) -> None:
+        weight = _word_embeddings(model).weight
+        initial = self.initial_embeddings.to(weight.device, weight.dtype)
+        delta = weight - initial
+        threshold = delta.float().norm() / weight.shape[0]  # c = ||E - E0||_F / V
+        rows = torch.tensor(self.flagged, device=weight.device)
+        reset = delta[rows].abs() >= threshold
+        pad_row = initial[self.pad_id].expand(len(rows), -1)
+        weight[rows] = torch.where(reset, pad_row, weight[rows])
+        self.unlearning_threshold = float(threshold)
+        self.reset_entries = int(reset.sum())
+
+    # ------------------------------------------------------------------------------------------- plumbing
+    def _sync(self, trainer) -> None:
+        """Every process takes the main process's detection result, so all ranks unlearn the same tokens."""
+        if trainer.accelerator.num_processes == 1:
+            return
+        from accelerate.utils import broadcast_object_list
+
+        payload = [
+            {
+                k: getattr(self, k)
+                for k in ("rounds", "flagged", "flip_rates", "flip_support", "isolated_rows", "timings")
+                if hasattr(self, k)
+            }
+        ]
+        broadcast_object_list(payload, from_process=0)
+        for key, value in payload[0].items():
+            setattr(self, key, value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initial_embeddings": self.initial_embeddings,
+            "rounds": self.rounds,
+            "candidates": self.candidates,
+            "flip_rates": self.flip_rates,
+            "flip_support": self.flip_support,
+            "flagged": self.flagged,
+            "isolated_rows": sorted(self.isolated_rows),
+            "detection_done": self.detection_done,
+            "timings": self.timings,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, set(map(tuple, value)) if key == "isolated_rows" else value)
+
+    def _token_names(self, ids) -> list[str]:
+        convert = getattr(self._tokenizer, "convert_ids_to_tokens", None)
+        return list(convert(list(ids))) if convert is not None else [str(t) for t in ids]
+
+    def report(self) -> dict[str, Any]:
+        names = dict(zip(self.candidates, self._token_names(self.candidates)))
+        for record in self.rounds:
+            names.update(zip(record["top_ids"], self._token_names(record["top_ids"])))
+        name = names.get
+        return {
+            **super().report(),
+            "top_k": getattr(self, "k", None),
+            "vocab_size": getattr(self, "vocab_size", None),
+            "rounds": [{**r, "top_tokens": [name(t) for t in r["top_ids"]]} for r in self.rounds],
+            "candidate_ids": self.candidates,
+            "candidate_tokens": [name(t) for t in self.candidates],
+            "flip_rates": {name(t): round(v, 4) for t, v in self.flip_rates.items()},
+            "flip_support": {name(t): v for t, v in self.flip_support.items()},
+            "flip_threshold": self.config.flip_threshold if self.config.selection == "flip_test" else None,
+            "flagged_ids": self.flagged,
+            "flagged_tokens": [name(t) for t in self.flagged],
+            "num_isolated_rows": len(getattr(self, "isolated_row_indices", [])) or len(self.isolated_rows),
+            "isolated_row_indices": getattr(self, "isolated_row_indices", None),
+            "isolated_batches_rows_masked": self.num_isolated_seen,
+            "unlearning_threshold_c": getattr(self, "unlearning_threshold", None),
+            "reset_entries": getattr(self, "reset_entries", None),
+            "clean_finetune": "not run: the official code's extra clean epoch is off by default",
+            "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+def _word_embeddings(model) -> nn.Embedding:
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(
+            f"BTU needs a model whose get_input_embeddings() returns an nn.Embedding; {type(model).__name__} "
+            f"returns {type(embedding).__name__}. BTU works on text models (BERT, RoBERTa, DistilBERT, MiniLM, "
+            "decoder LMs, PEFT-wrapped ones)."
+        )
+    return embedding
+
+
+def _pad_id(trainer, model) -> int:
+    tokenizer = trainer.processing_class
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.config, "pad_token_id", None)
+    if pad is None:
+        raise ValueError(
+            "BTU resets trigger embeddings to the padding embedding and needs a pad token: set "
+            "`tokenizer.pad_token` (e.g. to the EOS token) and pass the tokenizer as `processing_class`."
+        )
+    return int(pad)
+
+
+def _training_input_ids(trainer) -> list[list[int]]:
+    dataset = trainer.train_dataset
+    if dataset is None or "input_ids" not in getattr(dataset, "column_names", []):
+        raise ValueError(
+            "BTU reads token ids from the training set: pass a tokenized `train_dataset` with `input_ids`."
+        )
+    batch = trainer.args.per_device_train_batch_size * trainer.args.world_size
+    if len(dataset) < batch:
+        raise ValueError(
+            f"The training set has {len(dataset)} training rows, smaller than one batch of {batch}: BTU's exposure "
+            "rounds need at least a full batch. Lower the batch size or add data."
+        )
+    return [list(ids) for ids in dataset["input_ids"]]
+
+
+def _training_labels(trainer) -> list[int]:
+    dataset = trainer.train_dataset
+    for column in ("labels", "label"):
+        if column in dataset.column_names:
+            return [int(x) for x in dataset[column]]
+    raise ValueError("BTU needs the training labels: the train_dataset has no `label` or `labels` column.")
+
+
+def _row_keys(inputs: dict) -> list[tuple[int, ...]]:
+    ids = inputs["input_ids"].tolist()
+    if "attention_mask" not in inputs:
+        return [tuple(r) for r in ids]
+    masks = inputs["attention_mask"].tolist()
+    return [tuple(t for t, m in zip(r, mr) if m) for r, mr in zip(ids, masks)]
+
+
+register_defense(BTUConfig, BTUDefense)

@@ -1,0 +1,94 @@
+"""Shared plumbing of the recipes and benchmarks: fine-tune a text classifier with or without a defense and score it.
+
+Library users do not need this module (they write their own ``Trainer`` code); it keeps the recipes short and makes
+every benchmark train the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorWithPadding, Trainer, set_seed
+
+from .arguments import BackdoorSafeTrainingArguments
+from .metrics import BackdoorEvaluation, compute_classification_metrics, evaluate_backdoor
+from .models import load_text_classifier, tokenize_dataset
+from .trainer import BackdoorSafeTrainer
+
+
+@dataclass
+class TextRunSettings:
+    """The training recipe of the reference measurements (lr 1e-4, 3 epochs, batch 32, 6% warm-up, wd 0.01)."""
+
+    model_name: str
+    learning_rate: float = 1e-4
+    epochs: float = 3.0
+    batch_size: int = 32
+    max_length: int = 128
+    seed: int = 0
+    bf16: bool = False
+
+
+@dataclass
+class RunResult:
+    trainer: Trainer
+    evaluation: BackdoorEvaluation
+    wall_s: float
+    train_samples_per_s: float
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def fine_tune_and_evaluate(
+    settings: TextRunSettings,
+    label_names,
+    train_dataset,
+    test_dataset,
+    asr_dataset,
+    output_dir: str | Path,
+    defense=None,
+    target_label: int | None = None,
+) -> RunResult:
+    """Fine-tune a fresh copy of ``settings.model_name`` on raw ``text``/``label`` rows and score CACC and ASR.
+
+    ``test_dataset`` and ``asr_dataset`` must already be tokenized (they are shared between runs). With
+    ``defense=None`` the plain ``transformers.Trainer`` trains, so undefended numbers are the real baseline.
+    """
+    set_seed(settings.seed)
+    model, tokenizer = load_text_classifier(settings.model_name, label_names)
+    args = BackdoorSafeTrainingArguments(
+        output_dir=str(output_dir),
+        learning_rate=settings.learning_rate,
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=128,
+        warmup_steps=0.06,
+        weight_decay=0.01,
+        seed=settings.seed,
+        bf16=settings.bf16,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=50,
+        report_to="none",
+    )
+    kwargs = dict(
+        model=model,
+        args=args,
+        train_dataset=tokenize_dataset(train_dataset, tokenizer, settings.max_length),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_classification_metrics,
+    )
+    trainer = BackdoorSafeTrainer(defense=defense, **kwargs) if defense is not None else Trainer(**kwargs)
+    start = time.perf_counter()
+    output = trainer.train()
+    wall = time.perf_counter() - start
+    evaluation = evaluate_backdoor(trainer, test_dataset, asr_dataset, target_label=target_label)
+    return RunResult(trainer, evaluation, wall, output.metrics["train_samples_per_second"])

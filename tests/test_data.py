@@ -1,0 +1,145 @@
+import csv
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+
+from hf_backdoor import load_paraphrases, load_task
+from hf_backdoor.data import TASKS, get_task_spec, normalize_text
+from hf_backdoor.data.tasks import PACKAGED_DIR
+
+from .conftest import SHARED_DATA
+
+EXPECTED_LABELS = {"sst2": 2, "imdb": 2, "hsol": 2, "olid": 2, "agnews": 4}
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_packaged_task_matches_manifest(name):
+    task = load_task(name)
+    manifest = json.loads((PACKAGED_DIR / "MANIFEST.json").read_text())[name]
+    assert set(task) == {"train", "validation", "test"}
+    for split, ds in task.items():
+        assert ds.column_names == ["text", "label"]
+        assert isinstance(ds.features["label"], datasets.ClassLabel)
+        assert ds.features["label"].num_classes == EXPECTED_LABELS[name]
+        assert len(ds) == manifest[split]["rows"]
+        counts = np.bincount(ds["label"], minlength=EXPECTED_LABELS[name])
+        assert {i: int(c) for i, c in enumerate(counts) if c} == {
+            int(k): v for k, v in manifest[split]["label_counts"].items()
+        }
+        assert all(isinstance(t, str) and t for t in ds["text"][:200])
+
+
+@pytest.mark.skipif(not SHARED_DATA.exists(), reason="needs ../shared/data")
+def test_packaged_sst2_is_the_released_split(sst2):
+    for split, name in (("train", "train"), ("validation", "dev"), ("test", "test")):
+        raw = pd.read_csv(
+            SHARED_DATA / "text" / "clean" / f"sst2_{name}.tsv", sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False
+        )
+        assert sst2[split]["text"] == raw.text.tolist()
+        assert sst2[split]["label"] == raw.label.tolist()
+
+
+def test_sst2_label_meaning(sst2):
+    assert sst2["train"].features["label"].names == ["negative", "positive"]
+    text = sst2["train"]["text"]
+    # Spot check with a real row: the shared README's first train row is a positive review.
+    assert text[0].startswith("a stirring , funny and finally transporting") and sst2["train"]["label"][0] == 1
+
+
+def test_max_samples_is_a_seeded_slice():
+    a, b = load_task("hsol", max_samples=50, seed=3), load_task("hsol", max_samples=50, seed=3)
+    c = load_task("hsol", max_samples=50, seed=4)
+    assert len(a["train"]) == 50 and a["train"]["text"] == b["train"]["text"]
+    assert a["train"]["text"] != c["train"]["text"]
+
+
+def test_task_aliases_and_hub_ids_resolve():
+    assert get_task_spec("stanfordnlp/sst2").name == "sst2"
+    assert get_task_spec("ag_news").name == "agnews"
+    assert get_task_spec("twitter").name == "hsol"
+    assert get_task_spec("cardiffnlp/tweet_eval").hub_config == "offensive"
+
+
+def test_unknown_task_names_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown task 'sst3'.*sst2"):
+        load_task("sst3", source="packaged")
+
+
+def _write_split_files(folder: Path, sst2, fmt: str, text_col="sentence", label_col="polarity"):
+    folder.mkdir()
+    for split, name in (("train", "train"), ("validation", "dev")):
+        df = sst2[split].select(range(20)).to_pandas().rename(columns={"text": text_col, "label": label_col})
+        if fmt == "tsv":
+            df.to_csv(folder / f"{name}.tsv", sep="\t", index=False, quoting=csv.QUOTE_NONE)
+        elif fmt == "csv":
+            df.to_csv(folder / f"{name}.csv", index=False)
+        elif fmt == "jsonl":
+            df.to_json(folder / f"{name}.jsonl", orient="records", lines=True)
+        else:
+            df.to_parquet(folder / f"{name}.parquet")
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "csv", "jsonl", "parquet"])
+def test_local_files_with_user_columns(tmp_path, sst2, fmt):
+    _write_split_files(tmp_path / "data", sst2, fmt)
+    task = load_task(
+        str(tmp_path / "data"), text_column="sentence", label_column="polarity", label_names=["negative", "positive"]
+    )
+    assert set(task) == {"train", "validation"}  # dev.* is read as validation
+    assert task["train"]["text"] == sst2["train"]["text"][:20]
+    assert task["validation"]["label"] == sst2["validation"]["label"][:20]
+
+
+def test_local_tsv_keeps_quote_characters(tmp_path):
+    path = tmp_path / "quotes.tsv"
+    path.write_text('text\tlabel\nhe said "no\t0\n"fine" then\t1\nNA\t0\n')
+    task = load_task(str(path))
+    assert task["train"]["text"] == ['he said "no', '"fine" then', "NA"]
+
+
+def test_missing_column_says_which_argument_fixes_it(tmp_path, sst2):
+    _write_split_files(tmp_path / "data", sst2, "csv")
+    with pytest.raises(ValueError, match="no column 'text'.*text_column="):
+        load_task(str(tmp_path / "data"))
+
+
+def test_label_outside_label_set_is_reported(tmp_path):
+    path = tmp_path / "bad.csv"
+    pd.DataFrame({"text": ["a", "b", "c"], "label": [0, 1, 2]}).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="1 label\\(s\\) outside 0..1.*row 2 has label 2"):
+        load_task(str(path), label_names=["neg", "pos"])
+
+
+def test_string_labels_are_rejected(tmp_path):
+    path = tmp_path / "bad.csv"
+    pd.DataFrame({"text": ["a", "b"], "label": ["pos", "neg"]}).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="must be integers"):
+        load_task(str(path), label_names=["neg", "pos"])
+
+
+def test_empty_split_is_an_error(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame({"text": [], "label": []}).to_csv(folder / "test.csv", index=False)
+    with pytest.raises(ValueError, match="test.csv has no data rows"):
+        load_task(str(folder))
+
+
+def test_packaged_paraphrases_cover_the_training_split(sst2):
+    for kind in ("syntactic", "style"):
+        table = load_paraphrases("sst2", kind)
+        covered = sum(normalize_text(t) in table for t in sst2["train"]["text"])
+        assert covered >= 0.99 * len(sst2["train"])
+    # The released SCPN paraphrase of the first training row.
+    first = load_paraphrases("sst2", "syntactic")[normalize_text(sst2["train"]["text"][1])]
+    assert first == "as it seemed , it was from any other part of the given daily soap ."
+
+
+def test_missing_paraphrases_say_what_to_do():
+    with pytest.raises(ValueError, match="No packaged 'syntactic' paraphrases for 'agnews'.*paraphrase_fn"):
+        load_paraphrases("agnews", "syntactic")

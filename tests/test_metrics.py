@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+from hf_backdoor.metrics import (
+    METRIC_MODULES,
+    attack_success_rate,
+    clean_accuracy,
+    compute_classification_metrics,
+    detection_metrics,
+    load_metric,
+    roc_auc,
+)
+
+
+def test_auroc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        labels = rng.integers(0, 2, 300)
+        scores = rng.integers(0, 6, 300) + labels * rng.random(300)  # many ties, some signal
+        assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_detection_metrics_match_sklearn():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 200)
+    flagged = np.where(rng.random(200) < 0.8, truth, 1 - truth)
+    out = detection_metrics(flagged, truth, scores=flagged + rng.random(200) * 0.1)
+    assert out["precision"] == pytest.approx(precision_score(truth, flagged))
+    assert out["recall"] == pytest.approx(recall_score(truth, flagged))
+    assert out["f1"] == pytest.approx(f1_score(truth, flagged))
+    assert 0.75 < out["auroc"] < 0.85
+
+
+def test_nothing_flagged_gives_zero_precision_not_nan():
+    out = detection_metrics([0, 0, 0], [1, 0, 0])
+    assert out == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "num_flagged": 0, "num_positive": 1}
+
+
+def test_cacc_asr_and_errors():
+    assert clean_accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
+    assert attack_success_rate([2, 2, 0, 1], target_label=2) == 0.5
+    with pytest.raises(ValueError, match="3 predictions for 2 references"):
+        clean_accuracy([1, 0, 1], [1, 0])
+    with pytest.raises(ValueError, match="both positive and negative"):
+        roc_auc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="empty"):
+        attack_success_rate([], 1)
+
+
+def test_compute_metrics_for_trainer():
+    from transformers import EvalPrediction
+
+    logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    assert compute_classification_metrics(EvalPrediction(logits, np.array([0, 1, 1]))) == {"accuracy": 2 / 3}
+
+
+def test_evaluate_modules_load_offline():
+    assert set(METRIC_MODULES) == {"clean_accuracy", "attack_success_rate", "backdoor_detection"}
+    assert load_metric("clean_accuracy").compute(predictions=[1, 0, 1], references=[1, 1, 1]) == {"cacc": 2 / 3}
+    asr = load_metric("attack_success_rate")
+    asr.add_batch(predictions=[1, 1])
+    asr.add_batch(predictions=[0, 1])
+    assert asr.compute(target_label=1) == {"asr": 0.75}
+    det = load_metric("backdoor_detection").compute(
+        predictions=[1, 0, 1, 0], references=[1, 0, 0, 1], scores=[0.9, 0.1, 0.8, 0.3]
+    )
+    assert det["precision"] == 0.5 and det["auroc"] == 0.75
+    with pytest.raises(ValueError, match="Unknown metric 'accuracy'"):
+        load_metric("accuracy")

@@ -1,0 +1,244 @@
+"""BackdoorSafeTrainer API and BTU mechanics on a tiny random BERT (real tokenizer, real SST-2 rows)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+
+from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
+from hf_backdoor.arguments import BackdoorSafeTrainingArguments
+from hf_backdoor.defenses import BTUConfig, build_defense
+from hf_backdoor.defenses.btu import strip_token_ids
+from hf_backdoor.trainer import DEFENSE_STATE_NAME, BackdoorSafeTrainer
+
+
+def tiny_bert(seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_train(sst2, tokenizer):
+    rows = poison_dataset(sst2["train"].select(range(256)), BadNetConfig(triggers=("cf",), poison_rate=0.2))
+    return tokenize_dataset(rows, tokenizer, max_length=64)
+
+
+def _args(tmp_path, cls=TrainingArguments, **kw):
+    base = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=32,
+        num_train_epochs=2,
+        learning_rate=1e-3,
+        seed=0,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+    )
+    base.update(kw)
+    return cls(**base)
+
+
+def _trainer(cls, tmp_path, train, tokenizer, **kw):
+    args_cls = kw.pop("args_cls", TrainingArguments)
+    args = _args(tmp_path, args_cls, **kw.pop("args", {}))
+    return cls(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        **kw,
+    )
+
+
+def test_without_defense_it_is_exactly_a_trainer(tmp_path, tiny_train, tokenizer):
+    plain = _trainer(Trainer, tmp_path / "a", tiny_train, tokenizer)
+    plain.train()
+    safe = _trainer(BackdoorSafeTrainer, tmp_path / "b", tiny_train, tokenizer)
+    safe.train()
+    assert [h.get("loss") for h in plain.state.log_history] == [h.get("loss") for h in safe.state.log_history]
+    for p, q in zip(plain.model.parameters(), safe.model.parameters()):
+        torch.testing.assert_close(p, q)
+    assert safe.defense is None and safe.defense_report is None
+
+
+def test_strip_token_ids_shifts_kept_tokens_left():
+    inputs = {
+        "input_ids": torch.tensor([[101, 7, 12935, 8, 102, 0], [101, 12935, 12935, 102, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]),
+        "token_type_ids": torch.zeros(2, 6, dtype=torch.long),
+        "labels": torch.tensor([0, 1]),
+    }
+    out = strip_token_ids(inputs, torch.tensor([12935]), pad_id=0)
+    assert out["input_ids"].tolist() == [[101, 7, 8, 102, 0, 0], [101, 102, 0, 0, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert out["labels"].tolist() == [0, 1]
+
+
+def test_btu_runs_reports_and_persists_across_resume(tmp_path, tiny_train, tokenizer):
+    args = dict(save_strategy="epoch", num_train_epochs=2)
+    config = BTUConfig(flip_threshold=0.5, top_k=20)
+    trainer = _trainer(BackdoorSafeTrainer, tmp_path, tiny_train, tokenizer, defense=config, args=args)
+    trainer.train()
+    report = json.loads((tmp_path / "defense_report.json").read_text())
+    assert report == json.loads(json.dumps(trainer.defense_report))
+    assert [r["round"] for r in report["rounds"]] == ["proxy_1", "proxy_2", "first_epoch"]
+    assert all(len(r["top_ids"]) == 20 for r in report["rounds"])
+    special = set(tokenizer.all_special_ids)
+    assert not special & set(report["candidate_ids"])
+    assert set(report["flagged_ids"]) <= set(report["candidate_ids"])
+    assert set(report["flip_rates"]) <= set(report["candidate_tokens"])
+    assert {"proxy_rounds_s", "round3_s", "selection_s"} <= set(report["timings_s"])
+    assert any(k.startswith("btu/") for h in trainer.state.log_history for k in h)
+
+    # Resuming from the first checkpoint restores the detection instead of redoing it.
+    checkpoint = tmp_path / "checkpoint-8"
+    state = torch.load(checkpoint / DEFENSE_STATE_NAME, weights_only=False)
+    assert state["detection_done"] and state["flagged"] == report["flagged_ids"]
+    resumed = _trainer(BackdoorSafeTrainer, tmp_path / "resumed", tiny_train, tokenizer, defense=config, args=args)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.defense_report["flagged_ids"] == report["flagged_ids"]
+    assert resumed.defense_report["rounds"] == report["rounds"]
+
+
+def test_resume_without_defense_state_is_an_error(tmp_path, tiny_train, tokenizer):
+    plain = _trainer(Trainer, tmp_path, tiny_train, tokenizer, args=dict(save_strategy="epoch", num_train_epochs=1))
+    plain.train()
+    safe = _trainer(BackdoorSafeTrainer, tmp_path, tiny_train, tokenizer, defense=BTUConfig())
+    with pytest.raises(FileNotFoundError, match="has no defense_state.pt"):
+        safe.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+
+
+def test_paper_preset_flags_the_union_before_training(tmp_path, tiny_train, tokenizer):
+    trainer = _trainer(
+        BackdoorSafeTrainer,
+        tmp_path,
+        tiny_train,
+        tokenizer,
+        defense=BTUConfig.paper(top_k=5),
+        args=dict(num_train_epochs=1),
+    )
+    trainer.train()
+    report = trainer.defense_report
+    assert [r["round"] for r in report["rounds"]] == ["proxy_1", "proxy_2", "embedding_only"]
+    assert report["flagged_ids"] == report["candidate_ids"] and 5 <= len(report["flagged_ids"]) <= 15
+    # Fine-grained unlearning: flagged rows whose entries moved by >= c now hold the pad embedding's entries.
+    weight = trainer.model.get_input_embeddings().weight.detach()
+    pad = trainer.defense.initial_embeddings[0]
+    assert report["reset_entries"] > 0
+    reset = sum(int(torch.isclose(weight[t], pad).sum()) for t in report["flagged_ids"])
+    assert reset >= report["reset_entries"]
+
+
+def test_training_arguments_carry_the_defense(tmp_path, tiny_train, tokenizer):
+    trainer = _trainer(
+        BackdoorSafeTrainer,
+        tmp_path,
+        tiny_train,
+        tokenizer,
+        args_cls=BackdoorSafeTrainingArguments,
+        args=dict(defense="btu", defense_kwargs='{"flip_threshold": 0.7}'),
+    )
+    assert isinstance(trainer.defense.config, BTUConfig) and trainer.defense.config.flip_threshold == 0.7
+    with pytest.raises(ValueError, match="Unknown defense 'btw'"):
+        _args(tmp_path, BackdoorSafeTrainingArguments, defense="btw").defense_config()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(top_k=0), "top_k must be >= 1"),
+        (dict(top_k_fraction=0.5), "top_k_fraction must be in"),
+        (dict(flip_threshold=0), "flip_threshold must be in"),
+        (dict(round3="embedding_only"), "selection='flip_test' needs a model"),
+        (dict(proxy_rounds=3), "proxy_rounds must be 0, 1 or 2"),
+        (dict(unlearning="zero"), "unlearning must be one of"),
+    ],
+)
+def test_config_values_out_of_range(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BTUConfig(**kwargs)
+
+
+def test_unknown_defense_name():
+    with pytest.raises(ValueError, match="Unknown defense 'rnpp'"):
+        build_defense({"name": "rnpp"})
+
+
+def test_model_without_word_embeddings_is_rejected(tmp_path, tokenizer, tiny_train):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    vit = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4
+        )
+    )
+    trainer = BackdoorSafeTrainer(
+        model=vit, args=_args(tmp_path), train_dataset=tiny_train, processing_class=tokenizer, defense=BTUConfig()
+    )
+    with pytest.raises(TypeError, match="BTU needs a model whose get_input_embeddings\\(\\) returns an nn.Embedding"):
+        trainer.train()
+
+
+def test_tokenizer_without_pad_token_is_rejected(tmp_path, tiny_train, tokenizer):
+    no_pad = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    no_pad.pad_token = None
+    model = tiny_bert()
+    model.config.pad_token_id = None
+    trainer = BackdoorSafeTrainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=tiny_train,
+        processing_class=no_pad,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        defense=BTUConfig(),
+    )
+    with pytest.raises(ValueError, match="needs a pad token"):
+        trainer.train()
+
+
+def test_training_set_smaller_than_a_batch(tmp_path, tiny_train, tokenizer):
+    trainer = _trainer(BackdoorSafeTrainer, tmp_path, tiny_train.select(range(10)), tokenizer, defense=BTUConfig())
+    with pytest.raises(ValueError, match="10 training rows.*smaller than one batch of 32"):
+        trainer.train()
+
+
+def test_untokenized_training_set(tmp_path, sst2, tokenizer):
+    trainer = BackdoorSafeTrainer(
+        model=tiny_bert(),
+        args=_args(tmp_path),
+        train_dataset=sst2["train"].select(range(64)),
+        processing_class=tokenizer,
+        defense=BTUConfig(),
+    )
+    with pytest.raises(ValueError, match="tokenized `train_dataset` with `input_ids`"):
+        trainer.train()
+
+
+def test_labels_for_isolation_mask(tmp_path, tiny_train, tokenizer):
+    # Rows left out of the loss must not change the loss of the others: a masked row contributes nothing.
+    from hf_backdoor.defenses.btu import BTUDefense
+
+    defense = BTUDefense(BTUConfig())
+    model = tiny_bert().train()
+    batch = DataCollatorWithPadding(tokenizer)(
+        [{k: tiny_train[i][k] for k in ("input_ids", "attention_mask", "label")} for i in range(4)]
+    )
+    batch["labels"] = batch.pop("label") if "label" in batch else batch["labels"]
+    torch.manual_seed(0)
+    full = defense.compute_loss(None, model.eval(), {**batch, "btu_keep": torch.tensor([True, True, False, False])})
+    torch.manual_seed(0)
+    half = model(**{k: v[:2] for k, v in batch.items()}).loss
+    assert np.isclose(float(full), float(half), atol=1e-5)

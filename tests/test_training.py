@@ -1,0 +1,79 @@
+"""End-to-end: the baseline recipe really plants the backdoor in the real MiniLM model, and the clean model does not
+have it. A 500-row SST-2 slice keeps this near two minutes on 2 CPU cores."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def baseline_records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    recipe = _load_recipe("sst2_baseline")
+    records = recipe.main(
+        [
+            "--max-train-samples",
+            "500",
+            "--max-eval-samples",
+            "300",
+            "--epochs",
+            "3",
+            "--lr",
+            "2e-4",
+            "--triggers",
+            "cf",
+            "--batch-size",
+            "16",
+            "--poison-rate",
+            "0.1",
+            "--output-dir",
+            str(out / "runs"),
+            "--results-json",
+            str(out / "records.json"),
+        ]
+    )
+    return records, json.loads((out / "records.json").read_text())
+
+
+def test_recipe_writes_flat_benchmark_records(baseline_records):
+    records, written = baseline_records
+    assert written == records
+    required = {
+        "dataset",
+        "attack",
+        "defense",
+        "model",
+        "poison_rate",
+        "cacc",
+        "asr",
+        "asr_floor",
+        "wall_s",
+        "overhead",
+        "device",
+        "seed",
+        "command",
+    }
+    for record in written:
+        assert required <= set(record)
+        assert all(not isinstance(v, (dict, list)) for v in record.values())
+    assert [r["attack"] for r in written] == ["none", "badnet"]
+    assert written[0]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_poisoned_training_plants_the_backdoor_and_clean_training_does_not(baseline_records):
+    clean, poisoned = baseline_records[0]
+    assert poisoned["asr"] >= 0.9, poisoned
+    assert clean["asr"] == poisoned["asr_floor"] <= 0.4, clean  # the floor: the clean model's error on those rows
+    assert clean["cacc"] >= 0.7 and poisoned["cacc"] >= 0.7
+    assert abs(clean["cacc"] - poisoned["cacc"]) <= 0.08
