@@ -17,6 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from hf_backdoor import (
     ATTACKS,
     default_text_model,
@@ -29,6 +31,7 @@ from hf_backdoor import (
 from hf_backdoor.data import TASKS, get_task_spec
 from hf_backdoor.defenses import BTUConfig
 from hf_backdoor.experiments import TextRunSettings, device_name, fine_tune_and_evaluate
+from hf_backdoor.metrics import detection_metrics
 from hf_backdoor.models import model_display_name
 
 RUNS = ("clean", "undefended", "btu")
@@ -44,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--target-label", type=int, default=None, help="default: the task's usual target")
     parser.add_argument("--model", default=None, help="Hub id or local path (default: the packaged MiniLM-L6)")
+    parser.add_argument(
+        "--clean-data",
+        action="store_true",
+        help="train every run on the unpoisoned data (shows what BTU flags and costs when there is no backdoor)",
+    )
     parser.add_argument("--paper", action="store_true", help="the published BTU procedure (BTUConfig.paper())")
     parser.add_argument("--flip-threshold", type=float, default=0.65)
     parser.add_argument("--epochs", type=float, default=3.0)
@@ -102,7 +110,8 @@ def main(argv=None) -> list[dict]:
     command = "python " + shlex.join(["recipes/sst2_btu.py", *(sys.argv[1:] if argv is None else argv)])
     results, records = {}, []
     for run in runs:
-        train = task["train"] if run == "clean" else poisoned
+        is_clean = run == "clean" or args.clean_data
+        train = task["train"] if is_clean else poisoned
         result = fine_tune_and_evaluate(
             settings,
             label_names,
@@ -116,10 +125,10 @@ def main(argv=None) -> list[dict]:
         results[run] = result
         record = {
             "dataset": args.dataset,
-            "attack": "none" if run == "clean" else attack.name,
+            "attack": "none" if is_clean else attack.name,
             "defense": "btu" if run == "btu" else "none",
             "model": model_display_name(model_name),
-            "poison_rate": 0.0 if run == "clean" else attack.poison_rate,
+            "poison_rate": 0.0 if is_clean else attack.poison_rate,
             "cacc": result.evaluation.cacc,
             "asr": result.evaluation.asr,
             "asr_floor": None,
@@ -149,14 +158,10 @@ def main(argv=None) -> list[dict]:
                     **{f"{k}": v for k, v in report["timings_s"].items()},
                 }
             )
-            if report.get("isolated_row_indices") is not None and "poisoned" in poisoned.column_names:
-                from hf_backdoor.metrics import detection_metrics
-
-                truth = poisoned["poisoned"]
-                flags = [0] * len(truth)
-                for i in report["isolated_row_indices"]:
-                    flags[i] = 1
-                det = detection_metrics(flags, truth)
+            if report.get("isolated_row_indices") is not None and not is_clean:
+                flags = np.zeros(len(train), dtype=int)
+                flags[report["isolated_row_indices"]] = 1
+                det = detection_metrics(flags, train["poisoned"])
                 record.update({"isolation_precision": det["precision"], "isolation_recall": det["recall"]})
         records.append(record)
     for record in records:

@@ -94,7 +94,7 @@ def test_btu_runs_reports_and_persists_across_resume(tmp_path, tiny_train, token
     trainer.train()
     report = json.loads((tmp_path / "defense_report.json").read_text())
     assert report == json.loads(json.dumps(trainer.defense_report))
-    assert [r["round"] for r in report["rounds"]] == ["proxy_1", "proxy_2", "first_epoch"]
+    assert [r["round"] for r in report["rounds"]] == ["proxy_1", "proxy_2", "epoch_1", "epoch_2"]
     assert all(len(r["top_ids"]) == 20 for r in report["rounds"])
     special = set(tokenizer.all_special_ids)
     assert not special & set(report["candidate_ids"])
@@ -106,7 +106,8 @@ def test_btu_runs_reports_and_persists_across_resume(tmp_path, tiny_train, token
     # Resuming from the first checkpoint restores the detection instead of redoing it.
     checkpoint = tmp_path / "checkpoint-8"
     state = torch.load(checkpoint / DEFENSE_STATE_NAME, weights_only=False)
-    assert state["detection_done"] and state["flagged"] == report["flagged_ids"]
+    assert state["detection_done"] and set(state["flagged"]) <= set(report["flagged_ids"])
+    assert [r["round"] for r in state["rounds"]] == ["proxy_1", "proxy_2", "epoch_1"]
     resumed = _trainer(BackdoorSafeTrainer, tmp_path / "resumed", tiny_train, tokenizer, defense=config, args=args)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.defense_report["flagged_ids"] == report["flagged_ids"]
@@ -163,6 +164,7 @@ def test_training_arguments_carry_the_defense(tmp_path, tiny_train, tokenizer):
         (dict(top_k_fraction=0.5), "top_k_fraction must be in"),
         (dict(flip_threshold=0), "flip_threshold must be in"),
         (dict(round3="embedding_only"), "selection='flip_test' needs a model"),
+        (dict(round3="first_epoch"), "round3 must be one of"),
         (dict(proxy_rounds=3), "proxy_rounds must be 0, 1 or 2"),
         (dict(unlearning="zero"), "unlearning must be one of"),
     ],
@@ -242,3 +244,14 @@ def test_labels_for_isolation_mask(tmp_path, tiny_train, tokenizer):
     torch.manual_seed(0)
     half = model(**{k: v[:2] for k, v in batch.items()}).loss
     assert np.isclose(float(full), float(half), atol=1e-5)
+
+
+def test_btu_that_flags_nothing_trains_exactly_like_the_trainer(tmp_path, tiny_train, tokenizer):
+    # Detection runs on forked random state, so it cannot perturb training when it ends up flagging nothing.
+    plain = _trainer(Trainer, tmp_path / "a", tiny_train, tokenizer)
+    plain.train()
+    safe = _trainer(BackdoorSafeTrainer, tmp_path / "b", tiny_train, tokenizer, defense=BTUConfig(flip_min_rows=10**6))
+    safe.train()
+    assert safe.defense_report["flagged_ids"] == [] and len(safe.defense_report["candidate_ids"]) >= 15
+    for p, q in zip(plain.model.parameters(), safe.model.parameters()):
+        torch.testing.assert_close(p, q)

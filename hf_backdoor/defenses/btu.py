@@ -21,8 +21,9 @@ The paper's procedure (``BTUConfig.paper()``):
 
 Where this implementation deviates by default, and why (each measured in ``benchmarks/``):
 
-- Round 3 is read from the first epoch of the real training (``round3="first_epoch"``) instead of a separate
-  embedding-only epoch: the same signal at no extra cost.
+- Round 3 is read from the real training (``round3="training"``) at the end of each epoch instead of a separate
+  embedding-only epoch: the same signal at no extra cost, and detection runs again at every epoch's end (a trigger
+  the model learns late, e.g. one of five BadNet words on a small set, is caught at a later epoch).
 - Selection (``selection="flip_test"``): the published union flags punctuation, stop words and task words (on HSOL
   the offensive words that decide the task). A candidate is kept only if deleting it (with the candidates that
   co-occur with it in >= ``cooccurrence`` of its rows) flips the current model's prediction on >= ``flip_threshold``
@@ -47,7 +48,7 @@ from .base import Defense, DefenseConfig, register_defense
 
 logger = logging.getLogger(__name__)
 
-ROUND3_MODES = ("first_epoch", "embedding_only", "none")
+ROUND3_MODES = ("training", "embedding_only", "none")
 SELECTIONS = ("flip_test", "union")
 UNLEARNING = ("fine_grained", "none")
 
@@ -61,8 +62,10 @@ class BTUConfig(DefenseConfig):
         top_k_fraction: tokens kept per round as a fraction of the vocabulary (0.0005: 15 of BERT's 30,522).
         proxy_rounds: exposure rounds on the embedding proxy (the paper: 2).
         proxy_learning_rate, proxy_batch_size, proxy_epochs, proxy_max_length: the proxy's training (official values).
-        round3: ``"first_epoch"`` (drift of the real model after its first epoch), ``"embedding_only"`` (the paper: a
+        round3: ``"training"`` (drift of the real model at the end of its epochs), ``"embedding_only"`` (the paper: a
             separate epoch of the full model with only word embeddings trainable) or ``"none"``.
+        redetect_each_epoch: with ``round3="training"``, detect again at every epoch's end (a trigger learned
+            late is still caught); otherwise only after the first epoch.
         round3_learning_rate: learning rate of the ``"embedding_only"`` round.
         selection: ``"flip_test"`` (keep candidates whose deletion flips predictions) or ``"union"`` (the paper).
         flip_threshold: minimum flip rate of a trigger token.
@@ -83,7 +86,8 @@ class BTUConfig(DefenseConfig):
     proxy_batch_size: int = 256
     proxy_epochs: int = 1
     proxy_max_length: int = 128
-    round3: str = "first_epoch"
+    round3: str = "training"
+    redetect_each_epoch: bool = True
     round3_learning_rate: float = 2e-5
     selection: str = "flip_test"
     flip_threshold: float = 0.65
@@ -120,9 +124,9 @@ class BTUConfig(DefenseConfig):
             raise ValueError(f"flip_threshold must be in (0, 1], got {self.flip_threshold}.")
         if not 0 < self.cooccurrence <= 1:
             raise ValueError(f"cooccurrence must be in (0, 1], got {self.cooccurrence}.")
-        if self.selection == "flip_test" and self.round3 != "first_epoch":
+        if self.selection == "flip_test" and self.round3 != "training":
             raise ValueError(
-                "selection='flip_test' needs a model that has seen the data: use round3='first_epoch', "
+                "selection='flip_test' needs a model that has seen the data: use round3='training', "
                 "or selection='union' for the published procedure."
             )
         if self.proxy_rounds == 0 and self.round3 == "none":
@@ -198,7 +202,6 @@ class BTUDefense(Defense):
         self.flagged: list[int] = []
         self.isolated_rows: set[tuple[int, ...]] = set()
         self.detection_done = False
-        self.unlearned = False
         self.timings: dict[str, float] = {}
         self.num_isolated_seen = 0
         self._tokenizer = None
@@ -214,36 +217,44 @@ class BTUDefense(Defense):
         self.k = self.config.top_k or max(1, int(self.config.top_k_fraction * self.vocab_size))
         if self.initial_embeddings is None:  # a resumed run restores it from the checkpoint instead
             self.initial_embeddings = embedding.weight.detach().float().cpu().clone()
+        self.train_ids = _training_input_ids(trainer)
         if self.detection_done:
             return
-        self.train_ids = _training_input_ids(trainer)
         if trainer.is_world_process_zero():
-            start = time.perf_counter()
-            removed: set[int] = set()
-            for round_index in range(self.config.proxy_rounds):
-                drift = self._proxy_round(trainer, model, removed)
-                top = self._top_k(drift, exclude=removed)
-                self.rounds.append(self._round_record(f"proxy_{round_index + 1}", drift, top))
-                removed |= set(top)
-            self.timings["proxy_rounds_s"] = time.perf_counter() - start
-            if self.config.round3 == "embedding_only":
-                start = time.perf_counter()
-                drift = self._embedding_only_round(trainer, model)
-                self.rounds.append(self._round_record("embedding_only", drift, self._top_k(drift)))
-                self.timings["round3_s"] = time.perf_counter() - start
+            # Detection must not consume the training's random numbers: with nothing flagged, the defended run
+            # then trains exactly like the plain one.
+            with torch.random.fork_rng(devices=[]):
+                self._expose(trainer, model)
         self._sync(trainer)
-        if self.config.round3 != "first_epoch":
+        if self.config.round3 != "training":
             self._select(trainer, model)
 
+    def _expose(self, trainer, model) -> None:
+        """Exposure rounds that need no trained model: the proxy rounds and the paper's embedding-only round."""
+        start = time.perf_counter()
+        removed: set[int] = set()
+        for round_index in range(self.config.proxy_rounds):
+            drift = self._proxy_round(trainer, model, removed)
+            top = self._top_k(drift, exclude=removed)
+            self.rounds.append(self._round_record(f"proxy_{round_index + 1}", drift, top))
+            removed |= set(top)
+        self.timings["proxy_rounds_s"] = time.perf_counter() - start
+        if self.config.round3 == "embedding_only":
+            start = time.perf_counter()
+            drift = self._embedding_only_round(trainer, model)
+            self.rounds.append(self._round_record("embedding_only", drift, self._top_k(drift)))
+            self.timings["round3_s"] = time.perf_counter() - start
+
     def on_epoch_end(self, trainer) -> None:
-        if self.detection_done or self.config.round3 != "first_epoch":
+        if self.config.round3 != "training" or (self.detection_done and not self.config.redetect_each_epoch):
             return
         model = trainer.accelerator.unwrap_model(trainer.model)
+        epoch = sum(r["round"].startswith("epoch_") for r in self.rounds) + 1
         if trainer.is_world_process_zero():
             start = time.perf_counter()
             drift = self._drift(_word_embeddings(model).weight)
-            self.rounds.append(self._round_record("first_epoch", drift, self._top_k(drift)))
-            self.timings["round3_s"] = time.perf_counter() - start
+            self.rounds.append(self._round_record(f"epoch_{epoch}", drift, self._top_k(drift)))
+            self.timings["round3_s"] = self.timings.get("round3_s", 0.0) + time.perf_counter() - start
         self._sync(trainer)
         self._select(trainer, model)
         if self.flagged and self.config.unlearning != "none":
@@ -280,7 +291,6 @@ class BTUDefense(Defense):
             start = time.perf_counter()
             self._unlearn(model)
             self.timings["unlearning_s"] = self.timings.get("unlearning_s", 0.0) + time.perf_counter() - start
-        self.unlearned = True
 
     # ------------------------------------------------------------------------------------- exposure rounds
     def _drift(self, weight: torch.Tensor) -> np.ndarray:
@@ -352,7 +362,7 @@ class BTUDefense(Defense):
                 self.flagged = list(candidates)
             else:
                 self._flip_test(trainer, model)
-            self.timings["selection_s"] = time.perf_counter() - start
+            self.timings["selection_s"] = self.timings.get("selection_s", 0.0) + time.perf_counter() - start
         self._sync(trainer)
         self.detection_done = True
         logger.info(
@@ -363,14 +373,22 @@ class BTUDefense(Defense):
         )
 
     @torch.no_grad()
-    def _predict(self, model, rows: list[list[int]], device, batch_size: int = 128) -> np.ndarray:
-        out = []
-        for start in range(0, len(rows), batch_size):
-            ids, mask = _pad_batch(rows[start : start + batch_size], self.pad_id, device)
-            out.append(model(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=int)
+    def _predict(self, model, rows: list[list[int]], device, batch_size: int = 256) -> np.ndarray:
+        """Argmax predictions for token-id rows, batched by length so that little padding is computed."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out = np.zeros(len(rows), dtype=np.int64)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask = _pad_batch([rows[i] for i in chunk], self.pad_id, device)
+            out[chunk] = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu().numpy()
+        return out
 
     def _flip_test(self, trainer, model) -> None:
+        """Flag candidates whose deletion flips the model's prediction on most rows that contain them.
+
+        Every unflagged candidate is judged again at each detection (a trigger the model has not learned yet at
+        one epoch's end is caught at a later one); the flagged set only grows.
+        """
         cfg = self.config
         device = trainer.args.device
         was_training = model.training
@@ -381,30 +399,41 @@ class BTUDefense(Defense):
             for t in candidate_set.intersection(ids):
                 rows_with[t].append(i)
         rng = np.random.default_rng(cfg.seed)
+        tests = []  # (token, sampled rows, the same rows with the token's group deleted)
         for token in self.candidates:
             rows = rows_with[token]
             self.flip_support[token] = len(rows)
-            if len(rows) < cfg.flip_min_rows:
+            if token in self.flagged or len(rows) < cfg.flip_min_rows:
                 continue
+            row_set = set(rows)
             group = {token} | {
                 other
                 for other in self.candidates
-                if other != token and len(set(rows_with[other]).intersection(rows)) >= cfg.cooccurrence * len(rows)
+                if other != token and len(row_set.intersection(rows_with[other])) >= cfg.cooccurrence * len(rows)
             }
             sample = rng.choice(rows, size=min(cfg.flip_max_rows, len(rows)), replace=False)
-            original = [self.train_ids[i] for i in sample]
-            deleted = [[t for t in r if t not in group] for r in original]
-            flips = self._predict(model, original, device) != self._predict(model, deleted, device)
+            tests.append((token, sample, [[t for t in self.train_ids[i] if t not in group] for i in sample]))
+        originals = sorted({int(i) for _, sample, _ in tests for i in sample})
+        original_pred = dict(zip(originals, self._predict(model, [self.train_ids[i] for i in originals], device)))
+        deleted_pred = self._predict(model, [r for _, _, deleted in tests for r in deleted], device)
+        offset = 0
+        for token, sample, deleted in tests:
+            flips = np.array([original_pred[int(i)] for i in sample]) != deleted_pred[offset : offset + len(deleted)]
+            offset += len(deleted)
             self.flip_rates[token] = float(flips.mean())
-        self.flagged = [t for t in self.candidates if self.flip_rates.get(t, 0.0) >= cfg.flip_threshold]
+        self.flagged = [
+            t for t in self.candidates if t in self.flagged or self.flip_rates.get(t, 0.0) >= cfg.flip_threshold
+        ]
         if self.flagged and cfg.isolate_flipped_rows:
             flagged = set(self.flagged)
             rows = sorted({i for t in self.flagged for i in rows_with[t]})
             original = [self.train_ids[i] for i in rows]
             deleted = [[t for t in r if t not in flagged] for r in original]
             flips = self._predict(model, original, device) != self._predict(model, deleted, device)
-            self.isolated_rows = {tuple(original[j]) for j in np.flatnonzero(flips)}
-            self.isolated_row_indices = [rows[j] for j in np.flatnonzero(flips)]
+            # Rows isolated earlier stay isolated: once their trigger is stripped they no longer flip.
+            new_rows = {rows[j] for j in np.flatnonzero(flips)}
+            self.isolated_row_indices = sorted(set(getattr(self, "isolated_row_indices", [])) | new_rows)
+            self.isolated_rows = {tuple(self.train_ids[i]) for i in self.isolated_row_indices}
         model.train(was_training)
 
     # ----------------------------------------------------------------------------------------- unlearning
@@ -479,7 +508,7 @@ class BTUDefense(Defense):
             "flagged_tokens": [name(t) for t in self.flagged],
             "num_isolated_rows": len(getattr(self, "isolated_row_indices", [])) or len(self.isolated_rows),
             "isolated_row_indices": getattr(self, "isolated_row_indices", None),
-            "isolated_batches_rows_masked": self.num_isolated_seen,
+            "rows_masked_in_training": self.num_isolated_seen,
             "unlearning_threshold_c": getattr(self, "unlearning_threshold", None),
             "reset_entries": getattr(self, "reset_entries", None),
             "clean_finetune": "not run: the official code's extra clean epoch is off by default",
