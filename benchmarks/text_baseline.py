@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,11 @@ def main() -> None:
                     *extra,
                 ]
                 subprocess.run(cmd, check=True, cwd=ROOT)
-                records.extend(json.loads(out.read_text()))
+                for record in json.loads(out.read_text()):
+                    # The recipe's own command names temporary paths; keep it, but lead with this script's.
+                    record["recipe_command"] = record["command"].split(" --output-dir")[0]
+                    record["command"] = shlex.join(["python", "benchmarks/text_baseline.py", *sys.argv[1:]])
+                    records.append(record)
     print(f"\n{'dataset':<8}{'attack':<10}{'rate':>6}{'CACC':>8}{'ASR':>8}{'floor':>8}{'wall s':>9}{'samples/s':>11}")
     for r in records:
         floor = "-" if r["asr_floor"] is None else f"{r['asr_floor']:.3f}"

@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--paper", action="store_true", help="the published BTU procedure (BTUConfig.paper())")
     parser.add_argument("--flip-threshold", type=float, default=0.65)
+    parser.add_argument("--reset-to", default="padding", choices=["padding", "pretrained"])
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -96,7 +97,9 @@ def main(argv=None) -> list[dict]:
     test_set = tokenize_dataset(task["test"], tokenizer, args.max_length)
     asr_set = tokenize_dataset(make_asr_dataset(task["test"], attack), tokenizer, args.max_length)
     defense = (
-        BTUConfig.paper(seed=args.seed) if args.paper else BTUConfig(flip_threshold=args.flip_threshold, seed=args.seed)
+        BTUConfig.paper(seed=args.seed)
+        if args.paper
+        else BTUConfig(flip_threshold=args.flip_threshold, reset_to=args.reset_to, seed=args.seed)
     )
     settings = TextRunSettings(
         model_name=model_name,
@@ -148,7 +151,9 @@ def main(argv=None) -> list[dict]:
             trigger_tokens = _trigger_tokens(attack, tokenizer)
             record.update(
                 {
-                    "btu_variant": "paper" if args.paper else "default",
+                    "btu_variant": "paper"
+                    if args.paper
+                    else ("default" if args.reset_to == "padding" else "reset_to_pretrained"),
                     "flagged_tokens": " ".join(report["flagged_tokens"]),
                     "num_flagged": len(report["flagged_ids"]),
                     "num_candidates": len(report["candidate_ids"]),

@@ -143,3 +143,10 @@ def test_packaged_paraphrases_cover_the_training_split(sst2):
 def test_missing_paraphrases_say_what_to_do():
     with pytest.raises(ValueError, match="No packaged 'syntactic' paraphrases for 'agnews'.*paraphrase_fn"):
         load_paraphrases("agnews", "syntactic")
+
+
+def test_hub_names_fail_clearly_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConnectionError, match="Could not load 'stanfordnlp/sst2'.*load_task\\('sst2'\\)"):
+        load_task("sst2", source="hub")

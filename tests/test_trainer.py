@@ -167,6 +167,7 @@ def test_training_arguments_carry_the_defense(tmp_path, tiny_train, tokenizer):
         (dict(round3="first_epoch"), "round3 must be one of"),
         (dict(proxy_rounds=3), "proxy_rounds must be 0, 1 or 2"),
         (dict(unlearning="zero"), "unlearning must be one of"),
+        (dict(reset_to="zeros"), "reset_to must be one of"),
     ],
 )
 def test_config_values_out_of_range(kwargs, message):

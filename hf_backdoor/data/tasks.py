@@ -201,7 +201,16 @@ def _load_hub(
     hub_id = spec.hub_id if spec is not None else name
     config = hub_config if hub_config is not None else (spec.hub_config if spec is not None else None)
     # Never trust_remote_code: a backdoor-safety library must not execute a dataset's own script.
-    dataset = datasets.load_dataset(hub_id, config, revision=revision)
+    try:
+        dataset = datasets.load_dataset(hub_id, config, revision=revision)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
+        packaged = f" The packaged offline copy is `load_task({spec.name!r})`." if spec is not None else ""
+        raise ConnectionError(
+            f"Could not load {hub_id!r} from the Hugging Face Hub"
+            + (" (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)" if offline else "")
+            + f": {type(err).__name__}: {err}.{packaged} A local csv/tsv/json/parquet path works offline too."
+        ) from err
     if spec is not None:
         for split in spec.hub_unlabeled_splits:
             if split in dataset:

@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 ROUND3_MODES = ("training", "embedding_only", "none")
 SELECTIONS = ("flip_test", "union")
 UNLEARNING = ("fine_grained", "none")
+RESET_TARGETS = ("padding", "pretrained")
 
 
 @dataclass
@@ -76,6 +77,8 @@ class BTUConfig(DefenseConfig):
         strip_flagged_tokens: remove flagged tokens from training batches after detection.
         isolate_flipped_rows: leave rows whose prediction the flagged tokens decide out of the loss after detection.
         unlearning: ``"fine_grained"`` (the paper's reset) or ``"none"`` (detection only).
+        reset_to: what a reset entry gets: ``"padding"`` (the pretrained padding embedding, the paper) or
+            ``"pretrained"`` (the token's own pretrained entry: the trigger word as a clean model would see it).
         seed: seeds proxy heads and flip-test samples.
     """
 
@@ -97,6 +100,7 @@ class BTUConfig(DefenseConfig):
     strip_flagged_tokens: bool = True
     isolate_flipped_rows: bool = True
     unlearning: str = "fine_grained"
+    reset_to: str = "padding"
     seed: int = 0
 
     name = "btu"
@@ -120,6 +124,8 @@ class BTUConfig(DefenseConfig):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
         if self.unlearning not in UNLEARNING:
             raise ValueError(f"unlearning must be one of {UNLEARNING}, got {self.unlearning!r}.")
+        if self.reset_to not in RESET_TARGETS:
+            raise ValueError(f"reset_to must be one of {RESET_TARGETS}, got {self.reset_to!r}.")
         if not 0 < self.flip_threshold <= 1:
             raise ValueError(f"flip_threshold must be in (0, 1], got {self.flip_threshold}.")
         if not 0 < self.cooccurrence <= 1:
@@ -445,8 +451,11 @@ class BTUDefense(Defense):
         threshold = delta.float().norm() / weight.shape[0]  # c = ||E - E0||_F / V
         rows = torch.tensor(self.flagged, device=weight.device)
         reset = delta[rows].abs() >= threshold
-        pad_row = initial[self.pad_id].expand(len(rows), -1)
-        weight[rows] = torch.where(reset, pad_row, weight[rows])
+        if self.config.reset_to == "padding":
+            target = initial[self.pad_id].expand(len(rows), -1)
+        else:
+            target = initial[rows]
+        weight[rows] = torch.where(reset, target, weight[rows])
         self.unlearning_threshold = float(threshold)
         self.reset_entries = int(reset.sum())
 
