@@ -14,6 +14,8 @@ import torch
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from .arguments import BackdoorSafeTrainingArguments
+from .attacks import PoisonConfig, get_attack_config
+from .data import TASKS, get_task_spec, load_task
 from .metrics import BackdoorEvaluation, compute_classification_metrics, evaluate_backdoor
 from .models import load_text_classifier, tokenize_dataset
 from .trainer import BackdoorSafeTrainer
@@ -38,6 +40,38 @@ class RunResult:
     evaluation: BackdoorEvaluation
     wall_s: float
     train_samples_per_s: float
+
+
+def load_experiment_task(
+    dataset: str, max_train_samples: int | None = None, max_eval_samples: int | None = None, seed: int = 0
+):
+    """``load_task`` with optional seeded slices of the train and test splits (for quick runs)."""
+    task = load_task(dataset)
+    for split, limit in (("train", max_train_samples), ("test", max_eval_samples)):
+        if limit:
+            task[split] = task[split].shuffle(seed=seed).select(range(min(limit, len(task[split]))))
+    return task
+
+
+def attack_for_task(
+    attack: str,
+    dataset: str,
+    *,
+    poison_rate: float,
+    target_label: int | None = None,
+    mode: str = "dirty",
+    seed: int = 0,
+    triggers: str | None = None,
+) -> PoisonConfig:
+    """An attack config for a task: its usual target label, and the packaged paraphrases for paraphrase attacks."""
+    if target_label is None:
+        target_label = get_task_spec(dataset).default_target_label if dataset.lower() in TASKS else 1
+    kwargs = dict(poison_rate=poison_rate, target_label=target_label, mode=mode, seed=seed)
+    if attack in ("syntactic", "style"):
+        kwargs["paraphrases"] = dataset  # the authors' released paraphrases, packaged
+    if triggers and attack == "badnet":
+        kwargs["triggers"] = tuple(triggers.split(","))
+    return get_attack_config(attack, **kwargs)
 
 
 def device_name() -> str:

@@ -19,15 +19,19 @@ from pathlib import Path
 from hf_backdoor import (
     ATTACKS,
     default_text_model,
-    get_attack_config,
-    load_task,
     load_text_classifier,
     make_asr_dataset,
     poison_dataset,
     tokenize_dataset,
 )
-from hf_backdoor.data import TASKS, get_task_spec
-from hf_backdoor.experiments import TextRunSettings, device_name, fine_tune_and_evaluate
+from hf_backdoor.data import TASKS
+from hf_backdoor.experiments import (
+    TextRunSettings,
+    attack_for_task,
+    device_name,
+    fine_tune_and_evaluate,
+    load_experiment_task,
+)
 from hf_backdoor.models import model_display_name
 
 
@@ -61,33 +65,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def attack_config(args, task_name: str):
-    target = args.target_label
-    if target is None:
-        target = get_task_spec(task_name).default_target_label if task_name.lower() in TASKS else 1
-    kwargs = dict(poison_rate=args.poison_rate, target_label=target, mode=args.mode, seed=args.seed)
-    if args.attack in ("syntactic", "style"):
-        kwargs["paraphrases"] = task_name  # the authors' released paraphrases, packaged
-    if args.triggers and args.attack == "badnet":
-        kwargs["triggers"] = tuple(args.triggers.split(","))
-    return get_attack_config(args.attack, **kwargs)
-
-
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     if not runs or set(runs) - {"clean", "poisoned"}:
         raise SystemExit(f"--runs must list clean and/or poisoned, got {args.runs!r}")
     model_name = args.model or default_text_model()
-    task = load_task(args.dataset)
-    if args.max_train_samples:
-        task["train"] = (
-            task["train"].shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(task["train"]))))
-        )
-    if args.max_eval_samples:
-        task["test"] = task["test"].shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(task["test"]))))
+    task = load_experiment_task(args.dataset, args.max_train_samples, args.max_eval_samples, args.seed)
     label_names = task["train"].features["label"].names
-    config = attack_config(args, args.dataset)
+    config = attack_for_task(
+        args.attack,
+        args.dataset,
+        poison_rate=args.poison_rate,
+        target_label=args.target_label,
+        mode=args.mode,
+        seed=args.seed,
+        triggers=args.triggers,
+    )
     _, tokenizer = load_text_classifier(model_name, label_names)
     train_sets = {"clean": task["train"], "poisoned": poison_dataset(task["train"], config, tokenizer=tokenizer)}
     asr_set = tokenize_dataset(make_asr_dataset(task["test"], config), tokenizer, args.max_length)

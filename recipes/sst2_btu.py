@@ -22,15 +22,20 @@ import numpy as np
 from hf_backdoor import (
     ATTACKS,
     default_text_model,
-    load_task,
     load_text_classifier,
     make_asr_dataset,
     poison_dataset,
     tokenize_dataset,
 )
-from hf_backdoor.data import TASKS, get_task_spec
+from hf_backdoor.data import TASKS
 from hf_backdoor.defenses import BTUConfig
-from hf_backdoor.experiments import TextRunSettings, device_name, fine_tune_and_evaluate
+from hf_backdoor.experiments import (
+    TextRunSettings,
+    attack_for_task,
+    device_name,
+    fine_tune_and_evaluate,
+    load_experiment_task,
+)
 from hf_backdoor.metrics import detection_metrics
 from hf_backdoor.models import model_display_name
 
@@ -75,23 +80,17 @@ def main(argv=None) -> list[dict]:
     if not runs or set(runs) - set(RUNS):
         raise SystemExit(f"--runs must list some of {RUNS}, got {args.runs!r}")
     model_name = args.model or default_text_model()
-    task = load_task(args.dataset)
-    if args.max_train_samples:
-        task["train"] = (
-            task["train"].shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(task["train"]))))
-        )
-    if args.max_eval_samples:
-        task["test"] = task["test"].shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(task["test"]))))
+    task = load_experiment_task(args.dataset, args.max_train_samples, args.max_eval_samples, args.seed)
     label_names = task["train"].features["label"].names
-    target = args.target_label
-    if target is None:
-        target = get_task_spec(args.dataset).default_target_label if args.dataset.lower() in TASKS else 1
-    kwargs = dict(poison_rate=args.poison_rate, target_label=target, seed=args.seed)
-    if args.attack in ("syntactic", "style"):
-        kwargs["paraphrases"] = args.dataset
-    if args.triggers and args.attack == "badnet":
-        kwargs["triggers"] = tuple(args.triggers.split(","))
-    attack = ATTACKS[args.attack][0](**kwargs)
+    attack = attack_for_task(
+        args.attack,
+        args.dataset,
+        poison_rate=args.poison_rate,
+        target_label=args.target_label,
+        seed=args.seed,
+        triggers=args.triggers,
+    )
+    target = attack.target_label
     _, tokenizer = load_text_classifier(model_name, label_names)
     poisoned = poison_dataset(task["train"], attack, tokenizer=tokenizer)
     test_set = tokenize_dataset(task["test"], tokenizer, args.max_length)

@@ -77,3 +77,17 @@ def test_poisoned_training_plants_the_backdoor_and_clean_training_does_not(basel
     assert clean["asr"] == poisoned["asr_floor"] <= 0.4, clean  # the floor: the clean model's error on those rows
     assert clean["cacc"] >= 0.7 and poisoned["cacc"] >= 0.7
     assert abs(clean["cacc"] - poisoned["cacc"]) <= 0.08
+
+
+def test_btu_recipe_writes_its_records(tmp_path):
+    recipe = _load_recipe("sst2_btu")
+    records = recipe.main([
+        "--max-train-samples", "96", "--max-eval-samples", "64", "--epochs", "1", "--runs", "btu",
+        "--output-dir", str(tmp_path / "runs"), "--results-json", str(tmp_path / "records.json"),
+    ])  # fmt: skip
+    (record,) = json.loads((tmp_path / "records.json").read_text())
+    assert record == records[0]
+    assert record["defense"] == "btu" and record["attack"] == "badnet" and record["btu_variant"] == "default"
+    assert record["trigger_tokens"] == "cf mn bb tq mb"
+    assert record["num_candidates"] >= 15 and {"proxy_rounds_s", "selection_s"} <= set(record)
+    assert (tmp_path / "runs" / "btu" / "defense_report.json").exists()
