@@ -70,7 +70,7 @@ class BackdoorSafeTrainer(Trainer):
                     f"{checkpoint} has no {DEFENSE_STATE_NAME}: it was not written by a BackdoorSafeTrainer with "
                     "this defense, and resuming would silently redo or lose the defense's detection."
                 )
-            self.defense.load_state_dict(torch.load(state_path, weights_only=False))
+            self.defense.load_state_dict(torch.load(state_path, weights_only=True))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

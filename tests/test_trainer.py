@@ -105,7 +105,7 @@ def test_btu_runs_reports_and_persists_across_resume(tmp_path, tiny_train, token
 
     # Resuming from the first checkpoint restores the detection instead of redoing it.
     checkpoint = tmp_path / "checkpoint-8"
-    state = torch.load(checkpoint / DEFENSE_STATE_NAME, weights_only=False)
+    state = torch.load(checkpoint / DEFENSE_STATE_NAME, weights_only=True)
     assert state["detection_done"] and set(state["flagged"]) <= set(report["flagged_ids"])
     assert [r["round"] for r in state["rounds"]] == ["proxy_1", "proxy_2", "epoch_1"]
     resumed = _trainer(BackdoorSafeTrainer, tmp_path / "resumed", tiny_train, tokenizer, defense=config, args=args)
