@@ -206,7 +206,8 @@ class BTUDefense(Defense):
         self.flip_rates: dict[int, float] = {}
         self.flip_support: dict[int, int] = {}
         self.flagged: list[int] = []
-        self.isolated_rows: set[tuple[int, ...]] = set()
+        self.isolated_row_indices: list[int] = []
+        self.isolated_rows: set[tuple[int, ...]] = set()  # derived: the token ids of those rows, matched in batches
         self.detection_done = False
         self.timings: dict[str, float] = {}
         self.num_isolated_seen = 0
@@ -224,7 +225,8 @@ class BTUDefense(Defense):
         if self.initial_embeddings is None:  # a resumed run restores it from the checkpoint instead
             self.initial_embeddings = embedding.weight.detach().float().cpu().clone()
         self.train_ids = _training_input_ids(trainer)
-        if self.detection_done:
+        if self.detection_done:  # resumed: rebuild the row keys from the restored indices
+            self.isolated_rows = {tuple(self.train_ids[i]) for i in self.isolated_row_indices}
             return
         if trainer.is_world_process_zero():
             # Detection must not consume the training's random numbers: with nothing flagged, the defended run
@@ -370,6 +372,7 @@ class BTUDefense(Defense):
                 self._flip_test(trainer, model)
             self.timings["selection_s"] = self.timings.get("selection_s", 0.0) + time.perf_counter() - start
         self._sync(trainer)
+        self.isolated_rows = {tuple(self.train_ids[i]) for i in self.isolated_row_indices}
         self.detection_done = True
         logger.info(
             "BTU flagged %d of %d candidate tokens: %s",
@@ -438,8 +441,7 @@ class BTUDefense(Defense):
             flips = self._predict(model, original, device) != self._predict(model, deleted, device)
             # Rows isolated earlier stay isolated: once their trigger is stripped they no longer flip.
             new_rows = {rows[j] for j in np.flatnonzero(flips)}
-            self.isolated_row_indices = sorted(set(getattr(self, "isolated_row_indices", [])) | new_rows)
-            self.isolated_rows = {tuple(self.train_ids[i]) for i in self.isolated_row_indices}
+            self.isolated_row_indices = sorted(set(self.isolated_row_indices) | new_rows)
         model.train(was_training)
 
     # ----------------------------------------------------------------------------------------- unlearning
@@ -469,7 +471,7 @@ class BTUDefense(Defense):
         payload = [
             {
                 k: getattr(self, k)
-                for k in ("rounds", "flagged", "flip_rates", "flip_support", "isolated_rows", "timings")
+                for k in ("rounds", "flagged", "flip_rates", "flip_support", "isolated_row_indices", "timings")
                 if hasattr(self, k)
             }
         ]
@@ -485,14 +487,14 @@ class BTUDefense(Defense):
             "flip_rates": self.flip_rates,
             "flip_support": self.flip_support,
             "flagged": self.flagged,
-            "isolated_rows": sorted(self.isolated_rows),
+            "isolated_row_indices": self.isolated_row_indices,
             "detection_done": self.detection_done,
             "timings": self.timings,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
-            setattr(self, key, set(map(tuple, value)) if key == "isolated_rows" else value)
+            setattr(self, key, value)
 
     def _token_names(self, ids) -> list[str]:
         convert = getattr(self._tokenizer, "convert_ids_to_tokens", None)
@@ -515,8 +517,8 @@ class BTUDefense(Defense):
             "flip_threshold": self.config.flip_threshold if self.config.selection == "flip_test" else None,
             "flagged_ids": self.flagged,
             "flagged_tokens": [name(t) for t in self.flagged],
-            "num_isolated_rows": len(getattr(self, "isolated_row_indices", [])) or len(self.isolated_rows),
-            "isolated_row_indices": getattr(self, "isolated_row_indices", None),
+            "num_isolated_rows": len(self.isolated_row_indices),
+            "isolated_row_indices": self.isolated_row_indices,
             "rows_masked_in_training": self.num_isolated_seen,
             "unlearning_threshold_c": getattr(self, "unlearning_threshold", None),
             "reset_entries": getattr(self, "reset_entries", None),
