@@ -75,14 +75,33 @@ def _fill_overheads(records: list[dict]) -> None:
 
 
 def _fill_floors(records: list[dict]) -> None:
+    """A cell run without ``--floor`` takes the floor measured elsewhere on the same rows: by a clean model of another
+    cell here, or recorded in another ``results/*.json`` file (same dataset, attack rows, model and seed; the ASR set
+    is built from the test split by the same seeded builder)."""
     floors = {
-        (r["dataset"], r["attack"], r["model"], r["seed"]): r["asr_floor"]
+        (r["dataset"], r["attack"], r["model"], r["seed"]): (r["asr_floor"], "this run")
         for r in records
         if r.get("asr_floor") is not None
     }
+    for path in sorted(RESULTS.glob("*.json")):
+        if path.name == "sanitize_defenses.json":
+            continue
+        for r in json.loads(path.read_text()):
+            attack = r.get("asr_attack") or r.get("attack")
+            if (
+                r.get("asr_floor") is None
+                or attack in (None, "none")
+                or r.get("poison_rate") == 0.0
+                and "asr_attack" not in r
+            ):
+                continue
+            key = (r["dataset"], attack, r["model"], r["seed"])
+            floors.setdefault(key, (r["asr_floor"], f"benchmarks/results/{path.name}: `{r['command']}`"))
     for record in records:
         if record.get("asr_floor") is None:
-            record["asr_floor"] = floors.get((record["dataset"], record["attack"], record["model"], record["seed"]))
+            found = floors.get((record["dataset"], record["attack"], record["model"], record["seed"]))
+            if found is not None:
+                record["asr_floor"], record["asr_floor_source"] = found
 
 
 def _btu_rows() -> list[dict]:

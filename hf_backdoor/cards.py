@@ -102,6 +102,26 @@ def _findings(report: dict) -> str:
         if report.get("clean_finetune"):
             lines.append(f"- Extra clean fine-tuning of the official code: {report['clean_finetune']}")
         return "\n".join(lines)
+    if report.get("defense") == "abl":
+        isolation = report.get("isolation") or {}
+        lines = [
+            f"- Isolated after epoch {report.get('isolation_epoch')}: **{report.get('num_isolated_rows', 0)}** "
+            f"training rows of {isolation.get('num_rows', '?')} (the lowest per-row loss under LGA; cut at loss "
+            f"{isolation.get('loss_threshold', float('nan')):.3g})."
+        ]
+        if "precision" in isolation:
+            lines.append(
+                f"- Against the data's ground truth: precision {isolation['precision']:.2f}, recall "
+                f"{isolation['recall']:.2f}"
+                + (f", loss AUROC {isolation['loss_auroc']:.2f}." if "loss_auroc" in isolation else ".")
+            )
+        unlearning = report.get("unlearning") or []
+        if len(unlearning) > 1:
+            lines.append(
+                f"- Unlearning (gradient ascent on the isolated rows, {len(unlearning) - 1} epochs): their accuracy "
+                f"on their own labels {unlearning[0]['isolated_accuracy']:.2f} -> {unlearning[-1]['isolated_accuracy']:.2f}."
+            )
+        return "\n".join(lines)
     scalars = {k: v for k, v in report.items() if isinstance(v, (int, float, str)) and k not in ("defense",)}
     if not scalars:
         return "_See `defense_report.json`._"

@@ -5,8 +5,11 @@
 - BTU: the distribution of every token's embedding-drift score per exposure round (log scale) with the flagged
   tokens marked, and the flip rate of every judged candidate against the threshold;
 - any defense: CACC and ASR (with its floor) of each evaluated model, side by side;
-- loss curves with an isolation cut (``loss_history`` + ``isolation_cut`` in a report, e.g. ABL) and a histogram of
-  unit masks (``mask_values`` + ``prune_threshold``, e.g. RNP), when a report carries them.
+- ABL: the logged training loss with the isolation step marked (``loss_history`` + ``isolation_step``) and the
+  per-row loss at isolation with the cut, poisoned rows drawn apart when the data has ground truth
+  (``isolation.loss_histogram`` + ``isolation_cut``);
+- RNP: a histogram of unit masks with the pruning threshold (``mask_values`` + ``prune_threshold``).
+  Each figure is drawn when a report carries its fields.
 
 The same figures are linked from the model card.
 """
@@ -101,15 +104,37 @@ def plot_loss_history(report: dict, output_dir: Path) -> CardFigure | None:
     history = report.get("loss_history")
     if not history:
         return None
+    steps = [entry["step"] for entry in history]
+    losses = [entry["loss"] for entry in history]
     fig, ax = plt.subplots(figsize=(5.0, 3.4))
-    ax.plot(range(1, len(history) + 1), history, color="#2e86c1")
-    if report.get("isolation_cut") is not None:
-        ax.axhline(report["isolation_cut"], color="#c0392b", linestyle="--", linewidth=1, label="isolation cut")
+    ax.plot(steps, losses, color="#2e86c1", marker="." if len(steps) < 30 else None)
+    if report.get("isolation_step") is not None:
+        ax.axvline(report["isolation_step"], color="#c0392b", linestyle="--", linewidth=1, label="isolation")
         ax.legend(fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Training loss", fontsize=10)
-    return CardFigure("Loss curve with the isolation cut", _save(fig, output_dir, "loss_curve.png"))
+    ax.set_ylabel("training loss (logged)")
+    ax.set_title("Training loss (LGA before the isolation step)", fontsize=10)
+    return CardFigure("Training loss with the isolation step", _save(fig, output_dir, "loss_curve.png"))
+
+
+def plot_isolation_losses(report: dict, output_dir: Path) -> CardFigure | None:
+    histogram = (report.get("isolation") or {}).get("loss_histogram")
+    if not histogram:
+        return None
+    edges = np.asarray(histogram["edges"])
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    ax.stairs(histogram["counts"], edges, fill=True, color="#9db4d0", label="all rows")
+    if "counts_poisoned" in histogram:
+        ax.stairs(histogram["counts_poisoned"], edges, color="#c0392b", linewidth=1.5, label="poisoned (ground truth)")
+    if report.get("isolation_cut") is not None:
+        ax.axvline(report["isolation_cut"], color="black", linestyle="--", linewidth=1, label="isolation cut")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("per-row loss at isolation")
+    ax.set_ylabel("rows")
+    ax.legend(fontsize=8)
+    ax.set_title("Rows left of the cut are isolated", fontsize=10)
+    return CardFigure("Per-row loss at isolation with the cut", _save(fig, output_dir, "isolation_losses.png"))
 
 
 def plot_masks(report: dict, output_dir: Path) -> CardFigure | None:
@@ -141,6 +166,7 @@ def write_report(output_dir: str | Path, defense_report: dict | None, evaluation
             plot_token_scores(report, output_dir),
             plot_flip_rates(report, output_dir),
             plot_loss_history(report, output_dir),
+            plot_isolation_losses(report, output_dir),
             plot_masks(report, output_dir),
         )
         if figure is not None

@@ -18,8 +18,10 @@ from transformers import (
 
 from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
 from hf_backdoor.attacks.vision import ImageBadNetsConfig
+from hf_backdoor.cards import _findings
 from hf_backdoor.defenses import ABLConfig, build_defense
 from hf_backdoor.defenses.abl import lga_loss
+from hf_backdoor.reports import write_report
 from hf_backdoor.trainer import BackdoorSafeTrainer
 from hf_backdoor.vision import default_image_processor, default_vit_config, load_image_task, prepare_image_dataset
 
@@ -133,7 +135,7 @@ def test_abl_on_text_isolates_and_masks_the_poisoned_rows(tmp_path, sst2, tokeni
     collator = DataCollatorWithPadding(tokenizer)
     trainer = BackdoorSafeTrainer(
         model=tiny_bert(),
-        args=args(tmp_path, num_train_epochs=5, per_device_train_batch_size=16, learning_rate=3e-3),
+        args=args(tmp_path, num_train_epochs=5, per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=10),
         train_dataset=train,
         processing_class=tokenizer,
         data_collator=collator,
@@ -146,6 +148,17 @@ def test_abl_on_text_isolates_and_masks_the_poisoned_rows(tmp_path, sst2, tokeni
     assert len(isolated) == 16 and report["isolation_epoch"] == 4
     assert truth[isolated].mean() >= 0.75, report["isolation"]  # 0.2 for a random pick
     assert report["isolation"]["loss_auroc"] > 0.85
+    # What the report draws: the logged loss with the isolation step, the per-row losses with the cut.
+    assert report["isolation_step"] == 80  # 4 epochs of 20 steps
+    assert [h["step"] for h in report["loss_history"]] == list(range(10, 101, 10))
+    histogram = report["isolation"]["loss_histogram"]
+    assert sum(histogram["counts"]) == 320 and sum(histogram["counts_poisoned"]) == int(truth.sum())
+    assert report["isolation_cut"] == report["isolation"]["loss_threshold"]
+    figures = {figure.path for figure in write_report(tmp_path / "report", report)}
+    assert {"figures/loss_curve.png", "figures/isolation_losses.png"} <= figures
+    findings = _findings(report)  # what the model card says ABL found
+    assert "Isolated after epoch 4: **16** training rows of 320" in findings
+    assert f"precision {report['isolation']['precision']:.2f}" in findings
     # Isolated rows are recognised in any batch by their token ids, and masked out of the loss.
     defense, model = trainer.defense, trainer.model
     others = [i for i in range(len(train)) if i not in isolated][:3]

@@ -38,8 +38,9 @@ def test_save_model_writes_weights_card_report_and_figures(trained, tmp_path):
     files = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "defense_report.json"} <= files
     assert {"backdoor_evaluations.json", "report.md", "figures/cacc_asr.png", "figures/btu_token_scores.png"} <= files
-    assert json.loads((tmp_path / "defense_report.json").read_text())["flagged_ids"] == (
-        trainer.defense_report["flagged_ids"]
+    assert (
+        json.loads((tmp_path / "defense_report.json").read_text())["flagged_ids"]
+        == (trainer.defense_report["flagged_ids"])
     )
 
     card = ModelCard.load(tmp_path / "README.md")

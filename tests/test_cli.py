@@ -29,6 +29,7 @@ def test_every_subcommand_explains_itself(command, capsys):
         (["train", "--defense-kwargs", '{"flip_threshold": 7}'], "flip_threshold must be in"),
         (["evaluate", "--model", "no/such/folder"], "does not exist"),
         (["report", "--run-dir", "."], "has no defense_report.json"),
+        (["sanitize", "--model", ".", "--defense", "prune"], "Unknown"),
     ],
 )
 def test_errors_exit_1_with_what_to_fix(argv, message, capsys, tmp_path, monkeypatch):
@@ -78,6 +79,23 @@ def test_poison_train_evaluate_report_end_to_end(tmp_path, capsys):
     assert f"candidates ({len(report['candidate_ids'])}):" in scan_out
     assert "against the ground truth: precision" in scan_out  # the poisoned dataset carries its ground truth
     assert report["config"]["unlearning"] == "none" and not (scan_dir / "model.safetensors").exists()
+
+    sanitize_dir = tmp_path / "sanitized"
+    sanitize_args = ["sanitize", "--model", str(run_dir), "--dataset", str(data_dir), "--defense", "finetune"]
+    sanitize_args += ["--defense-kwargs", '{"epochs": 1}', "--clean-samples", "32", "--max-length", "64"]
+    assert main([*sanitize_args, "--output-dir", str(sanitize_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("before") and "CACC" in line for line in lines)
+    assert any(line.startswith("after finetune") and "ASR" in line for line in lines)
+    sanitize_report = json.loads((sanitize_dir / "defense_report.json").read_text())
+    assert sanitize_report["defense"] == "finetune" and sanitize_report["config"]["epochs"] == 1
+    assert sanitize_report["num_fit_rows"] + sanitize_report["num_holdout_rows"] == 32
+    assert (sanitize_dir / "model.safetensors").exists()
+    assert [e["model"] for e in json.loads((sanitize_dir / "backdoor_evaluations.json").read_text())] == [
+        "before",
+        "this model",
+    ]
+    assert "finetune" in ModelCard.load(sanitize_dir / "README.md").text
 
     (run_dir / "report.md").unlink()
     assert main(["report", "--run-dir", str(run_dir)]) == 0

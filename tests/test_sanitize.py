@@ -24,13 +24,12 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from hf_backdoor import BadNetConfig, make_asr_dataset, poison_dataset, tokenize_dataset
+from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
 from hf_backdoor.defenses import FinetuneConfig, NADConfig, NWCConfig, RNPConfig, TransformerUnits, sanitize_model
 from hf_backdoor.defenses.nad import attention_loss, attention_map
 from hf_backdoor.defenses.nwc import activeness_aware_step, choose_n, neuron_weight_changes, zero_top_weights
 from hf_backdoor.defenses.rnp import choose_threshold
 from hf_backdoor.defenses.sanitize import clean_threshold_for, get_sanitize_config
-from hf_backdoor.metrics import evaluate_backdoor
 from hf_backdoor.trainer import BackdoorSafeTrainer
 
 
@@ -433,18 +432,16 @@ def test_bad_input_raises_and_leaves_the_model_untouched(tmp_path, tokenizer, cl
 
 
 @pytest.fixture(scope="module")
-def backdoored(sst2, tokenizer, tmp_path_factory):
-    """A small random BERT trained on 400 real SST-2 rows, 20% of them carrying the token trigger ``cf`` (label 1).
+def memorised(sst2, tokenizer, tmp_path_factory):
+    """A small random BERT trained on 400 real SST-2 rows (20% carrying the BadNet trigger ``cf``, label 1).
 
     A random model this small cannot generalise on SST-2 from 400 rows; the clean function it has is its memory of
-    the clean training rows. That is what the defense must keep (``memorised``: clean rows outside the defender's
-    clean set), while removing the trigger (``asr``: triggered test rows).
+    the clean training rows, which is what a repair must keep.
     """
     attack = BadNetConfig(triggers=("cf",), poison_rate=0.2, seed=0)
     rows = poison_dataset(sst2["train"].select(range(400)), attack)
     train = tokenize_dataset(rows, tokenizer, max_length=32)
     clean = np.flatnonzero(np.asarray(rows["poisoned"]) == 0)
-    plain = train.remove_columns(["poisoned", "orig_label"])
     torch.manual_seed(0)
     model = BertForSequenceClassification(
         BertConfig(
@@ -458,7 +455,7 @@ def backdoored(sst2, tokenizer, tmp_path_factory):
         )
     )
     trainer = _trainer(
-        tmp_path_factory.mktemp("backdoored"),
+        tmp_path_factory.mktemp("memorised"),
         model,
         tokenizer,
         train=train,
@@ -467,30 +464,38 @@ def backdoored(sst2, tokenizer, tmp_path_factory):
         learning_rate=3e-3,
     )
     trainer.train()
-    test = sst2["test"].select(range(200))
-    return {
-        "model": trainer.model,
-        "state": _state(trainer.model),
-        "clean": plain.select(clean[:100]),
-        "memorised": plain.select(clean[100:]),
-        "asr": tokenize_dataset(make_asr_dataset(test, attack), tokenizer, max_length=32),
-    }
+    return trainer.model, train.remove_columns(["poisoned", "orig_label"]).select(clean[:100])
 
 
 @pytest.mark.slow
-def test_rnp_removes_a_token_backdoor_and_keeps_clean_accuracy(tmp_path, tokenizer, backdoored):
-    model = copy.deepcopy(backdoored["model"])
-    model.load_state_dict(backdoored["state"])
-    trainer = _trainer(tmp_path, model, tokenizer)
-    before = evaluate_backdoor(trainer, backdoored["memorised"], backdoored["asr"])
-    assert before.asr > 0.9 and before.cacc > 0.9  # the backdoor and the clean function are both there
-    _, report = trainer.sanitize(backdoored["clean"], RNPConfig(batch_size=40))
-    after = evaluate_backdoor(trainer, backdoored["memorised"], backdoored["asr"])
-    assert report["num_pruned"] > 0 and report["prune_threshold"] in RNPConfig().thresholds
-    assert report["unlearning_history"][-1]["train_accuracy"] <= report["clean_threshold"]
-    assert len(report["mask_values"]) == report["num_units"] == 256
-    assert after.asr < before.asr - 0.3
-    assert after.cacc >= before.cacc - 0.05
+def test_rnp_recovery_masks_off_the_units_that_break_clean_accuracy(tmp_path, tokenizer, memorised):
+    """RNP's recovery step on real data: units sabotaged to break the clean function get masks near 0, the others
+    stay near 1, and pruning at RNP's threshold restores the clean accuracy."""
+    from hf_backdoor.defenses.rnp import prune_selection, recover_masks
+    from hf_backdoor.defenses.sanitize import SanitizeContext
+
+    model, clean = memorised
+    trainer = _trainer(tmp_path, copy.deepcopy(model), tokenizer)
+    config = RNPConfig(batch_size=40)
+    context = SanitizeContext(trainer, clean, config, num_labels=2)
+    sabotaged = copy.deepcopy(model)
+    units = TransformerUnits.discover(sabotaged, "ffn")
+    broken = [3, 17, 40, 99]
+    with torch.no_grad():
+        fc2 = sabotaged.bert.encoder.layer[1].output.dense.weight
+        fc2[:, broken] = torch.randn(fc2.shape[0], len(broken), generator=torch.Generator().manual_seed(0)) * 5
+    assert context.accuracy(model, "fit") > 0.95 and context.accuracy(sabotaged, "fit") < 0.8
+
+    masks, history = recover_masks(context, config, units, sabotaged)
+    assert history[-1]["train_accuracy"] > 0.95
+    layer1 = masks[1].detach()
+    assert torch.all(layer1[broken] < 0.2)
+    others = torch.ones(128, dtype=torch.bool)
+    others[broken] = False
+    assert layer1[others].mean() > 0.9 and masks[0].detach().mean() > 0.9
+    pruned = units.prune(sabotaged, prune_selection(units, masks, 0.2))
+    assert len(broken) <= pruned <= 12
+    assert context.accuracy(sabotaged, "fit") > 0.95
 
 
 @pytest.mark.slow

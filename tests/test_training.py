@@ -91,3 +91,20 @@ def test_btu_recipe_writes_its_records(tmp_path):
     assert record["trigger_tokens"] == "cf mn bb tq mb"
     assert record["num_candidates"] >= 15 and {"proxy_rounds_s", "selection_s"} <= set(record)
     assert (tmp_path / "runs" / "btu" / "defense_report.json").exists()
+
+
+def test_btu_detects_the_trigger_and_removes_the_backdoor_on_real_minilm(baseline_records, tmp_path):
+    """The product's promise on a 500-row real SST-2 slice with the real MiniLM: the same data and settings that
+    plant the backdoor in the plain Trainer (``baseline_records``), trained with BTU, flag the trigger token and
+    nothing else, bring ASR down to the clean model's floor and keep CACC."""
+    clean, undefended = baseline_records[0]
+    recipe = _load_recipe("sst2_btu")
+    (btu,) = recipe.main([
+        "--max-train-samples", "500", "--max-eval-samples", "300", "--epochs", "3", "--lr", "2e-4",
+        "--triggers", "cf", "--batch-size", "16", "--poison-rate", "0.1", "--runs", "btu",
+        "--output-dir", str(tmp_path / "runs"), "--results-json", str(tmp_path / "records.json"),
+    ])  # fmt: skip
+    assert undefended["asr"] >= 0.9
+    assert btu["flagged_tokens"] == "cf", btu
+    assert btu["asr"] <= clean["asr"] + 0.05, (btu["asr"], clean["asr"])
+    assert btu["cacc"] >= undefended["cacc"] - 0.03, (btu["cacc"], undefended["cacc"])

@@ -64,6 +64,7 @@ LGA_MODES = ("per_example", "batch", "none")
 ISOLATED_ROWS = ("mask", "ascend", "none")
 OPTIMIZERS = ("sgd", "adamw")
 REPORT_RATIOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+LOSS_HISTOGRAM_BINS = 40
 
 
 @dataclass
@@ -161,6 +162,8 @@ class ABLDefense(Defense):
         self.unlearning: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.epochs_seen = 0
+        self.isolation_step: int | None = None
+        self.loss_history: list[dict[str, float]] = []
         self._isolated_keys: set = set()
         self._key_kind: str | None = None
 
@@ -234,6 +237,12 @@ class ABLDefense(Defense):
                 self.config.isolation_epochs,
             )
             self._isolate(trainer)
+        # The Trainer's logged training loss: the report draws it with the isolation step marked.
+        self.loss_history = [
+            {"step": int(entry["step"]), "loss": float(entry["loss"])}
+            for entry in trainer.state.log_history
+            if "loss" in entry and "step" in entry
+        ]
         if self.config.unlearning_epochs and self.isolated_indices and not self.unlearning:
             start = time.perf_counter()
             self._unlearn(trainer)
@@ -252,6 +261,7 @@ class ABLDefense(Defense):
             self.isolated_indices = sorted(int(i) for i in order[:count])
             self.isolation = self._isolation_report(trainer, losses, order, count)
         self.isolation_epoch = self.epochs_seen
+        self.isolation_step = int(trainer.state.global_step)
         self._sync(trainer)
         self.isolation_done = True
         self._index_isolated_rows(trainer)
@@ -270,10 +280,20 @@ class ABLDefense(Defense):
             "loss_threshold": float(losses[order[count - 1]]),
             "loss_mean": float(losses.mean()),
         }
+        # Log-spaced bins: the isolated rows sit orders of magnitude below the rest.
+        edges = np.logspace(
+            np.log10(max(losses.min(), 1e-8)), np.log10(max(losses.max(), 1e-7)), LOSS_HISTOGRAM_BINS + 1
+        )
+        report["loss_histogram"] = {
+            "edges": [float(e) for e in edges],
+            "counts": np.histogram(np.clip(losses, edges[0], edges[-1]), edges)[0].tolist(),
+        }
         raw = trainer.train_dataset.with_format(None)
         if "poisoned" not in raw.column_names:
             return report
         truth = np.asarray(raw["poisoned"], dtype=bool)
+        poisoned_counts, _ = np.histogram(np.clip(losses[truth], edges[0], edges[-1]), edges)
+        report["loss_histogram"]["counts_poisoned"] = poisoned_counts.tolist()
         flagged = np.zeros(len(losses), dtype=bool)
         flagged[order[:count]] = True
         report.update(detection_metrics(flagged, truth))
@@ -368,6 +388,7 @@ class ABLDefense(Defense):
             "isolation_done": self.isolation_done,
             "isolation_epoch": self.isolation_epoch,
             "isolation": self.isolation,
+            "isolation_step": self.isolation_step,
             "timings": self.timings,
         }
 
@@ -379,6 +400,9 @@ class ABLDefense(Defense):
         return {
             **super().report(),
             "isolation_epoch": self.isolation_epoch,
+            "isolation_step": self.isolation_step,
+            "isolation_cut": self.isolation.get("loss_threshold"),
+            "loss_history": self.loss_history,
             "num_isolated_rows": len(self.isolated_indices),
             "isolated_row_indices": self.isolated_indices,
             "isolation": self.isolation,

@@ -40,6 +40,15 @@ Deviations, and why:
 - Clean split: masks are learned on the fit part of the clean set, the threshold is chosen on its held-out part.
 - Pruning zeroes the weights through which a unit acts (see ``units.py``); the official code zeroes BatchNorm weights
   the same way.
+
+What small models showed (a random 2-layer BERT, hidden 64, trained on 400 real SST-2 rows with 20% BadNet; not
+the default MiniLM, which ``benchmarks/sanitize_defenses.py`` measures): at the official lr 0.01 the ascent did not
+move the (confident) model's clean accuracy in 20 epochs; at lr 0.05-0.2 it went from 1.0 to 0.0 within one epoch,
+even within one step when checked after every step (``unlearning_stop="step"``). On a binary task maximising CE is
+learning the inverted labels rather than forgetting, and the masks then barely moved (mean >= 0.96 after 20
+epochs): nothing was pruned within the accuracy budget and ASR stayed 0.99. On 4-class AG News the ascent was
+gradual (0.54 to 0.33 over 7 epochs) but the masks did not move either. The recovery step itself works: units
+sabotaged to break the clean function get masks near 0 (``tests/test_sanitize.py``).
 """
 
 from __future__ import annotations

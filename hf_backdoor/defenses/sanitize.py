@@ -442,7 +442,14 @@ def unlearn(
 
     for epoch in context.progress(range(max_epochs), desc):
         loss, running_acc = cross_entropy_epoch(
-            context, model, optimizer, batch_size, epoch, sign=-1.0, max_grad_norm=max_grad_norm, stop_fn=stop_fn
+            context,
+            model,
+            optimizer,
+            batch_size,
+            epoch,
+            sign=-1.0,
+            max_grad_norm=max_grad_norm,
+            stop_fn=stop_fn,
         )
         if scheduler is not None:
             scheduler.step()
