@@ -329,3 +329,49 @@ def test_frozen_embeddings_without_proxy_rounds_is_an_error(tmp_path, tiny_train
     trainer.model_wrapped = model
     with pytest.raises(ValueError, match="frozen .* proxy_rounds=0 leaves nothing to score"):
         trainer.train()
+
+
+def _tiny_other(kind: str):
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    if kind == "roberta":
+        config = RobertaConfig(
+            vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=130, pad_token_id=0, type_vocab_size=2, num_labels=2,
+        )  # fmt: skip
+        return RobertaForSequenceClassification(config)
+    if kind == "distilbert":
+        config = DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=2)
+        return DistilBertForSequenceClassification(config)
+    # A decoder LM used for classification: it pools the last non-padding token, so it needs the pad id.
+    config = GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=128, pad_token_id=0, num_labels=2)
+    return GPT2ForSequenceClassification(config)
+
+
+@pytest.mark.parametrize("kind", ["roberta", "distilbert", "gpt2"])
+def test_btu_works_on_other_architectures(kind, tmp_path, tiny_train, tokenizer):
+    # Everything BTU needs comes from get_input_embeddings() and the tokenizer: the drift of the trigger's embedding
+    # row puts it among the candidates whatever the architecture, and the run reports every round.
+    model = _tiny_other(kind)
+    trainer = BackdoorSafeTrainer(
+        model=model,
+        args=_args(tmp_path, num_train_epochs=2),
+        train_dataset=tiny_train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        defense=BTUConfig(flip_threshold=0.5, top_k=20),
+    )
+    trainer.train()
+    report = trainer.defense_report
+    assert [r["round"] for r in report["rounds"]] == ["proxy_1", "proxy_2", "epoch_1", "epoch_2"]
+    assert tokenizer.convert_tokens_to_ids("cf") in report["candidate_ids"], report["candidate_tokens"]
+    assert not set(tokenizer.all_special_ids) & set(report["candidate_ids"])
+    assert set(report["flagged_ids"]) <= set(report["candidate_ids"])

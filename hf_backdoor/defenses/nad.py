@@ -25,6 +25,10 @@ Deviations, and why:
 - Learning rate: 0.01 for teacher and student instead of 0.1. The official 0.1 is a from-scratch CNN rate; a
   pre-trained transformer fine-tuned by SGD at 0.1 leaves its basin (not measured here at full size; 0.01 is the
   rate TSBD fine-tunes with on the same benchmark). Set ``learning_rate=0.1`` for the published value.
+  Measured since on the default MiniLM (SST-2 BadNet 10%, 277 fit / 69 held-out clean rows, CPU;
+  ``benchmarks/results/reports/sst2_badnet_minilm_nad.json``): at 0.01 the teacher's own fine-tuning collapsed the
+  model (held-out accuracy 0.870 -> 0.507 after one epoch) and the student followed, so 0.01 is still too high for a
+  pre-trained transformer under SGD; a smaller rate is the next thing to measure.
 - The official schedule divides the rate during training; here it is constant (20 short epochs on a few hundred rows).
 - Teacher fine-tuning uses the student's optimiser settings (the paper does not give separate ones).
 """

@@ -48,7 +48,11 @@ even within one step when checked after every step (``unlearning_stop="step"``).
 learning the inverted labels rather than forgetting, and the masks then barely moved (mean >= 0.96 after 20
 epochs): nothing was pruned within the accuracy budget and ASR stayed 0.99. On 4-class AG News the ascent was
 gradual (0.54 to 0.33 over 7 epochs) but the masks did not move either. The recovery step itself works: units
-sabotaged to break the clean function get masks near 0 (``tests/test_sanitize.py``).
+sabotaged to break the clean function get masks near 0 (``tests/test_sanitize.py``). On the default MiniLM (SST-2
+BadNet 10%, FFN units, 277 fit / 69 held-out clean rows; ``benchmarks/results/reports/sst2_badnet_minilm_rnp_ffn.json``)
+the same happened: the ascent took held-out accuracy to 0.49 in two epochs, the recovered masks kept a mean of 0.994
+with none below 0.2, and the threshold rule pruned 87 of 9,216 units at 0.9 (held-out accuracy 0.870 -> 0.855). ASR
+after pruning was not measured (the run was stopped for time).
 """
 
 from __future__ import annotations
