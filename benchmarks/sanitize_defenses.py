@@ -27,8 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import RESULTS, fill_floors, known_records, merge_records
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 ALL = "rnp,nad,nwc,finetune"
 GRID = [
     # SST-2, BadNet 10%, default MiniLM: the four defenses, then RNP's other unit kinds on the same weights.
@@ -61,47 +62,17 @@ def _key(record: dict) -> tuple:
     )
 
 
+def _model_key(record: dict) -> tuple:
+    return (record["dataset"], record["attack"], record["model"], record["seed"])
+
+
 def _fill_overheads(records: list[dict]) -> None:
     """A cell that loaded its model has no training time of its own: take the one of the run that trained it."""
-    trained = {
-        (r["dataset"], r["attack"], r["model"], r["seed"]): r["wall_s"]
-        for r in records
-        if r["defense"] == "none" and r.get("wall_s")
-    }
+    trained = {_model_key(r): r["wall_s"] for r in records if r["defense"] == "none" and r.get("wall_s")}
     for record in records:
-        train_wall = trained.get((record["dataset"], record["attack"], record["model"], record["seed"]))
+        train_wall = trained.get(_model_key(record))
         if record["defense"] != "none" and record.get("overhead") is None and record.get("wall_s") and train_wall:
             record["overhead"] = round(record["wall_s"] / train_wall, 3)
-
-
-def _fill_floors(records: list[dict]) -> None:
-    """A cell run without ``--floor`` takes the floor measured elsewhere on the same rows: by a clean model of another
-    cell here, or recorded in another ``results/*.json`` file (same dataset, attack rows, model and seed; the ASR set
-    is built from the test split by the same seeded builder)."""
-    floors = {
-        (r["dataset"], r["attack"], r["model"], r["seed"]): (r["asr_floor"], "this run")
-        for r in records
-        if r.get("asr_floor") is not None
-    }
-    for path in sorted(RESULTS.glob("*.json")):
-        if path.name == "sanitize_defenses.json":
-            continue
-        for r in json.loads(path.read_text()):
-            attack = r.get("asr_attack") or r.get("attack")
-            if (
-                r.get("asr_floor") is None
-                or attack in (None, "none")
-                or r.get("poison_rate") == 0.0
-                and "asr_attack" not in r
-            ):
-                continue
-            key = (r["dataset"], attack, r["model"], r["seed"])
-            floors.setdefault(key, (r["asr_floor"], f"benchmarks/results/{path.name}: `{r['command']}`"))
-    for record in records:
-        if record.get("asr_floor") is None:
-            found = floors.get((record["dataset"], record["attack"], record["model"], record["seed"]))
-            if found is not None:
-                record["asr_floor"], record["asr_floor_source"] = found
 
 
 def _btu_rows() -> list[dict]:
@@ -186,7 +157,13 @@ def main() -> None:
                 )
                 new_records.append(record)
     _fill_overheads(new_records)
-    _fill_floors(new_records)
+    # A cell run with --floor gives its floor to the cells that repair its model; the others take a clean model's
+    # from results/ on the same rows.
+    floors = {_model_key(r): r["asr_floor"] for r in new_records if r.get("asr_floor") is not None}
+    for record in new_records:
+        if record.get("asr_floor") is None:
+            record["asr_floor"] = floors.get(_model_key(record))
+    fill_floors(new_records, known_records(), attack_field="attack")
     _print_table(new_records)
     btu = _btu_rows()
     if btu:
@@ -196,13 +173,8 @@ def main() -> None:
                 f"  sst2 badnet btu ({r.get('btu_variant')}): CACC {r['cacc']:.3f} ASR {r['asr']:.3f} wall {r['wall_s']}s"
             )
 
-    output = Path(args.output)
-    existing = json.loads(output.read_text()) if output.exists() else []
-    replaced = {_key(r) for r in new_records}
-    merged = [r for r in existing if _key(r) not in replaced] + new_records
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(merged, indent=1) + "\n")
-    print(f"\n{len(new_records)} records written to {output} ({len(merged)} in all)")
+    merged = merge_records(Path(args.output), new_records, _key)
+    print(f"\n{len(new_records)} records written to {args.output} ({len(merged)} in all)")
 
 
 if __name__ == "__main__":

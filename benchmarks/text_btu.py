@@ -21,8 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from results_io import RESULTS, fill_floors, known_records, merge_records
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 GRID = [
     "--dataset sst2 --attack badnet --runs clean,undefended,btu",
     "--dataset sst2 --attack addsent,syntactic,style --runs clean,undefended,btu",
@@ -42,24 +43,6 @@ def _key(record: dict) -> tuple:
         record.get("run"),
         record["poison_rate"],
     )
-
-
-def _fill_missing_floors(records: list[dict], known: list[dict]) -> None:
-    clean_models = {}
-    for source, record in known:
-        if record["attack"] == "none" and record["defense"] == "none" and record.get("asr") is not None:
-            key = (record["dataset"], record["asr_attack"], record["model"], record["seed"])
-            clean_models.setdefault(key, (source, record))
-    for record in records:
-        if record["asr_floor"] is not None:
-            continue
-        found = clean_models.get((record["dataset"], record["asr_attack"], record["model"], record["seed"]))
-        if found is not None:
-            source, clean = found
-            record["asr_floor"] = clean["asr"]
-            record["asr_floor_source"] = (
-                f"{source}: the clean model of `{clean['command']}` on the same {record['asr_attack']} rows"
-            )
 
 
 def main() -> None:
@@ -86,14 +69,7 @@ def main() -> None:
             for record in json.loads(out.read_text()):
                 record["command"] = f"python benchmarks/text_btu.py --cell {shlex.quote(cell)}"
                 new_records.append(record)
-    records = json.loads(output.read_text()) if output.exists() else []
-    known = [(f"benchmarks/results/{output.name}", r) for r in new_records + records]
-    for path in sorted(RESULTS.glob("*.json")):
-        if path.resolve() != output.resolve():
-            known += [(f"benchmarks/results/{path.name}", r) for r in json.loads(path.read_text())]
-    _fill_missing_floors(new_records, known)
-    replaced = {_key(r) for r in new_records}
-    records = [r for r in records if _key(r) not in replaced] + new_records
+    fill_floors(new_records, known_records(new_records))
     print(
         f"\n{'dataset':<8}{'attack':<10}{'scored on':<11}{'defense':<8}{'CACC':>7}{'ASR':>7}{'floor':>7}"
         f"{'overhead':>9}  flagged"
@@ -105,8 +81,7 @@ def main() -> None:
             f"{r['dataset']:<8}{r['attack']:<10}{r['asr_attack']:<11}{r['defense']:<8}{r['cacc']:>7.3f}"
             f"{r['asr']:>7.3f}{floor:>7}{overhead:>9}  {r.get('flagged_tokens', '')}"
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(records, indent=1) + "\n")
+    merge_records(output, new_records, _key)
     print(f"wrote {output}")
 
 

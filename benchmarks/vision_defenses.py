@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_io import RESULTS, merge_records
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 SHARED_NPZ = ROOT.parent / "shared" / "data" / "cifar10_32.npz"
 
 
@@ -358,13 +358,8 @@ def main(argv=None) -> None:
             f"{detection[0]['detection_threshold']:.3f} (max over clean models) flags {flagged} of "
             f"{sum(r['backdoored'] for r in detection)} backdoored models"
         )
-    output = Path(args.output)
-    records = json.loads(output.read_text()) if output.exists() else []
-    replaced = {_key(r) for r in new}
-    records = [r for r in records if _key(r) not in replaced] + new
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(records, indent=1) + "\n")
-    print(f"wrote {output}")
+    merge_records(Path(args.output), new, _key)
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
