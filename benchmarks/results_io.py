@@ -30,7 +30,9 @@ def fill_floors(records: list[dict], known: list[tuple[str, dict]], attack_field
     for record in records:
         if record.get("asr_floor") is not None:
             continue
-        attack = record[attack_field]
+        attack = record.get(attack_field)
+        if attack is None:  # e.g. a model-detection record: no ASR, so no floor
+            continue
         found = clean_models.get((record["dataset"], attack, record["model"], record["seed"]))
         if found is not None:
             source, clean = found

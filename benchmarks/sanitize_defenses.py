@@ -9,12 +9,13 @@ Each cell is one run of ``recipes/sanitize.py`` (its arguments) in a subprocess.
 ``{model:NAME}`` repairs the backdoored model saved by the cell tagged ``NAME`` (``--tag NAME`` is not a recipe
 argument: it names the cell's output folder) instead of training a new one, so the RNP unit kinds are compared on the
 same weights. Then one table is printed and the records are merged into ``benchmarks/results/sanitize_defenses.json``
-(a record of the same dataset / attack / defense / RNP units / poison rate / model / seed is replaced). BTU's SST-2
-records from ``results/text_btu.json`` are shown beside the table for comparison, not re-run.
+(a record of the same dataset / attack / defense / exposure / RNP units / poison rate / model / seed is replaced).
+BTU's SST-2 records from ``results/text_btu.json`` are shown beside the table for comparison, not re-run.
 
-Records are flat: dataset, attack, defense (none, rnp, nad, nwc, finetune), model, poison_rate, cacc, asr, asr_floor,
-wall_s (the defense's, or the training's for ``none``), overhead (defense wall time over the training run it
-repairs), device, seed, command, plus each defense's details.
+Records are flat: dataset, attack, defense (none, rnp, nad, nwc, finetune), exposure (``None``, or ``"cul"`` for
+EBYD's variant of RNP / NWC from the recipe's ``--exposed``, shown as ``rnp+cul``), model, poison_rate, cacc, asr,
+asr_floor, wall_s (the defense's, plus the exposure's for an exposed variant, or the training's for ``none``), overhead
+(defense wall time over the training run it repairs), device, seed, command, plus each defense's details.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def _key(record: dict) -> tuple:
         record["dataset"],
         record["attack"],
         record["defense"],
+        record.get("exposure"),  # rnp and rnp+cul are different results; older records (no field) are plain runs
         record.get("rnp_units"),
         record["poison_rate"],
         record["model"],
@@ -89,6 +91,11 @@ def _btu_rows() -> list[dict]:
     ]
 
 
+def _label(record: dict) -> str:
+    """The defense column: ``rnp``, or ``rnp+cul`` for the exposed variant."""
+    return record["defense"] + (f"+{record['exposure']}" if record.get("exposure") else "")
+
+
 def _print_table(records: list[dict]) -> None:
     print(
         f"\n{'dataset':<9}{'attack':<9}{'defense':<10}{'units':<11}{'CACC':>7}{'ASR':>7}{'floor':>7}{'wall s':>9}"
@@ -97,14 +104,14 @@ def _print_table(records: list[dict]) -> None:
     for r in records:
         if r.get("error"):
             print(
-                f"{r['dataset']:<9}{r['attack']:<9}{r['defense']:<10}{r.get('rnp_units') or '':<11}  failed: {r['error']}"
+                f"{r['dataset']:<9}{r['attack']:<9}{_label(r):<10}{r.get('rnp_units') or '':<11}  failed: {r['error']}"
             )
             continue
         floor = "-" if r.get("asr_floor") is None else f"{r['asr_floor']:.3f}"
         wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}"
         overhead = "-" if r.get("overhead") is None else f"{r['overhead']:.2f}x"
         print(
-            f"{r['dataset']:<9}{r['attack']:<9}{r['defense']:<10}{r.get('rnp_units') or '':<11}{r['cacc']:>7.3f}"
+            f"{r['dataset']:<9}{r['attack']:<9}{_label(r):<10}{r.get('rnp_units') or '':<11}{r['cacc']:>7.3f}"
             f"{r['asr']:>7.3f}{floor:>7}{wall:>9}{overhead:>10}  {r['device']}"
         )
 

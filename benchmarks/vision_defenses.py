@@ -38,9 +38,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_io import RESULTS, merge_records
+from results_io import RESULTS, fill_floors, known_records, merge_records
 
 ROOT = Path(__file__).resolve().parents[1]
+TEXT_RUNS = ("clean", "undefended", "abl", "cul", "cul_filter")
 SHARED_NPZ = ROOT.parent / "shared" / "data" / "cifar10_32.npz"
 
 
@@ -69,18 +70,43 @@ def parse_args(argv=None):
     parser.add_argument("--data", default=str(SHARED_NPZ) if SHARED_NPZ.exists() else "cifar10")
     parser.add_argument("--attacks", default="badnets", help="vision_abl attacks")
     parser.add_argument("--cul-attacks", default="badnets,blended,wanet")
-    parser.add_argument("--detection-seeds", type=int, default=3)
+    parser.add_argument("--detection-seeds", type=int, default=3, help="clean models trained for CUL detection")
+    parser.add_argument(
+        "--backdoored-seeds", type=int, default=None, help="backdoored models per CUL attack (default: as many)"
+    )
+    parser.add_argument(
+        "--config-overrides",
+        default=None,
+        help="ViTConfig fields of the small ViT (default: the reference ViT; 'patch_size=8' is the CPU-sized one)",
+    )
+    parser.add_argument("--crop-padding", type=int, default=4, help="random-crop padding of the ViT training")
+    parser.add_argument(
+        "--models-dir",
+        default=None,
+        help="keep the trained ViTs here and reuse them across sections and runs (default: a temporary folder)",
+    )
     parser.add_argument("--epochs", type=float, default=60)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--poison-rate", type=float, default=0.1)
     parser.add_argument("--abl-isolation-epochs", type=int, default=10, help="T_te of the vision ABL runs")
+    parser.add_argument("--abl-lga", default="per_example", choices=["per_example", "batch", "none"])
+    parser.add_argument(
+        "--abl-runs",
+        default="undefended,clean,abl",
+        help="vision_abl runs (the undefended first: a backdoor that did not take shows before the rest is spent)",
+    )
     parser.add_argument("--cul-lr", type=float, default=None, help="CUL learning rate (default: the official 1e-5)")
     parser.add_argument("--text-attacks", default="badnet,syntactic,style")
     parser.add_argument("--text-model", default=None, help="Hub id or local path (default: the packaged MiniLM-L6)")
     parser.add_argument("--text-epochs", type=float, default=3.0)
     parser.add_argument("--text-max-train-samples", type=int, default=None)
     parser.add_argument("--text-max-eval-samples", type=int, default=None)
+    parser.add_argument(
+        "--text-runs",
+        default=",".join(TEXT_RUNS),
+        help="text runs per attack; without clean, the floor comes from a clean model in benchmarks/results/",
+    )
     parser.add_argument("--text-abl-ratio", type=float, default=0.01)
     parser.add_argument("--cul-filter-ratio", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
@@ -96,8 +122,11 @@ def _split(value: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------------ vision
 def _recipe_argv(args, attack: str, seed: int, output_dir: Path) -> list[str]:
     argv = ["--data", args.data, "--attack", attack, "--epochs", str(args.epochs), "--seed", str(seed)]
-    argv += ["--poison-rate", str(args.poison_rate), "--output-dir", str(output_dir)]
-    argv += ["--abl-isolation-epochs", str(args.abl_isolation_epochs)]
+    argv += ["--poison-rate", str(args.poison_rate), "--output-dir", str(output_dir), "--save-models"]
+    argv += ["--abl-isolation-epochs", str(args.abl_isolation_epochs), "--abl-lga", args.abl_lga]
+    if args.config_overrides:
+        argv += ["--config-overrides", args.config_overrides]
+    argv += ["--crop-padding", str(args.crop_padding)]
     if args.max_train_samples:
         argv += ["--max-train-samples", str(args.max_train_samples)]
     if args.max_eval_samples:
@@ -105,10 +134,36 @@ def _recipe_argv(args, attack: str, seed: int, output_dir: Path) -> list[str]:
     return argv + (["--bf16"] if args.bf16 else [])
 
 
+def _models_dir(args, attack: str, seed: int) -> Path:
+    """Where the ViT trained on ``attack`` (``none``: clean) with ``seed`` is kept: one folder per setting, so a
+    cached model is only reused for the same data, epochs, architecture and poison rate."""
+    setting = f"e{args.epochs:g}_r{args.poison_rate:g}_crop{args.crop_padding}_{Path(args.data).stem}"
+    setting += f"_n{args.max_train_samples}" if args.max_train_samples else ""
+    setting += "_" + args.config_overrides.replace("=", "").replace(",", "_") if args.config_overrides else ""
+    return Path(args.models_dir) / setting / f"{attack}_seed{seed}"
+
+
+def _load_saved(run_dir: Path):
+    """A trainer around the model saved in ``run_dir`` (by the recipe's ``--save-models``) and its training wall time,
+    or ``None`` when nothing is saved there."""
+    if not (run_dir / "run_info.json").exists():
+        return None
+    from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
+
+    model = AutoModelForImageClassification.from_pretrained(run_dir)
+    processor = AutoImageProcessor.from_pretrained(run_dir)
+    training_args = TrainingArguments(
+        output_dir=str(run_dir / "eval"), per_device_eval_batch_size=512, report_to="none", disable_tqdm=True
+    )
+    trainer = Trainer(model=model, args=training_args, processing_class=processor)
+    return trainer, json.loads((run_dir / "run_info.json").read_text())["wall_s"]
+
+
 def vision_abl(args, recipe, command, tmp) -> list[dict]:
     records = []
     for attack in _split(args.attacks):
-        for record in recipe.main(_recipe_argv(args, attack, args.seed, Path(tmp) / "abl")):
+        argv = _recipe_argv(args, attack, args.seed, _models_dir(args, attack, args.seed))
+        for record in recipe.main(argv + ["--runs", args.abl_runs]):
             records.append({**record, "section": "vision_abl", "command": command})
     return records
 
@@ -117,16 +172,30 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
     from hf_backdoor.defenses import ExposeConfig, detection_threshold, expose_model
     from hf_backdoor.experiments import device_name
     from hf_backdoor.metrics import roc_auc
+    from hf_backdoor.vision import describe_default_vit, parse_config_overrides
 
+    backdoored_seeds = args.detection_seeds if args.backdoored_seeds is None else args.backdoored_seeds
     models = [("none", seed) for seed in range(args.detection_seeds)]
-    models += [(attack, seed) for attack in _split(args.cul_attacks) for seed in range(args.detection_seeds)]
+    models += [(attack, seed) for attack in _split(args.cul_attacks) for seed in range(backdoored_seeds)]
     records = []
     for attack_name, seed in models:
         base = recipe.parse_args(_recipe_argv(args, attack_name if attack_name != "none" else "badnets", seed, tmp))
         task, attack, poisoned, _ = recipe.load_data(base)
         rows = task["train"] if attack_name == "none" else poisoned
         label_names = task["train"].features["label"].names
-        trainer, wall = recipe.train_vit(base, rows, label_names, Path(tmp) / "cul", seed=seed)
+        # vision_abl keeps its clean model under every attack's folder; any of them is this clean model.
+        saved = [_models_dir(args, attack_name, seed) / "undefended"] if attack_name != "none" else []
+        saved += (
+            sorted(_models_dir(args, "x", seed).parent.glob(f"*_seed{seed}/clean")) if attack_name == "none" else []
+        )
+        loaded = next((found for found in map(_load_saved, saved) if found is not None), None)
+        if loaded is not None:
+            trainer, wall = loaded
+        else:
+            run_dir = _models_dir(args, attack_name, seed) / ("clean" if attack_name == "none" else "undefended")
+            trainer, wall = recipe.train_vit(base, rows, label_names, run_dir, seed=seed)
+            trainer.save_model(str(run_dir))
+            (run_dir / "run_info.json").write_text(json.dumps({"wall_s": wall, "epochs": base.epochs}))
         exclude = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
         clean = stratified_clean_slice(task["train"], 0.01, seed, exclude=exclude)
         result = expose_model(trainer, clean, ExposeConfig(learning_rate=args.cul_lr, seed=seed))
@@ -134,10 +203,13 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         records.append(
             {
                 "section": "vision_cul",
-                "dataset": base.data,
+                "dataset": "cifar10",
+                "data": base.data,
+                "epochs": base.epochs,
+                "crop_padding": base.crop_padding,
                 "attack": attack_name,
                 "defense": "cul",
-                "model": "vit-small-32 (from scratch)",
+                "model": describe_default_vit(**parse_config_overrides(args.config_overrides)),
                 "poison_rate": 0.0 if attack_name == "none" else args.poison_rate,
                 "cacc": None,
                 "asr": None,
@@ -218,46 +290,57 @@ def text_section(args, command, tmp) -> list[dict]:
             **(extra or {}),
         }
 
-    floors = {}
+    runs = set(_split(args.text_runs))
+    if not runs or runs - set(TEXT_RUNS):
+        raise SystemExit(f"--text-runs must list some of {TEXT_RUNS}, got {args.text_runs!r}")
+    if runs & {"abl", "cul", "cul_filter"}:
+        runs.add("undefended")  # what ABL's overhead is measured against and what CUL exposes
     for attack in attacks:
-        clean = fine_tune_and_evaluate(settings, label_names, task["train"], test_set, asr_sets[attack.name], out)
-        floors[attack.name] = clean.evaluation.asr
-        epoch_s = clean.wall_s / settings.epochs
-        records.append(
-            record("none", "none", clean.evaluation, clean.wall_s, None, epoch_s, {"asr_attack": attack.name})
-        )
+        floor = epoch_s = None
+        if "clean" in runs:
+            clean = fine_tune_and_evaluate(settings, label_names, task["train"], test_set, asr_sets[attack.name], out)
+            floor, epoch_s = clean.evaluation.asr, clean.wall_s / settings.epochs
+            records.append(
+                record("none", "none", clean.evaluation, clean.wall_s, None, epoch_s, {"asr_attack": attack.name})
+            )
         train = poison_dataset(task["train"], attack, tokenizer=tokenizer)
         truth = np.asarray(train["poisoned"], dtype=bool)
         plain = fine_tune_and_evaluate(settings, label_names, train, test_set, asr_sets[attack.name], out)
-        floor = floors[attack.name]
-        records.append(record(attack.name, "none", plain.evaluation, plain.wall_s, floor, epoch_s))
-        abl = fine_tune_and_evaluate(
-            settings,
-            label_names,
-            train,
-            test_set,
-            asr_sets[attack.name],
-            out,
-            defense=ABLConfig(isolation_epochs=1, isolation_ratio=args.text_abl_ratio, seed=args.seed),
-        )
-        isolation = abl.trainer.defense_report["isolation"]
+        epoch_s = epoch_s or plain.wall_s / settings.epochs
         records.append(
-            record(
-                attack.name,
-                "abl",
-                abl.evaluation,
-                abl.wall_s,
-                floor,
-                epoch_s,
-                {
-                    "overhead": round((abl.wall_s - plain.wall_s) / epoch_s, 2),
-                    "abl_isolation_precision": isolation.get("precision"),
-                    "abl_isolation_recall": isolation.get("recall"),
-                    "abl_loss_auroc": isolation.get("loss_auroc"),
-                    "abl_precision_at_10pct": isolation.get("at_ratio", {}).get("0.1", {}).get("precision"),
-                },
-            )
+            record(attack.name, "none", plain.evaluation, plain.wall_s, floor, epoch_s, {"asr_attack": attack.name})
         )
+        if "abl" in runs:
+            abl = fine_tune_and_evaluate(
+                settings,
+                label_names,
+                train,
+                test_set,
+                asr_sets[attack.name],
+                out,
+                defense=ABLConfig(isolation_epochs=1, isolation_ratio=args.text_abl_ratio, seed=args.seed),
+            )
+            isolation = abl.trainer.defense_report["isolation"]
+            records.append(
+                record(
+                    attack.name,
+                    "abl",
+                    abl.evaluation,
+                    abl.wall_s,
+                    floor,
+                    epoch_s,
+                    {
+                        "asr_attack": attack.name,
+                        "overhead": round((abl.wall_s - plain.wall_s) / epoch_s, 2),
+                        "abl_isolation_precision": isolation.get("precision"),
+                        "abl_isolation_recall": isolation.get("recall"),
+                        "abl_loss_auroc": isolation.get("loss_auroc"),
+                        "abl_precision_at_10pct": isolation.get("at_ratio", {}).get("0.1", {}).get("precision"),
+                    },
+                )
+            )
+        if not runs & {"cul", "cul_filter"}:
+            continue
         start = time.perf_counter()
         exposure = expose_model(plain.trainer, clean_dev, ExposeConfig(learning_rate=args.cul_lr, seed=args.seed))
         margins = exposure.score_rows(train)
@@ -279,7 +362,11 @@ def text_section(args, command, tmp) -> list[dict]:
             "cul_learning_rate": exposure.learning_rate,
             "cul_row_auroc": roc_auc(margins, truth),
         }
-        records.append(record(attack.name, "cul", None, exposure.wall_s, floor, epoch_s, dict(cul_extra)))
+        records.append(
+            record(attack.name, "cul", None, exposure.wall_s, floor, epoch_s, {**cul_extra, "asr_attack": attack.name})
+        )
+        if "cul_filter" not in runs:
+            continue
         kept = train.select(np.flatnonzero(~dropped)).remove_columns(["poisoned", "orig_label"])
         filtered = fine_tune_and_evaluate(settings, label_names, kept, test_set, asr_sets[attack.name], out)
         removal = detection_metrics(dropped, truth)
@@ -292,6 +379,7 @@ def text_section(args, command, tmp) -> list[dict]:
                 floor,
                 epoch_s,
                 {
+                    "asr_attack": attack.name,
                     "overhead": round(cul_wall / epoch_s, 2),
                     "cul_label": exposure.backdoor_label,
                     "removed_rows": int(dropped.sum()),
@@ -305,7 +393,20 @@ def text_section(args, command, tmp) -> list[dict]:
 
 def _key(record: dict) -> tuple:
     return tuple(
-        record.get(k) for k in ("section", "dataset", "attack", "defense", "model", "seed", "asr_attack", "poison_rate")
+        record.get(k)
+        for k in (
+            "section",
+            "dataset",
+            "attack",
+            "defense",
+            "model",
+            "seed",
+            "asr_attack",
+            "poison_rate",
+            "epochs",
+            "crop_padding",
+            "abl_config",
+        )
     )
 
 
@@ -319,12 +420,19 @@ def main(argv=None) -> None:
     recipe = _recipe()
     new = []
     with tempfile.TemporaryDirectory() as tmp:
-        if "vision_abl" in sections:
-            new += vision_abl(args, recipe, command, tmp)
-        if "vision_cul" in sections:
-            new += vision_cul(args, recipe, command, tmp)
-        if "text" in sections:
-            new += text_section(args, command, tmp)
+        args.models_dir = args.models_dir or str(Path(tmp) / "models")
+        runners = {
+            "vision_abl": lambda: vision_abl(args, recipe, command, tmp),
+            "vision_cul": lambda: vision_cul(args, recipe, command, tmp),
+            "text": lambda: text_section(args, command, tmp),
+        }
+        for section in ("vision_abl", "vision_cul", "text"):
+            if section in sections:
+                records = runners[section]()
+                fill_floors(records, known_records(new + records))
+                # Written section by section: a long run stopped later keeps what it finished.
+                merge_records(Path(args.output), records, _key)
+                new += records
     print(
         f"\n{'section':<11}{'attack':<10}{'defense':<11}{'seed':>5}{'CACC':>7}{'ASR':>7}{'floor':>7}{'overhead':>9}  notes"
     )
@@ -358,7 +466,6 @@ def main(argv=None) -> None:
             f"{detection[0]['detection_threshold']:.3f} (max over clean models) flags {flagged} of "
             f"{sum(r['backdoored'] for r in detection)} backdoored models"
         )
-    merge_records(Path(args.output), new, _key)
     print(f"wrote {args.output}")
 
 

@@ -112,12 +112,14 @@ class BackdoorSafeTrainer(Trainer):
 
         return expose_model(self, clean_dataset, config)
 
-    def sanitize(self, clean_dataset, defense):
+    def sanitize(self, clean_dataset, defense, exposed=None):
         """Post-training backdoor removal with a small clean set (``RNPConfig``, ``NADConfig``, ``NWCConfig``):
-        returns the repaired model and its report. See ``hf_backdoor/defenses/sanitize.py``."""
+        returns the repaired model and its report. ``exposed`` (RNP and NWC only): the result of
+        :meth:`expose`, used in place of the defense's own clean unlearning (EBYD). See
+        ``hf_backdoor/defenses/sanitize.py``."""
         from .defenses.sanitize import sanitize_model
 
-        return sanitize_model(self, clean_dataset, defense)
+        return sanitize_model(self, clean_dataset, defense, exposed=exposed)
 
     def evaluate_backdoor(
         self,

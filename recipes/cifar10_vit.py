@@ -3,6 +3,8 @@
     accelerate launch recipes/cifar10_vit.py                                   # packaged copy, BadNets 10%, target 0
     python recipes/cifar10_vit.py --data ../shared/data/cifar10_32.npz --epochs 60 --bf16   # the reference setting
     python recipes/cifar10_vit.py --attack blended --runs undefended,abl
+    python recipes/cifar10_vit.py --data ../shared/data/cifar10_32.npz --config-overrides patch_size=8 \
+        --crop-padding 0 --epochs 20 --abl-isolation-epochs 5     # the CPU-sized setting (about 10 min a run on 2 cores)
     python recipes/cifar10_vit.py --epochs 1 --max-train-samples 300 --max-eval-samples 200  # a smoke run
 
 Runs (``--runs``): ``clean`` (no poison: its ASR on the triggered rows is the ASR floor), ``undefended`` (plain
@@ -29,7 +31,13 @@ from hf_backdoor.defenses import ABLConfig
 from hf_backdoor.experiments import device_name
 from hf_backdoor.metrics import evaluate_backdoor
 from hf_backdoor.trainer import BackdoorSafeTrainer
-from hf_backdoor.vision import load_image_classifier, load_image_task, prepare_image_dataset
+from hf_backdoor.vision import (
+    describe_default_vit,
+    load_image_classifier,
+    load_image_task,
+    parse_config_overrides,
+    prepare_image_dataset,
+)
 
 RUNS = ("clean", "undefended", "abl")
 
@@ -41,12 +49,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--poison-rate", type=float, default=0.1)
     parser.add_argument("--target-label", type=int, default=0)
     parser.add_argument("--model", default=None, help="Hub ViT/DeiT id or local path (default: the small ViT)")
+    parser.add_argument(
+        "--config-overrides",
+        default=None,
+        help="ViTConfig fields of the default small ViT, e.g. 'patch_size=8' (the CPU-sized variant)",
+    )
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     parser.add_argument("--epochs", type=float, default=60)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--crop-padding",
+        type=int,
+        default=4,
+        help="random-crop reflect padding (0: flip only; the corner trigger then stays where it was put)",
+    )
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--abl-isolation-epochs", type=int, default=10, help="T_te (official code: 10)")
@@ -56,10 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--abl-unlearning-epochs", type=int, default=5)
     parser.add_argument("--abl-unlearning-lr", type=float, default=5e-4)
     parser.add_argument("--abl-unlearning-optimizer", default="sgd", choices=["sgd", "adamw"])
+    parser.add_argument(
+        "--abl-unlearning-stop-accuracy",
+        type=float,
+        default=None,
+        help="end the ascent once the isolated rows' accuracy is at or below this (official: no early stop)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers")
     parser.add_argument("--output-dir", default="runs/cifar10_vit")
+    parser.add_argument("--save-models", action="store_true", help="save each run's model to OUTPUT_DIR/RUN")
     parser.add_argument("--results-json", default=None)
     return parser.parse_args(argv)
 
@@ -73,6 +99,7 @@ def abl_config(args) -> ABLConfig:
         unlearning_epochs=args.abl_unlearning_epochs,
         unlearning_learning_rate=args.abl_unlearning_lr,
         unlearning_optimizer=args.abl_unlearning_optimizer,
+        unlearning_stop_accuracy=args.abl_unlearning_stop_accuracy,
         seed=args.seed,
     )
 
@@ -93,7 +120,10 @@ def train_vit(args, train_rows, label_names, output_dir, defense=None, seed=None
     """Train a fresh model on raw ``image``/``label`` rows; returns the trainer and the wall time of ``train()``."""
     seed = args.seed if seed is None else seed
     set_seed(seed)
-    model, processor = load_image_classifier(args.model, label_names=label_names)
+    overrides = parse_config_overrides(args.config_overrides)
+    if overrides and args.model:
+        raise SystemExit("--config-overrides changes the default small ViT; it cannot be combined with --model")
+    model, processor = load_image_classifier(args.model, label_names=label_names, **overrides)
     training_args = TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=args.epochs,
@@ -114,7 +144,9 @@ def train_vit(args, train_rows, label_names, output_dir, defense=None, seed=None
         dataloader_num_workers=args.workers,
         disable_tqdm=True,
     )
-    train = prepare_image_dataset(train_rows, processor, train=True, keep_row_index=defense is not None)
+    train = prepare_image_dataset(
+        train_rows, processor, train=True, keep_row_index=defense is not None, crop_padding=args.crop_padding
+    )
     kwargs = dict(
         model=model,
         args=training_args,
@@ -142,6 +174,10 @@ def main(argv=None) -> list[dict]:
         rows = task["train"] if run == "clean" else poisoned
         trainer, wall = train_vit(args, rows, label_names, Path(args.output_dir) / run, defense)
         processor = trainer.processing_class
+        if args.save_models:  # e.g. for recipes/sanitize.py --load-model
+            run_dir = Path(args.output_dir) / run
+            trainer.save_model(str(run_dir))
+            (run_dir / "run_info.json").write_text(json.dumps({"wall_s": wall, "epochs": args.epochs}))
         evaluation = evaluate_backdoor(
             trainer,
             prepare_image_dataset(task["test"], processor),
@@ -150,14 +186,16 @@ def main(argv=None) -> list[dict]:
         )
         if run == "clean":
             floor = evaluation.asr
-        if run != "abl":
+        if run == "undefended" or (run == "clean" and plain_wall is None):  # ABL's overhead: against plain training
             plain_wall, plain_epoch_s = wall, wall / args.epochs
         record = {
             "run": run,
-            "dataset": args.data if args.data != "cifar10" else "cifar10 (packaged subset)",
+            "dataset": "cifar10",
+            "data": args.data if args.data != "cifar10" else "cifar10 (packaged subset)",
             "attack": "none" if run == "clean" else attack.name,
+            "asr_attack": attack.name,
             "defense": "abl" if run == "abl" else "none",
-            "model": args.model or "vit-small-32 (hidden 192, 6 layers, patch 4; from scratch)",
+            "model": args.model or describe_default_vit(**parse_config_overrides(args.config_overrides)),
             "poison_rate": 0.0 if run == "clean" else attack.poison_rate,
             "cacc": evaluation.cacc,
             "asr": evaluation.asr,
@@ -169,6 +207,7 @@ def main(argv=None) -> list[dict]:
             "device": device_name(),
             "seed": args.seed,
             "epochs": args.epochs,
+            "crop_padding": args.crop_padding,
             "num_train": len(rows),
             "num_test": len(task["test"]),
             "command": command,

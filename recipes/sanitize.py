@@ -5,12 +5,19 @@
     python recipes/sanitize.py --floor                              # also train a clean model (the ASR floor)
     python recipes/sanitize.py --load-model runs/sanitize/undefended   # repair a saved model instead of training
     python recipes/sanitize.py --modality vision --attack badnets   # small ViT on the packaged CIFAR-10 subset
+    python recipes/sanitize.py --defenses rnp,nwc --exposed         # also EBYD's variants: CUL-exposed model first
 
 Every defense starts from the same undefended weights and gets the same clean rows: ``--clean-fraction`` (5%) of the
 training-set size, drawn from the validation split for text (rows the model never saw) and from the unpoisoned
 training rows for images (the CIFAR-10 subset has no validation split; the setting of the RNP/NAD/TSBD papers).
 Prints CACC and ASR before and after each defense, beside the ASR floor when ``--floor`` trained a clean model, and
 each defense's wall time; ``--results-json`` writes the records.
+
+``--exposed``: after RNP and after NWC, run the same defense again on the same undefended weights with EBYD's
+hand-off (``exposed=``: the CUL-exposed model replaces the defense's own clean unlearning). The model is exposed once,
+on the same clean rows, and reused; its wall time is added to each exposed record's ``wall_s``. Records carry
+``exposure``: ``None`` for the plain runs, ``"cul"`` for the exposed ones (``defense`` stays ``rnp`` / ``nwc``). The
+exposure sees every clean row, including those the defense holds out to choose its threshold.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 RNP_UNITS = ("ffn", "head", "layernorm")
+EXPOSURE = "cul"  # EBYD's exposure for --exposed: Clean Unlearning
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--poison-rate", type=float, default=0.1)
     parser.add_argument("--target-label", type=int, default=None, help="default: the task's usual target (vision: 0)")
     parser.add_argument("--model", default=None, help="Hub id or local path (default: MiniLM-L6 / the small ViT)")
+    parser.add_argument(
+        "--config-overrides", default=None, help="vision: ViTConfig fields of the small ViT, e.g. 'patch_size=8'"
+    )
     parser.add_argument("--load-model", default=None, help="a saved backdoored model to repair instead of training")
     parser.add_argument("--defenses", default="rnp", help="comma-separated: rnp, nad, nwc, finetune")
     parser.add_argument(
@@ -43,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--defense-epochs", type=int, default=None, help="override every defense's epochs (smoke runs)")
     parser.add_argument("--clean-fraction", type=float, default=0.05, help="clean rows as a fraction of the train size")
     parser.add_argument("--floor", action="store_true", help="train a clean model too: its ASR is the floor")
+    parser.add_argument(
+        "--exposed",
+        action="store_true",
+        help="also run RNP / NWC with EBYD's hand-off: a CUL-exposed model in place of their own clean unlearning",
+    )
     parser.add_argument("--epochs", type=float, default=None, help="training epochs (default: 3 text, 60 vision)")
     parser.add_argument("--lr", type=float, default=None, help="training lr (default: 1e-4 text, 1e-3 vision)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 text, 128 vision")
@@ -170,7 +186,13 @@ def text_experiment(args) -> Experiment:
 
 def vision_experiment(args) -> Experiment:
     try:
-        from hf_backdoor.vision import load_image_classifier, load_image_task, prepare_image_dataset
+        from hf_backdoor.vision import (
+            describe_default_vit,
+            load_image_classifier,
+            load_image_task,
+            parse_config_overrides,
+            prepare_image_dataset,
+        )
     except ImportError as err:  # the vision package ships with hf_backdoor; a partial install lacks it
         raise SystemExit(f"--modality vision needs hf_backdoor.vision: {err}") from err
     from transformers import AutoModelForImageClassification, Trainer, TrainingArguments, set_seed
@@ -187,9 +209,12 @@ def vision_experiment(args) -> Experiment:
     target = 0 if args.target_label is None else args.target_label
     attack = get_attack_config(args.attack, poison_rate=args.poison_rate, target_label=target, seed=args.seed)
     exp.attack, exp.target = attack, target
-    exp.model_display = args.model or "small ViT (hidden 192, 6 layers, patch 4), from scratch"
+    overrides = parse_config_overrides(args.config_overrides)
+    if overrides and args.model:
+        raise SystemExit("--config-overrides changes the default small ViT; it cannot be combined with --model")
+    exp.model_display = args.model or describe_default_vit(**overrides)
     set_seed(args.seed)
-    model, processor = load_image_classifier(args.model, label_names)
+    model, processor = load_image_classifier(args.model, label_names, **overrides)
     poisoned = poison_dataset(task["train"], attack)
     exp.test = prepare_image_dataset(task["test"], processor)
     exp.asr_set = prepare_image_dataset(make_asr_dataset(task["test"], attack), processor)
@@ -233,13 +258,17 @@ def vision_experiment(args) -> Experiment:
 
     if args.load_model:
         model = AutoModelForImageClassification.from_pretrained(args.load_model)
+        if model.config.model_type == "vit" and not args.model:
+            exp.model_display = describe_default_vit(
+                **{k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "patch_size")}
+            )
         exp.trainer = Trainer(model=model, args=training_args("undefended", 1))
     else:
         exp.trainer, exp.train_wall_s = train(model, poisoned.remove_columns(["poisoned", "orig_label"]), "undefended")
         exp.trainer.save_model(str(out / "undefended"))
     if args.floor:
         set_seed(args.seed)
-        clean_model, _ = load_image_classifier(args.model, label_names)
+        clean_model, _ = load_image_classifier(args.model, label_names, **overrides)
         clean_trainer, _ = train(clean_model, task["train"], "clean")
         exp.floor = _evaluate_images(clean_trainer, exp.test, exp.asr_set, target).asr
     exp.evaluate = lambda: _evaluate_images(exp.trainer, exp.test, exp.asr_set, target)
@@ -259,6 +288,12 @@ def _evaluate_images(trainer, test, asr_set, target: int):
     )
 
 
+def _dataset_name(dataset: str) -> str:
+    """The short name results use: ``cifar10`` for the packaged copy, the reference npz or the Hub dataset."""
+    stem = Path(dataset).stem if Path(dataset).exists() else dataset
+    return "cifar10" if stem.startswith("cifar10") or dataset == "uoft-cs/cifar10" else stem
+
+
 def _poisoned(dataset) -> np.ndarray:
     return np.asarray(dataset.with_format(None)["poisoned"], dtype=bool)
 
@@ -271,7 +306,6 @@ def _clean_rows(dataset, count: float, seed: int):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     configs = defense_configs(args)
-    from hf_backdoor.defenses import sanitize_model
     from hf_backdoor.experiments import device_name
 
     exp = vision_experiment(args) if args.modality == "vision" else text_experiment(args)
@@ -279,7 +313,8 @@ def main(argv=None) -> list[dict]:
     undefended_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     command = "python " + shlex.join(["recipes/sanitize.py", *(sys.argv[1:] if argv is None else argv)])
     base = {
-        "dataset": Path(args.dataset).stem if Path(args.dataset).exists() else args.dataset,
+        "dataset": _dataset_name(args.dataset),
+        "data": args.dataset,
         "attack": exp.attack.name,
         "model": exp.model_display,
         "poison_rate": args.poison_rate,
@@ -291,6 +326,7 @@ def main(argv=None) -> list[dict]:
         "target_label": exp.target,
         "num_clean_rows": len(exp.clean),
         "clean_source": exp.clean_source,
+        "exposure": None,
     }
     evaluation = exp.evaluate()
     records = [
@@ -303,24 +339,14 @@ def main(argv=None) -> list[dict]:
             "overhead": None,
         }
     ]
+    exposure = None
     for name, config in configs.items():
-        trainer.model.load_state_dict(undefended_state)  # every defense repairs the same backdoored weights
-        record = {**base, "defense": name}
-        try:
-            _, report = sanitize_model(trainer, exp.clean, config)
-        except (RuntimeError, ValueError) as err:  # a defense that cannot run here is a result, not a crash
-            records.append({**record, "cacc": None, "asr": None, "wall_s": None, "overhead": None, "error": str(err)})
-            continue
-        evaluation = exp.evaluate()
-        record.update(
-            cacc=evaluation.cacc,
-            asr=evaluation.asr,
-            wall_s=round(report["wall_s"], 2),
-            # Post-training cost against the training run it repairs (None when the model was loaded).
-            overhead=None if exp.train_wall_s is None else round(report["wall_s"] / exp.train_wall_s, 3),
-            **_summary(name, report),
-        )
-        records.append(record)
+        records.append(_defend(exp, undefended_state, {**base, "defense": name}, config))
+        if args.exposed and config.accepts_exposed:
+            if exposure is None:  # expose once, on the undefended weights, and hand the same model to RNP and NWC
+                exposure = _expose(exp, undefended_state, args.seed)
+            record = {**base, "defense": name, "exposure": EXPOSURE}
+            records.append(_defend(exp, undefended_state, record, config, exposure))
     trainer.model.load_state_dict(undefended_state)
 
     if trainer.is_world_process_zero():
@@ -331,16 +357,66 @@ def main(argv=None) -> list[dict]:
         )
         print(f"{'defense':<10}{'CACC':>8}{'ASR':>8}{'wall s':>9}{'overhead':>10}  details")
         for r in records:
+            label = _label(r)
             if r.get("error"):
-                print(f"{r['defense']:<10}{'failed':>8}{'':>8}{'':>9}{'':>10}  {r['error']}")
+                print(f"{label:<10}{'failed':>8}{'':>8}{'':>9}{'':>10}  {r['error']}")
                 continue
             wall = "-" if r["wall_s"] is None else f"{r['wall_s']:.1f}"
             overhead = "-" if r["overhead"] is None else f"{r['overhead']:.2f}x"
-            print(f"{r['defense']:<10}{r['cacc']:>8.3f}{r['asr']:>8.3f}{wall:>9}{overhead:>10}  {r.get('details', '')}")
+            print(f"{label:<10}{r['cacc']:>8.3f}{r['asr']:>8.3f}{wall:>9}{overhead:>10}  {r.get('details', '')}")
         if args.results_json:
             Path(args.results_json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.results_json).write_text(json.dumps(records, indent=1) + "\n")
     return records
+
+
+def _label(record: dict) -> str:
+    """``rnp``, or ``rnp+cul`` for the exposed variant."""
+    return record["defense"] + (f"+{record['exposure']}" if record.get("exposure") else "")
+
+
+def _expose(exp: Experiment, undefended_state: dict, seed: int):
+    """The CUL-exposed copy of the undefended model (EBYD), or the error that stopped it (a result, not a crash)."""
+    from hf_backdoor.defenses import ExposeConfig, expose_model
+
+    exp.trainer.model.load_state_dict(undefended_state)
+    try:
+        # expose_model rather than trainer.expose: the recipe's trainer is a plain transformers.Trainer
+        return expose_model(exp.trainer, exp.clean, ExposeConfig(method=EXPOSURE, seed=seed))
+    except (RuntimeError, ValueError) as err:
+        return f"exposure failed: {err}"
+
+
+def _defend(exp: Experiment, undefended_state: dict, record: dict, config, exposure=None) -> dict:
+    """Run one defense on the undefended weights (with ``exposure`` handed over when given) and score it."""
+    from hf_backdoor.defenses import sanitize_model
+
+    if isinstance(exposure, str):  # the exposure itself failed
+        return {**record, "cacc": None, "asr": None, "wall_s": None, "overhead": None, "error": exposure}
+    exp.trainer.model.load_state_dict(undefended_state)  # every defense repairs the same backdoored weights
+    try:
+        _, report = sanitize_model(exp.trainer, exp.clean, config, exposed=exposure)
+    except (RuntimeError, ValueError) as err:  # a defense that cannot run here is a result, not a crash
+        return {**record, "cacc": None, "asr": None, "wall_s": None, "overhead": None, "error": str(err)}
+    evaluation = exp.evaluate()
+    # An exposed variant costs its exposure too: the exposure is run once, but each variant would need it alone.
+    wall = report["wall_s"] + (exposure.wall_s if exposure is not None else 0.0)
+    record.update(
+        cacc=evaluation.cacc,
+        asr=evaluation.asr,
+        wall_s=round(wall, 2),
+        # Post-training cost against the training run it repairs (None when the model was loaded).
+        overhead=None if exp.train_wall_s is None else round(wall / exp.train_wall_s, 3),
+        **_summary(config.name, report),
+    )
+    if exposure is not None:
+        record.update(
+            exposure_wall_s=round(exposure.wall_s, 2),
+            exposure_clean_accuracy_before=exposure.clean_accuracy_before,
+            exposure_clean_accuracy_after=exposure.clean_accuracy_after,
+            exposure_exposed=exposure.exposed,
+        )
+    return record
 
 
 def _summary(name: str, report: dict) -> dict:
@@ -349,6 +425,8 @@ def _summary(name: str, report: dict) -> dict:
         "holdout_accuracy_before": report["holdout_accuracy_before"],
         "holdout_accuracy_after": report["holdout_accuracy_after"],
     }
+    # What made the unlearned model: the defense's own ascent, or the exposure handed to it.
+    unlearning = report.get("unlearned_by") or f"unlearning {report.get('unlearning_epochs')} epochs"
     if name == "rnp":
         fields.update(
             rnp_units=",".join(report["units"]),
@@ -357,7 +435,7 @@ def _summary(name: str, report: dict) -> dict:
             num_units=report["num_units"],
             unlearning_epochs=report["unlearning_epochs"],
             details=f"units {','.join(report['units'])}: pruned {report['num_pruned']}/{report['num_units']} at "
-            f"mask <= {report['prune_threshold']} (unlearning {report['unlearning_epochs']} epochs)",
+            f"mask <= {report['prune_threshold']} ({unlearning})",
         )
     elif name == "nwc":
         fields.update(
@@ -365,7 +443,7 @@ def _summary(name: str, report: dict) -> dict:
             zeroed_weights=report["zeroing_zeroed_weights"],
             unlearning_epochs=report["unlearning_epochs"],
             details=f"n {report['n_ratio']}: {report['zeroing_zeroed_weights']} weights zeroed, held-out acc after "
-            f"zeroing {report['holdout_accuracy_after_zeroing']:.3f} (unlearning {report['unlearning_epochs']} epochs)",
+            f"zeroing {report['holdout_accuracy_after_zeroing']:.3f} ({unlearning})",
         )
     elif name == "nad":
         fields.update(

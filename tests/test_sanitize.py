@@ -541,3 +541,182 @@ def test_rnp_runs_on_a_vit_with_lazy_image_transforms(tmp_path):
         weight = model.get_submodule(unit["module"]).weight
         width = 16 if unit["kind"] == "head" else 1
         assert torch.all(weight[:, unit["index"] * width : (unit["index"] + 1) * width] == 0)
+
+
+# -- exposure hand-off (EBYD) ------------------------------------------------------------------------------------------
+
+# Tiny settings: one recovery epoch and one threshold for RNP, one n and no fine-tuning for NWC; max_accuracy_drop=1.0
+# so a random model's threshold choice cannot fail.
+FAST = {
+    "rnp": lambda: RNPConfig(recovering_epochs=1, batch_size=80, thresholds=(0.5,), max_accuracy_drop=1.0),
+    "nwc": lambda: NWCConfig(n_ratios=(0.01,), n_ratio=0.01, finetune_epochs=0, batch_size=80),
+}
+
+
+def _perturbed(model, rows, module="bert.encoder.layer.1.intermediate.dense", seed=0):
+    """A stand-in exposed model: ``model`` with the given rows of one Linear moved, everything else identical."""
+    exposed = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = exposed.get_submodule(module).weight
+        weight[rows] += torch.randn(len(rows), weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    return exposed
+
+
+def _exposure(model, exposed=True):
+    from hf_backdoor.defenses import ExposureResult
+
+    return ExposureResult(
+        model=model,
+        method="cul",
+        backdoor_label=1,
+        label_shares=[0.1, 0.9],
+        score=0.64,
+        share_variance=0.16,
+        exposed=exposed,
+        clean_accuracy_before=0.9,
+        clean_accuracy_after=0.1 if exposed else 0.85,
+        learning_rate=1e-5,
+        num_clean_rows=100,
+        wall_s=1.5,
+    )
+
+
+@pytest.fixture
+def no_unlearning(monkeypatch):
+    """RNP's and NWC's own clean unlearning, made to fail loudly if anything calls it."""
+    from hf_backdoor.defenses import nwc, rnp
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unlearn called")
+
+    monkeypatch.setattr(rnp, "unlearn", forbidden)
+    monkeypatch.setattr(nwc, "unlearn", forbidden)
+
+
+@pytest.mark.parametrize("name", ["rnp", "nwc"])
+def test_exposed_model_replaces_the_defenses_own_unlearning(tmp_path, tokenizer, clean_rows, no_unlearning, name):
+    trainer = _trainer(tmp_path, tiny_bert(), tokenizer)
+    before = _state(trainer.model)
+    # Without `exposed` the defense does call its unlearning (so the patch is on the path that runs)...
+    with pytest.raises(AssertionError, match="unlearn called"):
+        trainer.sanitize(clean_rows, FAST[name]())
+    assert _same_state(trainer.model, before)
+
+    # ... and with it, it does not.
+    exposed = _perturbed(trainer.model, [3, 7])
+    exposed_state = _state(exposed)
+    _, report = trainer.sanitize(clean_rows, FAST[name](), exposed=_exposure(exposed))
+    assert report["unlearned_by"] == "exposure (cul)" and report["exposure_method"] == "cul"
+    assert report["exposure_clean_accuracy_before"] == 0.9 and report["exposure_clean_accuracy_after"] == 0.1
+    assert report["exposure_exposed"] is True and report["exposure_wall_s"] == 1.5
+    assert 0 <= report["exposed_holdout_accuracy"] <= 1 and "exposure" in report["unlearning_note"]
+    assert report["unlearning_history"] == [] and report["unlearning_epochs"] == 0
+    assert report["clean_threshold"] is None and "unlearning" not in report["timings_s"]
+    assert report == json.loads((tmp_path / f"sanitize_report_{name}.json").read_text())
+    # The caller's exposed model comes back as it was: not frozen (RNP freezes the model it recovers masks on).
+    assert _same_state(exposed, exposed_state) and all(p.requires_grad for p in exposed.parameters())
+
+
+def test_nwc_ranks_the_neurons_the_exposed_model_moved(tmp_path, tokenizer, clean_rows, no_unlearning):
+    trainer = _trainer(tmp_path, tiny_bert(), tokenizer)
+    undefended = _state(trainer.model)
+    layer1, layer0 = "bert.encoder.layer.1.intermediate.dense", "bert.encoder.layer.0.attention.self.query"
+    cases = [
+        (_exposure(_perturbed(trainer.model, [3, 7], layer1)), layer1, {3, 7}),
+        (_perturbed(trainer.model, [10, 20], layer0, seed=1), layer0, {10, 20}),  # a bare model works too
+    ]
+    for exposed, module, rows in cases:
+        trainer.model.load_state_dict(undefended)
+        _, report = trainer.sanitize(clean_rows, FAST["nwc"](), exposed=exposed)
+        top = report["top_neurons"]
+        # Exactly the moved rows lead (every other row did not change at all, so its NWC is 0).
+        assert {(t["module"], t["row"]) for t in top[:2]} == {(module, r) for r in rows}
+        assert all(t["nwc"] > 0 for t in top[:2]) and all(t["nwc"] == 0 for t in top[2:])
+    assert report["unlearned_by"] == "exposure (given model)" and report["exposure_clean_accuracy_after"] is None
+
+
+def test_rnp_masks_fall_on_the_units_the_exposed_model_relies_on(tmp_path, tokenizer, clean_rows, no_unlearning):
+    """Two exposed models, each with two different FFN units of layer 1 sabotaged (their output weights scrambled, as
+    in the recovery test above): the recovered masks fall on that model's units, so the masks follow the exposure."""
+    model = tiny_bert()
+    with torch.no_grad():
+        model.classifier.weight.mul_(50)  # confident logits: a random model's mask gradients are otherwise ~1e-5
+    trainer = _trainer(tmp_path, model, tokenizer)
+    undefended = _state(model)
+    # One short epoch at a large mask learning rate, one threshold: seconds, and the masks still move visibly.
+    config = RNPConfig(recovering_epochs=1, recovering_lr=20.0, batch_size=20, thresholds=(0.5,), max_accuracy_drop=1)
+    lowest = []
+    for broken, seed in (([3, 7], 0), ([40, 60], 1)):
+        exposed = copy.deepcopy(model)
+        with torch.no_grad():
+            fc2 = exposed.bert.encoder.layer[1].output.dense.weight
+            fc2[:, broken] += torch.randn(fc2.shape[0], 2, generator=torch.Generator().manual_seed(seed)) * 5
+        trainer.model.load_state_dict(undefended)
+        _, report = trainer.sanitize(clean_rows, config, exposed=exposed)
+        layer1 = np.asarray(report["mask_values"][64:])  # groups: layer0.ffn (64 units), layer1.ffn (64)
+        assert layer1[broken].min() < np.delete(layer1, broken).min() - 0.02
+        lowest.append(int(layer1.argmin()))
+    assert lowest[0] in (3, 7) and lowest[1] in (40, 60)
+
+
+@pytest.mark.parametrize("config", [NADConfig(), FinetuneConfig(), "nad", {"name": "finetune"}])
+def test_defenses_without_unlearning_refuse_an_exposed_model(tmp_path, tokenizer, clean_rows, config):
+    trainer = _trainer(tmp_path, tiny_bert(), tokenizer)
+    before = _state(trainer.model)
+    exposed = _exposure(_perturbed(trainer.model, [3]))
+    with pytest.raises(ValueError, match="accepted by nwc, rnp only"):
+        trainer.sanitize(clean_rows, config, exposed=exposed)
+    # Checked before anything else: even a clean set that would fail on its own gets this error.
+    with pytest.raises(ValueError, match="no clean-unlearning step"):
+        sanitize_model(trainer, clean_rows.select(range(5)), config, exposed=exposed.model)
+    assert _same_state(trainer.model, before) and not list(tmp_path.glob("sanitize_report_*.json"))
+
+
+def test_a_mismatched_exposed_model_raises_and_leaves_the_model_untouched(tmp_path, tokenizer, clean_rows):
+    trainer = _trainer(tmp_path, tiny_bert(), tokenizer)
+    before = _state(trainer.model)
+    narrow = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
+    )
+    cases = [
+        (tiny_bert(layers=1), "'bert.encoder.layer.1.attention.self.query.weight' .* missing"),
+        (narrow, r"'bert.encoder.layer.0.intermediate.dense.weight' has shape \(48, 32\) .* \(64, 32\)"),
+        (_exposure(tiny_bert(layers=3)), "has a parameter 'bert.encoder.layer.2"),
+        (trainer.model, "the trainer's own model"),
+    ]
+    for exposed, match in cases:
+        for name in ("rnp", "nwc"):
+            with pytest.raises(ValueError, match=match):
+                trainer.sanitize(clean_rows, FAST[name](), exposed=exposed)
+    with pytest.raises(TypeError, match="ExposureResult"):
+        trainer.sanitize(clean_rows, FAST["rnp"](), exposed=before)
+    assert _same_state(trainer.model, before) and not list(tmp_path.glob("sanitize_report_*.json"))
+
+
+def test_an_exposure_that_did_not_expose_warns(tmp_path, tokenizer, clean_rows):
+    trainer = _trainer(tmp_path, tiny_bert(), tokenizer)
+    with pytest.warns(UserWarning, match="did not expose the model"):
+        _, report = trainer.sanitize(
+            clean_rows, FAST["nwc"](), exposed=_exposure(_perturbed(trainer.model, [1]), exposed=False)
+        )
+    assert report["exposure_exposed"] is False
+
+
+@pytest.mark.filterwarnings("ignore:The exposure")  # a random tiny model may not expose in one epoch
+def test_a_real_exposure_hands_over(tmp_path, tokenizer, clean_rows, no_unlearning):
+    from hf_backdoor.defenses import ExposeConfig
+
+    trainer = _trainer(tmp_path, tiny_bert(), tokenizer)
+    exposure = trainer.expose(clean_rows, ExposeConfig(epochs=1, escalate=0, batch_size=50, learning_rate=1e-2))
+    _, report = trainer.sanitize(clean_rows, FAST["nwc"](), exposed=exposure)
+    assert report["unlearned_by"] == "exposure (cul)"
+    assert report["exposure_clean_accuracy_after"] == exposure.clean_accuracy_after
+    assert report["top_neurons"][0]["nwc"] > 0

@@ -27,7 +27,10 @@ from hf_backdoor.vision import (
     CIFAR10_STD,
     default_image_processor,
     default_vit_config,
+    describe_default_vit,
+    load_image_classifier,
     load_image_task,
+    parse_config_overrides,
     prepare_image_dataset,
 )
 from hf_backdoor.vision.data import PACKAGED_DIR
@@ -215,6 +218,21 @@ def test_default_vit_and_transforms(rows):
     assert augmented["row_index"] == list(range(8))
     out = model(pixel_values=plain["pixel_values"])
     assert out.logits.shape == (8, 10)
+
+
+def test_config_overrides_change_the_default_vit_and_reject_unknown_fields():
+    overrides = parse_config_overrides("patch_size=8, hidden_dropout_prob=0.1,hidden_act=gelu")
+    assert overrides == {"patch_size": 8, "hidden_dropout_prob": 0.1, "hidden_act": "gelu"}
+    model, _ = load_image_classifier(None, **parse_config_overrides("patch_size=8"))
+    assert model.config.patch_size == 8 and model.vit.embeddings.patch_embeddings.num_patches == 16
+    assert describe_default_vit(patch_size=8) == "vit-small-32 (hidden 192, 6 layers, patch 8; from scratch)"
+    assert parse_config_overrides(None) == {} == parse_config_overrides("")
+    with pytest.raises(ValueError, match="not a ViTConfig field"):
+        parse_config_overrides("patch=8")
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_config_overrides("patch_size")
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        load_image_classifier(None, patch_size=5)
 
 
 def test_grayscale_images_in_a_batch_are_converted_with_a_warning(rows, caplog):

@@ -41,6 +41,12 @@ Reference measurements on text (SST-2, MiniLM, 10% poison; ``../shared/reference
 leaves most poisoned rows in training (precision at 1% is 0.83 for BadNet but recall only 0.08) and isolation after
 two LGA epochs picks clean rows: isolate after one epoch there, and read the report's precision at other ratios
 before raising ``isolation_ratio``.
+
+On the CPU-sized ViT (patch 8, 20 epochs, BadNets 10%; README "Vision, ABL and CUL") per-example LGA isolated
+mostly clean rows (precision 0.13 at 1%) while batch LGA isolated only poisoned ones (precision 1.00), and the
+official ascent (4 epochs at SGD 5e-4, 10 steps on 100 rows) left the isolated rows' accuracy at 1.00; ascending
+until ``unlearning_stop_accuracy=0.2`` (11 epochs at the same rate) took ASR from 0.924 to 0.003 at a 1.9-point
+CACC cost. On an AdamW-trained ViT use ``lga="batch"``, more ``unlearning_epochs`` and a stop accuracy.
 """
 
 from __future__ import annotations

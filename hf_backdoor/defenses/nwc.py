@@ -38,6 +38,14 @@ Deviations, and why:
 - Fine-tuning runs ``finetune_epochs`` epochs; the official loop runs ``ft_epoch + 1``.
 - The perturbed forward pass reuses the model (parameters saved, perturbed, restored) instead of deep-copying it at
   every step: the same gradients, without a model copy per batch.
+
+Exposure hand-off (EBYD: Wang, Li et al., "Expose Before You Defend", 2024; official code
+bboylyg/Expose-Before-You-Defend): stage 1 is a clean unlearning, and EBYD's enhanced TSBD takes the exposed model in
+its place. ``trainer.sanitize(clean, NWCConfig(), exposed=trainer.expose(clean))`` ranks the neurons by
+``|W_exposed - W|`` instead of ``|W_unlearned - W|``; zeroing, the choice of n and the fine-tuning are unchanged, the
+unlearning settings are unused, and the report says ``"unlearned_by": "exposure (cul)"``. The official EBYD code
+ships no TSBD script; this is the paper's recipe (expose, then apply the defense to the exposed model) applied to
+the one stage that needs an unlearned model.
 """
 
 from __future__ import annotations
@@ -90,6 +98,7 @@ class NWCConfig(SanitizeConfig):
     batch_size: int = 256
 
     name = "nwc"
+    accepts_exposed = True  # stage 1 is a clean unlearning: EBYD's exposed model can take its place
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -226,12 +235,8 @@ def activeness_aware_finetune(context: SanitizeContext, config: NWCConfig, model
     return history
 
 
-def _run_nwc(context: SanitizeContext, config: NWCConfig, model: nn.Module) -> dict:
-    units = TransformerUnits.discover(model, ("ffn",))  # raises for unsupported models before any work
-    names = [name for name, _ in units.linear_layers(model)]
-    timings = {}
-
-    start = time.perf_counter()
+def unlearn_for_nwc(context: SanitizeContext, config: NWCConfig, model: nn.Module) -> tuple[nn.Module, float, list]:
+    """Stage 1 on a copy of ``model``: the unlearned copy, the stop threshold used and the unlearning history."""
     unlearned = copy.deepcopy(model)
     optimizer = torch.optim.SGD(unlearned.parameters(), lr=config.unlearning_lr, momentum=config.unlearning_momentum)
     clean_threshold = config.clean_threshold
@@ -247,9 +252,26 @@ def _run_nwc(context: SanitizeContext, config: NWCConfig, model: nn.Module) -> d
         stop_on="fit",
         desc="TSBD unlearning",
     )
-    changes = neuron_weight_changes(model, unlearned, names)
+    return unlearned, clean_threshold, unlearning
+
+
+def _run_nwc(context: SanitizeContext, config: NWCConfig, model: nn.Module) -> dict:
+    units = TransformerUnits.discover(model, ("ffn",))  # raises for unsupported models before any work
+    names = [name for name, _ in units.linear_layers(model)]
+    timings = {}
+
+    start = time.perf_counter()
+    handoff = {}
+    if context.exposed is None:
+        unlearned, clean_threshold, unlearning = unlearn_for_nwc(context, config, model)
+        changes = neuron_weight_changes(model, unlearned, names)
+        timings["unlearning"] = time.perf_counter() - start
+    else:
+        # EBYD: the exposed model's weight changes rank the neurons; there is no unlearning to time.
+        unlearned, clean_threshold, unlearning = context.exposed.unlearned_copy(context), None, []
+        handoff = context.exposed.report(context, unlearned)
+        changes = neuron_weight_changes(model, unlearned, names)
     del unlearned
-    timings["unlearning"] = time.perf_counter() - start
 
     start = time.perf_counter()
     base_accuracy = context.accuracy(model)
@@ -288,6 +310,7 @@ def _run_nwc(context: SanitizeContext, config: NWCConfig, model: nn.Module) -> d
         "top_neurons": top_neurons[:200],  # the full list can be tens of thousands; the top 200 show where
         "top_neurons_per_module": _per_module(changes, top_n),
         "finetune_history": finetuning,
+        **handoff,
         "timings_s": timings,
     }
 

@@ -41,6 +41,13 @@ Deviations, and why:
 - Pruning zeroes the weights through which a unit acts (see ``units.py``); the official code zeroes BatchNorm weights
   the same way.
 
+Exposure hand-off (EBYD: Wang, Li et al., "Expose Before You Defend", 2024; official code
+bboylyg/Expose-Before-You-Defend, by RNP's authors): step 1 is itself a clean unlearning, so EBYD's enhanced RNP
+replaces it with the exposed model. ``trainer.sanitize(clean, RNPConfig(), exposed=trainer.expose(clean))`` learns
+the masks on a copy of the CUL-exposed model and prunes the original as usual; the unlearning settings are then
+unused, ``unlearning_history`` is empty and the report says ``"unlearned_by": "exposure (cul)"``. The official EBYD
+code ships no RNP script, so nothing else changes: same recovery, same threshold rule.
+
 What small models showed (a random 2-layer BERT, hidden 64, trained on 400 real SST-2 rows with 20% BadNet; not
 the default MiniLM, which ``benchmarks/sanitize_defenses.py`` measures): at the official lr 0.01 the ascent did not
 move the (confident) model's clean accuracy in 20 epochs; at lr 0.05-0.2 it went from 1.0 to 0.0 within one epoch,
@@ -119,6 +126,7 @@ class RNPConfig(SanitizeConfig):
     max_accuracy_drop: float = 0.03
 
     name = "rnp"
+    accepts_exposed = True  # step 1 is a clean unlearning: EBYD's exposed model can take its place
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -231,11 +239,8 @@ def recover_masks(
     return masks, history
 
 
-def _run_rnp(context: SanitizeContext, config: RNPConfig, model: nn.Module) -> dict:
-    units = TransformerUnits.discover(model, config.units)
-    timings = {}
-
-    start = time.perf_counter()
+def unlearn_for_rnp(context: SanitizeContext, config: RNPConfig, model: nn.Module) -> tuple[nn.Module, float, list]:
+    """Step 1 on a copy of ``model``: the unlearned copy, the stop threshold used and the unlearning history."""
     unlearned = _copy(model)
     optimizer = torch.optim.SGD(
         unlearned.parameters(),
@@ -259,7 +264,22 @@ def _run_rnp(context: SanitizeContext, config: RNPConfig, model: nn.Module) -> d
         scheduler=scheduler,
         desc="RNP unlearning",
     )
-    timings["unlearning"] = time.perf_counter() - start
+    return unlearned, clean_threshold, unlearning
+
+
+def _run_rnp(context: SanitizeContext, config: RNPConfig, model: nn.Module) -> dict:
+    units = TransformerUnits.discover(model, config.units)
+    timings = {}
+
+    start = time.perf_counter()
+    handoff = {}
+    if context.exposed is None:
+        unlearned, clean_threshold, unlearning = unlearn_for_rnp(context, config, model)
+        timings["unlearning"] = time.perf_counter() - start
+    else:
+        # EBYD: the exposed model has already lost the clean task; no unlearning, so no stop threshold and no time.
+        unlearned, clean_threshold, unlearning = context.exposed.unlearned_copy(context), None, []
+        handoff = context.exposed.report(context, unlearned)
 
     start = time.perf_counter()
     masks, recovering = recover_masks(context, config, units, unlearned)
@@ -306,6 +326,7 @@ def _run_rnp(context: SanitizeContext, config: RNPConfig, model: nn.Module) -> d
         "num_pruned": num_pruned,
         "pruned_units": pruned,
         "pruned_per_layer": _per_layer(pruned, units.num_layers),
+        **handoff,
         "timings_s": timings,
     }
 

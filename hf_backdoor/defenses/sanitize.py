@@ -21,6 +21,15 @@ returns ``(model, report)``.
   and the main process's result is broadcast so that all ranks hold identical weights.
 - Seeded: the defense runs under ``torch.random.fork_rng`` seeded with ``config.seed``, so it neither depends on
   nor disturbs the caller's random state.
+
+Exposure hand-off (EBYD: Wang, Li et al., "Expose Before You Defend", 2024; official code
+bboylyg/Expose-Before-You-Defend). RNP and TSBD/NWC both begin by unlearning the clean task by gradient ascent; EBYD's
+enhanced variants start from a model whose backdoor has already been exposed instead.
+``sanitize_model(..., exposed=trainer.expose(clean_set))`` (an :class:`~.exposure.ExposureResult`, or a bare model of
+the same architecture) skips the defense's own unlearning and uses a deep copy of the exposed model in its place; the
+report says ``"unlearned_by": "exposure (cul)"``. Only defenses with such a step accept it (:func:`exposed_defenses`:
+``rnp``, ``nwc``); the others, and an exposed model whose parameters differ in name or shape, raise ``ValueError``
+before any work. The exposed model itself is never modified.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .base import DefenseConfig
+from .exposure import ExposureResult
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +74,8 @@ class SanitizeConfig(DefenseConfig):
     seed: int = 0
 
     name = "sanitize"
+    # Whether the defense has a clean-unlearning step an exposed model can stand in for (EBYD's hand-off).
+    accepts_exposed = False
 
     def __post_init__(self) -> None:
         if not 0 < self.holdout_fraction < 1:
@@ -118,13 +130,129 @@ def _load_builtin() -> None:
     from . import nad, nwc, rnp  # noqa: F401
 
 
-class SanitizeContext:
-    """What a post-training defense works with: the device, the clean rows split into ``fit`` and ``holdout``, and
-    helpers for batches, forward passes and accuracy. One per ``sanitize_model`` call."""
+def exposed_defenses() -> list[str]:
+    """The registered defenses that accept ``exposed=`` (those with a clean-unlearning step to replace)."""
+    _load_builtin()
+    return sorted(name for name, (config_cls, _) in SANITIZERS.items() if config_cls.accepts_exposed)
 
-    def __init__(self, trainer, clean_dataset, config: SanitizeConfig, num_labels: int | None):
+
+# -- exposure hand-off (EBYD) ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExposedModel:
+    """An exposed model handed to a removal defense in place of its own clean unlearning (EBYD, Wang, Li et al.
+    2024). Built by :func:`resolve_exposed` from an :class:`~.exposure.ExposureResult` or a bare model; the accuracy
+    fields are the exposure's own, on the clean set it was exposed with (``None`` for a bare model)."""
+
+    model: nn.Module
+    method: str | None = None
+    clean_accuracy_before: float | None = None
+    clean_accuracy_after: float | None = None
+    exposed: bool | None = None
+    wall_s: float | None = None
+
+    @property
+    def unlearned_by(self) -> str:
+        return f"exposure ({self.method or 'given model'})"
+
+    def unlearned_copy(self, context: SanitizeContext) -> nn.Module:
+        """A deep copy on the context's device: the defenses freeze, hook and move the model they unlearn, and the
+        caller's exposed model must come back as it was (it may be handed to the next defense)."""
+        return copy.deepcopy(self.model).to(context.device)
+
+    def report(self, context: SanitizeContext, unlearned: nn.Module) -> dict:
+        """The report fields of the hand-off. The held-out accuracy is measured here because a bare model carries
+        no exposure numbers, and it shows whether the exposed model had really lost the clean task."""
+        return {
+            "unlearned_by": self.unlearned_by,
+            "exposure_method": self.method,
+            "exposure_clean_accuracy_before": self.clean_accuracy_before,
+            "exposure_clean_accuracy_after": self.clean_accuracy_after,
+            "exposure_exposed": self.exposed,
+            "exposure_wall_s": self.wall_s,
+            "exposed_holdout_accuracy": context.accuracy(unlearned),
+            "unlearning_note": f"skipped: the {self.unlearned_by} model stands in for clean unlearning (EBYD)",
+        }
+
+
+def check_accepts_exposed(config: SanitizeConfig) -> None:
+    """Raise unless ``config``'s defense has an unlearning step for an exposed model to replace."""
+    if not config.accepts_exposed:
+        raise ValueError(
+            f"The {config.name!r} defense has no clean-unlearning step for an exposed model to replace; `exposed=` is "
+            f"accepted by {', '.join(exposed_defenses())} only. Run {config.name!r} without it."
+        )
+
+
+def resolve_exposed(exposed, trainer, reference: nn.Module) -> ExposedModel:
+    """``exposed`` (an ``ExposureResult`` or an ``nn.Module``) as an :class:`ExposedModel`, after checking that its
+    parameters match ``reference``'s (the trainer's model) in name and shape: RNP hooks the unlearned model by
+    module path and NWC subtracts its weights from the original's, so a different architecture cannot work."""
+    if isinstance(exposed, ExposureResult):
+        handoff = ExposedModel(
+            model=exposed.model,
+            method=exposed.method,
+            clean_accuracy_before=exposed.clean_accuracy_before,
+            clean_accuracy_after=exposed.clean_accuracy_after,
+            exposed=exposed.exposed,
+            wall_s=exposed.wall_s,
+        )
+    elif isinstance(exposed, nn.Module):
+        handoff = ExposedModel(model=exposed)
+    else:
+        raise TypeError(
+            "exposed must be an ExposureResult (from `trainer.expose(...)`) or an nn.Module, got "
+            f"{type(exposed).__name__}."
+        )
+    handoff.model = trainer.accelerator.unwrap_model(handoff.model)
+    if handoff.model is reference:
+        raise ValueError(
+            "exposed is the trainer's own model: pass the exposed copy, `trainer.expose(clean_set)` or its `.model`."
+        )
+    mismatch = _first_parameter_mismatch(handoff.model, reference)
+    if mismatch is not None:
+        raise ValueError(f"The exposed model does not match the trainer's model: {mismatch}.")
+    if handoff.exposed is False:
+        # Not an error: the caller may want the numbers anyway; but the defense is then close to running on the
+        # backdoored model itself, and the report should not be read as EBYD's.
+        warnings.warn(
+            f"The exposure ({handoff.method}) did not expose the model (clean accuracy "
+            f"{handoff.clean_accuracy_before:.3f} -> {handoff.clean_accuracy_after:.3f}); the defense will start from "
+            "a model that still solves the clean task.",
+            stacklevel=3,
+        )
+    return handoff
+
+
+def _first_parameter_mismatch(model: nn.Module, reference: nn.Module) -> str | None:
+    ours = {name: tuple(p.shape) for name, p in reference.named_parameters()}
+    theirs = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for name, shape in ours.items():
+        if name not in theirs:
+            return f"parameter {name!r} {shape} is missing from the exposed model"
+        if theirs[name] != shape:
+            return f"parameter {name!r} has shape {theirs[name]} in the exposed model and {shape} in the trainer's"
+    extra = next((name for name in theirs if name not in ours), None)
+    return None if extra is None else f"the exposed model has a parameter {extra!r} the trainer's model lacks"
+
+
+class SanitizeContext:
+    """What a post-training defense works with: the device, the clean rows split into ``fit`` and ``holdout``, the
+    exposed model when one was handed over (``exposed``, else ``None``), and helpers for batches, forward passes and
+    accuracy. One per ``sanitize_model`` call."""
+
+    def __init__(
+        self,
+        trainer,
+        clean_dataset,
+        config: SanitizeConfig,
+        num_labels: int | None,
+        exposed: ExposedModel | None = None,
+    ):
         self.trainer = trainer
         self.config = config
+        self.exposed = exposed  # EBYD's hand-off: replaces the defense's clean unlearning when set
         self.device = trainer.args.device
         self.collate_fn = trainer.data_collator
         self.eval_batch_size = trainer.args.per_device_eval_batch_size
@@ -188,7 +316,9 @@ class SanitizeContext:
         return tqdm(iterable, desc=desc, disable=not self.show_progress, leave=False)
 
 
-def sanitize_model(trainer, clean_dataset, defense: SanitizeConfig | dict | str) -> tuple[nn.Module, dict[str, Any]]:
+def sanitize_model(
+    trainer, clean_dataset, defense: SanitizeConfig | dict | str, exposed: ExposureResult | nn.Module | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """Repair ``trainer``'s (backdoored) model with a post-training defense and a small clean set.
 
     Args:
@@ -199,21 +329,29 @@ def sanitize_model(trainer, clean_dataset, defense: SanitizeConfig | dict | str)
             with the trainer's tokenizer (max length 128).
         defense: ``RNPConfig(...)``, ``NADConfig(...)``, ``NWCConfig(...)``, ``FinetuneConfig(...)``, a registered
             name (``"rnp"``) or ``{"name": ..., **fields}``.
+        exposed: EBYD's hand-off (RNP and NWC only): an ``ExposureResult`` from ``trainer.expose(...)`` or an exposed
+            model of the same architecture; the defense uses a deep copy of it instead of running its own clean
+            unlearning. ``None`` (default): the defense as published.
 
     Returns:
         ``(model, report)``. See the module docstring for what happens to ``trainer.model``.
 
     Raises:
-        ValueError: unsupported model, clean set with one class or too few rows, a threshold that prunes everything.
+        ValueError: unsupported model, clean set with one class or too few rows, a threshold that prunes everything,
+            ``exposed`` given to a defense without an unlearning step or not matching the trainer's model.
         RuntimeError: a defense that cannot do its job on this model and data (e.g. unlearning never lowers the clean
             accuracy); the message says which numbers it reached. The trainer's model is untouched in every case.
     """
     config = get_sanitize_config(defense)
     _, fn = SANITIZERS[config.name]
     original = trainer.accelerator.unwrap_model(trainer.model)
+    handoff = None
+    if exposed is not None:  # checked before any work, so a wrong call costs nothing and changes nothing
+        check_accepts_exposed(config)
+        handoff = resolve_exposed(exposed, trainer, original)
     num_labels = getattr(getattr(original, "config", None), "num_labels", None)
     start = time.perf_counter()
-    context = SanitizeContext(trainer, clean_dataset, config, num_labels)
+    context = SanitizeContext(trainer, clean_dataset, config, num_labels, exposed=handoff)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)

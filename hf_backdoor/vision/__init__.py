@@ -9,7 +9,9 @@ from .models import (
     DEFAULT_VIT,
     default_image_processor,
     default_vit_config,
+    describe_default_vit,
     load_image_classifier,
+    parse_config_overrides,
 )
 from .transforms import ROW_INDEX, ImageClassificationTransform, prepare_image_dataset, random_crop_flip
 
@@ -23,10 +25,12 @@ __all__ = [
     "ImageClassificationTransform",
     "default_image_processor",
     "default_vit_config",
+    "describe_default_vit",
     "image_stats",
     "load_image_classifier",
     "load_image_task",
     "load_packaged_cifar10",
+    "parse_config_overrides",
     "prepare_image_dataset",
     "random_crop_flip",
 ]

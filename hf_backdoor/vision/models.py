@@ -55,6 +55,40 @@ def default_vit_config(
     )
 
 
+def parse_config_overrides(text: str | None) -> dict:
+    """``"patch_size=8,num_hidden_layers=4"`` -> ``{"patch_size": 8, "num_hidden_layers": 4}`` (the
+    ``--config_overrides`` convention of the ``transformers`` example scripts); values are read as int, float or
+    string, and every key must be a ``ViTConfig`` field."""
+    if not text:
+        return {}
+    known = set(ViTConfig().to_dict())
+    overrides = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise ValueError(f"config override {item!r} is not key=value (e.g. 'patch_size=8,num_hidden_layers=4')")
+        if key not in known:
+            raise ValueError(f"{key!r} is not a ViTConfig field; known fields include {sorted(DEFAULT_VIT)}")
+        for cast in (int, float):
+            try:
+                overrides[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            overrides[key] = value
+    return overrides
+
+
+def describe_default_vit(**overrides) -> str:
+    """A short name of the default ViT with ``overrides`` applied, for tables and result records."""
+    fields = {**DEFAULT_VIT, **overrides}
+    return (
+        f"vit-small-32 (hidden {fields['hidden_size']}, {fields['num_hidden_layers']} layers, "
+        f"patch {fields['patch_size']}; from scratch)"
+    )
+
+
 def default_image_processor(
     image_size: int = 32, image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD
 ):
