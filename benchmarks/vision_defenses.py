@@ -153,7 +153,11 @@ def _load_saved(run_dir: Path):
     model = AutoModelForImageClassification.from_pretrained(run_dir)
     processor = AutoImageProcessor.from_pretrained(run_dir)
     training_args = TrainingArguments(
-        output_dir=str(run_dir / "eval"), per_device_eval_batch_size=512, report_to="none", disable_tqdm=True
+        output_dir=str(run_dir / "eval"),
+        per_device_eval_batch_size=512,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,  # the image transform reads the image column
     )
     trainer = Trainer(model=model, args=training_args, processing_class=processor)
     return trainer, json.loads((run_dir / "run_info.json").read_text())["wall_s"]
@@ -171,8 +175,8 @@ def vision_abl(args, recipe, command, tmp) -> list[dict]:
 def vision_cul(args, recipe, command, tmp) -> list[dict]:
     from hf_backdoor.defenses import ExposeConfig, detection_threshold, expose_model
     from hf_backdoor.experiments import device_name
-    from hf_backdoor.metrics import roc_auc
-    from hf_backdoor.vision import describe_default_vit, parse_config_overrides
+    from hf_backdoor.metrics import evaluate_backdoor, roc_auc
+    from hf_backdoor.vision import describe_default_vit, parse_config_overrides, prepare_image_dataset
 
     backdoored_seeds = args.detection_seeds if args.backdoored_seeds is None else args.backdoored_seeds
     models = [("none", seed) for seed in range(args.detection_seeds)]
@@ -180,7 +184,7 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
     records = []
     for attack_name, seed in models:
         base = recipe.parse_args(_recipe_argv(args, attack_name if attack_name != "none" else "badnets", seed, tmp))
-        task, attack, poisoned, _ = recipe.load_data(base)
+        task, attack, poisoned, asr_rows = recipe.load_data(base)
         rows = task["train"] if attack_name == "none" else poisoned
         label_names = task["train"].features["label"].names
         # vision_abl keeps its clean model under every attack's folder; any of them is this clean model.
@@ -196,6 +200,14 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
             trainer, wall = recipe.train_vit(base, rows, label_names, run_dir, seed=seed)
             trainer.save_model(str(run_dir))
             (run_dir / "run_info.json").write_text(json.dumps({"wall_s": wall, "epochs": base.epochs}))
+        # CACC and ASR of the model itself: an attack whose backdoor did not take cannot be exposed.
+        processor = trainer.processing_class
+        evaluation = evaluate_backdoor(
+            trainer,
+            prepare_image_dataset(task["test"], processor),
+            prepare_image_dataset(asr_rows, processor),
+            target_label=attack.target_label,
+        )
         exclude = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
         clean = stratified_clean_slice(task["train"], 0.01, seed, exclude=exclude)
         result = expose_model(trainer, clean, ExposeConfig(learning_rate=args.cul_lr, seed=seed))
@@ -211,8 +223,9 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
                 "defense": "cul",
                 "model": describe_default_vit(**parse_config_overrides(args.config_overrides)),
                 "poison_rate": 0.0 if attack_name == "none" else args.poison_rate,
-                "cacc": None,
-                "asr": None,
+                "cacc": evaluation.cacc,
+                "asr": evaluation.asr,  # for a clean model: its ASR on this attack's triggered rows
+                "asr_attack": attack.name,
                 "asr_floor": None,
                 "wall_s": round(result.wall_s, 2),
                 "overhead": round(result.wall_s / epoch_s, 2),
