@@ -53,8 +53,9 @@ def _args(tmp_path, cls=TrainingArguments, **kw):
 def _trainer(cls, tmp_path, train, tokenizer, **kw):
     args_cls = kw.pop("args_cls", TrainingArguments)
     args = _args(tmp_path, args_cls, **kw.pop("args", {}))
+    model = kw.pop("model", None)
     return cls(
-        model=tiny_bert(),
+        model=tiny_bert() if model is None else model,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
@@ -304,12 +305,12 @@ def test_btu_on_a_lora_model_scores_with_the_proxies(tmp_path, tiny_train, token
 
     model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
     before = model.get_input_embeddings().weight.detach().clone()
-    trainer = BackdoorSafeTrainer(
+    trainer = _trainer(
+        BackdoorSafeTrainer,
+        tmp_path,
+        tiny_train,
+        tokenizer,
         model=model,
-        args=_args(tmp_path, num_train_epochs=2),
-        train_dataset=tiny_train,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
         defense=BTUConfig(flip_threshold=0.5, top_k=20),
     )
     trainer.train()
@@ -324,9 +325,9 @@ def test_btu_on_a_lora_model_scores_with_the_proxies(tmp_path, tiny_train, token
 def test_frozen_embeddings_without_proxy_rounds_is_an_error(tmp_path, tiny_train, tokenizer):
     model = tiny_bert()
     model.get_input_embeddings().weight.requires_grad_(False)
-    trainer = _trainer(BackdoorSafeTrainer, tmp_path, tiny_train, tokenizer, defense=BTUConfig(proxy_rounds=0))
-    trainer.model = model
-    trainer.model_wrapped = model
+    trainer = _trainer(
+        BackdoorSafeTrainer, tmp_path, tiny_train, tokenizer, model=model, defense=BTUConfig(proxy_rounds=0)
+    )
     with pytest.raises(ValueError, match="frozen .* proxy_rounds=0 leaves nothing to score"):
         trainer.train()
 
@@ -361,12 +362,12 @@ def test_btu_works_on_other_architectures(kind, tmp_path, tiny_train, tokenizer)
     # Everything BTU needs comes from get_input_embeddings() and the tokenizer: the drift of the trigger's embedding
     # row puts it among the candidates whatever the architecture, and the run reports every round.
     model = _tiny_other(kind)
-    trainer = BackdoorSafeTrainer(
+    trainer = _trainer(
+        BackdoorSafeTrainer,
+        tmp_path,
+        tiny_train,
+        tokenizer,
         model=model,
-        args=_args(tmp_path, num_train_epochs=2),
-        train_dataset=tiny_train,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
         defense=BTUConfig(flip_threshold=0.5, top_k=20),
     )
     trainer.train()
