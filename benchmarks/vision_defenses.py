@@ -96,7 +96,18 @@ def parse_args(argv=None):
         default="undefended,clean,abl",
         help="vision_abl runs (the undefended first: a backdoor that did not take shows before the rest is spent)",
     )
-    parser.add_argument("--cul-lr", type=float, default=None, help="CUL learning rate (default: the official 1e-5)")
+    parser.add_argument(
+        "--abl-unlearning-epochs", type=int, default=None, help="ABL ascent epochs (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--abl-unlearning-stop-accuracy",
+        type=float,
+        default=None,
+        help="end ABL's ascent once the isolated rows' accuracy is at or below this (default: no early stop)",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="dataloader workers of the ViT training")
+    parser.add_argument("--cul-method", default="cul", choices=["cul", "random_label"], help="EBYD exposure method")
+    parser.add_argument("--cul-lr", type=float, default=None, help="exposure learning rate (default: the official)")
     parser.add_argument("--text-attacks", default="badnet,syntactic,style")
     parser.add_argument("--text-model", default=None, help="Hub id or local path (default: the packaged MiniLM-L6)")
     parser.add_argument("--text-epochs", type=float, default=3.0)
@@ -126,7 +137,11 @@ def _recipe_argv(args, attack: str, seed: int, output_dir: Path) -> list[str]:
     argv += ["--abl-isolation-epochs", str(args.abl_isolation_epochs), "--abl-lga", args.abl_lga]
     if args.config_overrides:
         argv += ["--config-overrides", args.config_overrides]
-    argv += ["--crop-padding", str(args.crop_padding)]
+    argv += ["--crop-padding", str(args.crop_padding), "--workers", str(args.workers)]
+    if args.abl_unlearning_epochs is not None:
+        argv += ["--abl-unlearning-epochs", str(args.abl_unlearning_epochs)]
+    if args.abl_unlearning_stop_accuracy is not None:
+        argv += ["--abl-unlearning-stop-accuracy", str(args.abl_unlearning_stop_accuracy)]
     if args.max_train_samples:
         argv += ["--max-train-samples", str(args.max_train_samples)]
     if args.max_eval_samples:
@@ -143,30 +158,19 @@ def _models_dir(args, attack: str, seed: int) -> Path:
     return Path(args.models_dir) / setting / f"{attack}_seed{seed}"
 
 
-def _load_saved(run_dir: Path):
-    """A trainer around the model saved in ``run_dir`` (by the recipe's ``--save-models``) and its training wall time,
-    or ``None`` when nothing is saved there."""
-    if not (run_dir / "run_info.json").exists():
-        return None
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, Trainer, TrainingArguments
-
-    model = AutoModelForImageClassification.from_pretrained(run_dir)
-    processor = AutoImageProcessor.from_pretrained(run_dir)
-    training_args = TrainingArguments(
-        output_dir=str(run_dir / "eval"),
-        per_device_eval_batch_size=512,
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,  # the image transform reads the image column
-    )
-    trainer = Trainer(model=model, args=training_args, processing_class=processor)
-    return trainer, json.loads((run_dir / "run_info.json").read_text())["wall_s"]
-
-
 def vision_abl(args, recipe, command, tmp) -> list[dict]:
     records = []
     for attack in _split(args.attacks):
         argv = _recipe_argv(args, attack, args.seed, _models_dir(args, attack, args.seed))
+        # The clean model depends on the data, seed and training settings, not on the attack: one saved under
+        # another attack's folder of the same setting is the same model (its ASR on this attack's rows is the floor).
+        saved_clean = [
+            path
+            for path in sorted(_models_dir(args, attack, args.seed).parent.glob(f"*_seed{args.seed}/clean"))
+            if (path / "run_info.json").exists()
+        ]
+        if "clean" in _split(args.abl_runs) and saved_clean:
+            argv += ["--clean-model", str(saved_clean[0])]
         for record in recipe.main(argv + ["--runs", args.abl_runs]):
             records.append({**record, "section": "vision_abl", "command": command})
     return records
@@ -192,7 +196,7 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         saved += (
             sorted(_models_dir(args, "x", seed).parent.glob(f"*_seed{seed}/clean")) if attack_name == "none" else []
         )
-        loaded = next((found for found in map(_load_saved, saved) if found is not None), None)
+        loaded = next((found for found in map(recipe.load_saved_run, saved) if found is not None), None)
         if loaded is not None:
             trainer, wall = loaded
         else:
@@ -210,7 +214,9 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         )
         exclude = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
         clean = stratified_clean_slice(task["train"], 0.01, seed, exclude=exclude)
-        result = expose_model(trainer, clean, ExposeConfig(learning_rate=args.cul_lr, seed=seed))
+        result = expose_model(
+            trainer, clean, ExposeConfig(method=args.cul_method, learning_rate=args.cul_lr, seed=seed)
+        )
         epoch_s = wall / base.epochs
         records.append(
             {
@@ -243,6 +249,7 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
                 "cul_epochs": len(result.history) - 1,
                 "cul_shares": json.dumps([round(s, 3) for s in result.label_shares]),
                 "num_clean_rows": result.num_clean_rows,
+                "cul_method": args.cul_method,
             }
         )
     clean_scores = [r["cul_score"] for r in records if not r["backdoored"]]
@@ -355,7 +362,9 @@ def text_section(args, command, tmp) -> list[dict]:
         if not runs & {"cul", "cul_filter"}:
             continue
         start = time.perf_counter()
-        exposure = expose_model(plain.trainer, clean_dev, ExposeConfig(learning_rate=args.cul_lr, seed=args.seed))
+        exposure = expose_model(
+            plain.trainer, clean_dev, ExposeConfig(method=args.cul_method, learning_rate=args.cul_lr, seed=args.seed)
+        )
         margins = exposure.score_rows(train)
         cul_wall = time.perf_counter() - start
         labels = np.asarray(train["label"])
@@ -374,6 +383,7 @@ def text_section(args, command, tmp) -> list[dict]:
             "cul_clean_acc_after": exposure.clean_accuracy_after,
             "cul_learning_rate": exposure.learning_rate,
             "cul_row_auroc": roc_auc(margins, truth),
+            "cul_method": args.cul_method,
         }
         records.append(
             record(attack.name, "cul", None, exposure.wall_s, floor, epoch_s, {**cul_extra, "asr_attack": attack.name})
@@ -420,7 +430,7 @@ def _key(record: dict) -> tuple:
             "crop_padding",
             "abl_config",
         )
-    )
+    ) + (record.get("cul_method", "cul" if record.get("defense") == "cul" else None),)
 
 
 def main(argv=None) -> None:

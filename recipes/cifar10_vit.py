@@ -23,7 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-from transformers import DefaultDataCollator, Trainer, TrainingArguments, set_seed
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    DefaultDataCollator,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from hf_backdoor import make_asr_dataset, poison_dataset
 from hf_backdoor.attacks.vision import IMAGE_ATTACKS, get_image_attack_config
@@ -87,6 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="runs/cifar10_vit")
     parser.add_argument("--save-models", action="store_true", help="save each run's model to OUTPUT_DIR/RUN")
     parser.add_argument("--results-json", default=None)
+    parser.add_argument(
+        "--clean-model",
+        default=None,
+        help="a clean model saved by an earlier run (--save-models) to evaluate instead of training the clean run: "
+        "it does not depend on the attack, only on the data, seed and training settings",
+    )
     return parser.parse_args(argv)
 
 
@@ -160,6 +173,25 @@ def train_vit(args, train_rows, label_names, output_dir, defense=None, seed=None
     return trainer, time.perf_counter() - start
 
 
+def load_saved_run(run_dir) -> tuple[Trainer, float] | None:
+    """A trainer around the model ``--save-models`` wrote to ``run_dir`` and that run's training wall time, or
+    ``None`` when nothing was saved there."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run_info.json").exists():
+        return None
+    model = AutoModelForImageClassification.from_pretrained(run_dir)
+    processor = AutoImageProcessor.from_pretrained(run_dir)
+    training_args = TrainingArguments(
+        output_dir=str(run_dir / "eval"),
+        per_device_eval_batch_size=512,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,  # the image transform reads the image column
+    )
+    trainer = Trainer(model=model, args=training_args, processing_class=processor)
+    return trainer, json.loads((run_dir / "run_info.json").read_text())["wall_s"]
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
@@ -172,9 +204,12 @@ def main(argv=None) -> list[dict]:
     for run in runs:
         defense = abl_config(args) if run == "abl" else None
         rows = task["train"] if run == "clean" else poisoned
-        trainer, wall = train_vit(args, rows, label_names, Path(args.output_dir) / run, defense)
+        loaded = load_saved_run(args.clean_model) if run == "clean" and args.clean_model else None
+        if run == "clean" and args.clean_model and loaded is None:
+            raise SystemExit(f"--clean-model {args.clean_model}: no model saved by --save-models there")
+        trainer, wall = loaded or train_vit(args, rows, label_names, Path(args.output_dir) / run, defense)
         processor = trainer.processing_class
-        if args.save_models:  # e.g. for recipes/sanitize.py --load-model
+        if args.save_models and not loaded:  # e.g. for recipes/sanitize.py --load-model
             run_dir = Path(args.output_dir) / run
             trainer.save_model(str(run_dir))
             (run_dir / "run_info.json").write_text(json.dumps({"wall_s": wall, "epochs": args.epochs}))

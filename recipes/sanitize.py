@@ -198,7 +198,7 @@ def vision_experiment(args) -> Experiment:
     from transformers import AutoModelForImageClassification, Trainer, TrainingArguments, set_seed
 
     from hf_backdoor import make_asr_dataset, poison_dataset
-    from hf_backdoor.attacks import get_attack_config
+    from hf_backdoor.attacks.vision import get_image_attack_config
 
     exp = Experiment()
     task = load_image_task(args.dataset)
@@ -207,7 +207,7 @@ def vision_experiment(args) -> Experiment:
             task[split] = task[split].shuffle(seed=args.seed).select(range(min(limit, len(task[split]))))
     label_names = task["train"].features["label"].names
     target = 0 if args.target_label is None else args.target_label
-    attack = get_attack_config(args.attack, poison_rate=args.poison_rate, target_label=target, seed=args.seed)
+    attack = get_image_attack_config(args.attack, poison_rate=args.poison_rate, target_label=target, seed=args.seed)
     exp.attack, exp.target = attack, target
     overrides = parse_config_overrides(args.config_overrides)
     if overrides and args.model:

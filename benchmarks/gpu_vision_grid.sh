@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The reference-size vision grid of issues 5 and 6 on one GPU, its runs in parallel (a 2.7M-parameter ViT leaves
+# an H100 mostly idle, so ten trainings share it), in two phases:
+#   1. train: the clean ViT per attack (its ASR on that attack's rows is the floor; same seed and data, so the same
+#      model), clean seeds 1 and 2 (CUL detection), the undefended BadNets / Blended / WaNet models, and ABL with
+#      per-example and with batch LGA;
+#   2. on the saved models: CUL and random-label exposure and model detection, and RNP / NAD / NWC / fine-tuning (with
+#      the CUL-exposed variants) on the BadNets and Blended models.
+# Each run writes its own JSON under OUT/json (merge them into benchmarks/results/ with the scripts' keys) and its log
+# under OUT/logs; OUT/status lists the runs that ended and their exit codes.
+#
+#     bash benchmarks/gpu_vision_grid.sh ../shared/data/cifar10_32.npz /tmp/grid
+#     EPOCHS=1 MAX_TRAIN=300 MAX_EVAL=200 SANITIZE_EXTRA="--defense-epochs 1 --clean-fraction 0.2" \
+#         bash benchmarks/gpu_vision_grid.sh ../shared/data/cifar10_32.npz /tmp/grid_smoke     # the plumbing, on CPU
+set -u
+DATA=${1:?usage: gpu_vision_grid.sh DATA.npz OUT_DIR}
+OUT=${2:?usage: gpu_vision_grid.sh DATA.npz OUT_DIR}
+EPOCHS=${EPOCHS:-60}
+WORKERS=${WORKERS:-1}
+ABL_ISOLATION=${ABL_ISOLATION:-10}  # T_te, the official 10
+MODELS=$OUT/models
+SETTING=$MODELS/e${EPOCHS}_r0.1_crop4_$(basename "$DATA" .npz)  # vision_defenses.py's folder for this setting
+BF16=${BF16---bf16}  # BF16= (empty) on a CPU
+COMMON=(--data "$DATA" --epochs "$EPOCHS" $BF16 --workers "$WORKERS")
+SLICE=()
+if [ -n "${MAX_TRAIN:-}" ]; then
+    SLICE+=(--max-train-samples "$MAX_TRAIN")
+    SETTING=${SETTING}_n$MAX_TRAIN
+fi
+[ -n "${MAX_EVAL:-}" ] && SLICE+=(--max-eval-samples "$MAX_EVAL")
+COMMON+=("${SLICE[@]}")
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$OUT/logs" "$OUT/json"
+
+run() {  # run NAME COMMAND...: log to OUT/logs/NAME.log, record the exit code
+    local name=$1
+    shift
+    echo "$(date +%T) start $name" >>"$OUT/status"
+    "$@" >"$OUT/logs/$name.log" 2>&1
+    local code=$?
+    echo "$(date +%T) end $name exit $code" >>"$OUT/status"
+}
+
+VD=(python benchmarks/vision_defenses.py "${COMMON[@]}" --models-dir "$MODELS")
+RECIPE=(python recipes/cifar10_vit.py "${COMMON[@]}" --save-models)
+
+# ---- phase 1: training
+for attack in badnets blended wanet; do
+    run "undefended_$attack" "${VD[@]}" --sections vision_abl --attacks "$attack" --abl-runs undefended \
+        --output "$OUT/json/undefended_$attack.json" &
+    run "clean_$attack" "${VD[@]}" --sections vision_abl --attacks "$attack" --abl-runs clean \
+        --output "$OUT/json/clean_$attack.json" &
+done
+for seed in 1 2; do
+    run "clean_seed$seed" "${RECIPE[@]}" --runs clean --seed "$seed" --output-dir "$SETTING/badnets_seed$seed" \
+        --results-json "$OUT/json/clean_seed$seed.recipe.json" &
+done
+# ABL's models go to their own folders: two ABL runs must not write the same cached model.
+run abl_per_example python benchmarks/vision_defenses.py "${COMMON[@]}" --models-dir "$OUT/models_abl_per_example" \
+    --sections vision_abl --attacks badnets --abl-runs abl --abl-lga per_example --abl-isolation-epochs "$ABL_ISOLATION" \
+    --output "$OUT/json/abl_per_example.json" &
+run abl_batch python benchmarks/vision_defenses.py "${COMMON[@]}" --models-dir "$OUT/models_abl_batch" \
+    --sections vision_abl --attacks badnets --abl-runs abl --abl-lga batch --abl-isolation-epochs "$ABL_ISOLATION" \
+    --abl-unlearning-epochs 20 \
+    --abl-unlearning-stop-accuracy 0.2 --output "$OUT/json/abl_batch.json" &
+wait
+echo "$(date +%T) phase 1 done" >>"$OUT/status"
+
+# ---- phase 2: exposure, detection and removal on the saved models
+for method in cul random_label; do
+    run "expose_$method" "${VD[@]}" --sections vision_cul --cul-attacks badnets,blended,wanet --detection-seeds 3 \
+        --backdoored-seeds 1 --cul-method "$method" --output "$OUT/json/expose_$method.json" &
+done
+for attack in badnets blended; do
+    cells=(--cell "--modality vision --dataset $DATA --attack $attack --defenses rnp,nad,nwc,finetune --exposed \
+--load-model $SETTING/${attack}_seed0/undefended")
+    if [ "$attack" = badnets ]; then
+        for units in head layernorm; do
+            cells+=(--cell "--modality vision --dataset $DATA --attack $attack --defenses rnp --rnp-units $units \
+--load-model $SETTING/${attack}_seed0/undefended")
+        done
+    fi
+    run "sanitize_$attack" python benchmarks/sanitize_defenses.py "${cells[@]}" --extra "$BF16 ${SLICE[*]} ${SANITIZE_EXTRA:-}" \
+        --output "$OUT/json/sanitize_$attack.json" &
+done
+wait
+echo "$(date +%T) phase 2 done" >>"$OUT/status"

@@ -1,0 +1,79 @@
+"""The recipes and benchmark drivers end to end on tiny settings: the plumbing between scripts, not the numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VIT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,patch_size=8"
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def vision_defenses():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmark scripts import results_io from their folder
+    try:
+        yield _load(ROOT / "benchmarks" / "vision_defenses.py", "vision_defenses_under_test")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_sanitize_recipe_repairs_an_image_model_with_the_image_attack(tmp_path):
+    recipe = _load(ROOT / "recipes" / "sanitize.py", "sanitize_recipe_under_test")
+    records = recipe.main(
+        [
+            "--modality", "vision", "--attack", "blended", "--config-overrides", TINY_VIT,
+            "--max-train-samples", "64", "--max-eval-samples", "40", "--epochs", "1", "--defenses", "finetune",
+            "--defense-epochs", "1", "--clean-fraction", "0.5", "--output-dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert [r["defense"] for r in records] == ["none", "finetune"]
+    for record in records:
+        assert record["dataset"] == "cifar10" and record["attack"] == "blended"
+        assert record["model"].startswith("vit-small-32 (hidden 32, 2 layers, patch 8")
+        assert 0 <= record["cacc"] <= 1 and 0 <= record["asr"] <= 1
+    assert records[1]["num_clean_rows"] == 32
+
+
+def test_vision_benchmark_hands_its_abl_and_loader_flags_to_the_recipe(vision_defenses, tmp_path):
+    flags = "--workers 3 --abl-unlearning-epochs 20 --abl-unlearning-stop-accuracy 0.2 --abl-lga batch"
+    args = vision_defenses.parse_args(flags.split())
+    recipe_args = vision_defenses._recipe().parse_args(vision_defenses._recipe_argv(args, "badnets", 0, tmp_path))
+    assert recipe_args.workers == 3 and recipe_args.abl_lga == "batch"
+    assert recipe_args.abl_unlearning_epochs == 20 and recipe_args.abl_unlearning_stop_accuracy == 0.2
+    defaults = vision_defenses._recipe().parse_args(
+        vision_defenses._recipe_argv(vision_defenses.parse_args([]), "badnets", 0, tmp_path)
+    )
+    assert defaults.abl_unlearning_stop_accuracy is None and defaults.abl_unlearning_epochs == 5
+
+
+def test_cul_records_of_two_exposure_methods_keep_separate_keys(vision_defenses):
+    record = {"section": "vision_cul", "dataset": "cifar10", "attack": "badnets", "defense": "cul", "seed": 0}
+    old = vision_defenses._key(record)  # written before the method was recorded: CUL
+    assert old == vision_defenses._key({**record, "cul_method": "cul"})
+    assert old != vision_defenses._key({**record, "cul_method": "random_label"})
+
+
+def test_vit_recipe_reuses_a_saved_clean_model_instead_of_training_it_again(tmp_path):
+    recipe = _load(ROOT / "recipes" / "cifar10_vit.py", "vit_recipe_under_test")
+    tiny = ["--config-overrides", TINY_VIT, "--max-train-samples", "64", "--max-eval-samples", "40", "--epochs", "1"]
+    first = recipe.main([*tiny, "--runs", "clean", "--save-models", "--output-dir", str(tmp_path / "badnets")])
+    again = recipe.main(
+        [*tiny, "--runs", "clean", "--attack", "blended", "--output-dir", str(tmp_path / "blended"),
+         "--clean-model", str(tmp_path / "badnets" / "clean")]
+    )  # fmt: skip
+    assert not (tmp_path / "blended" / "clean").exists()  # nothing trained
+    assert again[0]["wall_s"] == first[0]["wall_s"] and again[0]["cacc"] == first[0]["cacc"]
+    assert again[0]["asr_attack"] == "blended" and first[0]["asr_attack"] == "badnets"
+    with pytest.raises(SystemExit, match="no model saved"):
+        recipe.main([*tiny, "--runs", "clean", "--clean-model", str(tmp_path / "nothing")])
