@@ -263,6 +263,9 @@ def vision_experiment(args) -> Experiment:
                 **{k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "patch_size")}
             )
         exp.trainer = Trainer(model=model, args=training_args("undefended", 1))
+        run_info = Path(args.load_model) / "run_info.json"  # written by recipes/cifar10_vit.py --save-models
+        if run_info.exists():  # the training time the defenses' overhead is measured against
+            exp.train_wall_s = json.loads(run_info.read_text())["wall_s"]
     else:
         exp.trainer, exp.train_wall_s = train(model, poisoned.remove_columns(["poisoned", "orig_label"]), "undefended")
         exp.trainer.save_model(str(out / "undefended"))

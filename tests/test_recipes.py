@@ -77,3 +77,21 @@ def test_vit_recipe_reuses_a_saved_clean_model_instead_of_training_it_again(tmp_
     assert again[0]["asr_attack"] == "blended" and first[0]["asr_attack"] == "badnets"
     with pytest.raises(SystemExit, match="no model saved"):
         recipe.main([*tiny, "--runs", "clean", "--clean-model", str(tmp_path / "nothing")])
+
+
+def test_sanitize_recipe_measures_overhead_against_the_saved_models_training_time(tmp_path):
+    vit = _load(ROOT / "recipes" / "cifar10_vit.py", "vit_recipe_for_sanitize")
+    sanitize = _load(ROOT / "recipes" / "sanitize.py", "sanitize_recipe_loading")
+    tiny = ["--config-overrides", TINY_VIT, "--max-train-samples", "64", "--max-eval-samples", "40", "--epochs", "1"]
+    trained = vit.main([*tiny, "--runs", "undefended", "--save-models", "--output-dir", str(tmp_path / "vit")])
+    records = sanitize.main(
+        [
+            "--modality", "vision", "--max-train-samples", "64", "--max-eval-samples", "40", "--defenses", "finetune",
+            "--defense-epochs", "1", "--clean-fraction", "0.5", "--output-dir", str(tmp_path / "sanitize"),
+            "--load-model", str(tmp_path / "vit" / "undefended"),
+        ]
+    )  # fmt: skip
+    undefended, finetune = records
+    assert undefended["cacc"] == trained[0]["cacc"] and undefended["asr"] == trained[0]["asr"]  # the same weights
+    assert undefended["wall_s"] == round(trained[0]["wall_s"], 2)
+    assert finetune["overhead"] == pytest.approx(finetune["wall_s"] / trained[0]["wall_s"], rel=0.05)  # rounded walls

@@ -144,7 +144,7 @@ def distillation_epoch(
         n = len(labels)
         totals["loss"] += loss.item() * n
         totals["ce"] += ce.item() * n
-        totals["at"] += float(at) * n  # a tensor, or 0 when every beta is 0
+        totals["at"] += (at.item() if torch.is_tensor(at) else float(at)) * n  # 0 when every beta is 0
         correct += int((logits.detach().argmax(-1) == labels).sum())
         seen += n
     return {
