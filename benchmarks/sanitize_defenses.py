@@ -58,6 +58,7 @@ def _key(record: dict) -> tuple:
         record["defense"],
         record.get("exposure"),  # rnp and rnp+cul are different results; older records (no field) are plain runs
         record.get("rnp_units"),
+        record.get("defense_overrides"),
         record["poison_rate"],
         record["model"],
         record["seed"],

@@ -23,6 +23,7 @@ exposure sees every clean row, including those the defense holds out to choose i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -52,6 +53,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--rnp-units", default="ffn", help=f"comma-separated unit kinds for RNP ({','.join(RNP_UNITS)})"
     )
     parser.add_argument("--defense-epochs", type=int, default=None, help="override every defense's epochs (smoke runs)")
+    parser.add_argument(
+        "--defense-overrides",
+        default=None,
+        help="config fields per defense, e.g. 'nad.learning_rate=0.001,nwc.finetune_lr=0.001' (numbers, true/false, strings)",
+    )
     parser.add_argument("--clean-fraction", type=float, default=0.05, help="clean rows as a fraction of the train size")
     parser.add_argument("--floor", action="store_true", help="train a clean model too: its ASR is the floor")
     parser.add_argument(
@@ -95,17 +101,51 @@ def defense_configs(args) -> dict:
             "finetune": {"epochs": epochs},
         }
     )
-    factories = {
-        "rnp": lambda: RNPConfig(units=units, seed=args.seed, **short.get("rnp", {})),
-        "nad": lambda: NADConfig(seed=args.seed, **short.get("nad", {})),
-        "nwc": lambda: NWCConfig(seed=args.seed, **short.get("nwc", {})),
-        "finetune": lambda: FinetuneConfig(seed=args.seed, **short.get("finetune", {})),
-    }
+    classes = {"rnp": RNPConfig, "nad": NADConfig, "nwc": NWCConfig, "finetune": FinetuneConfig}
     names = [d.strip() for d in args.defenses.split(",") if d.strip()]
-    unknown = set(names) - set(factories)
+    unknown = set(names) - set(classes)
     if not names or unknown:
-        raise SystemExit(f"--defenses must list some of {sorted(factories)}, got {args.defenses!r}")
-    return {name: factories[name]() for name in names}
+        raise SystemExit(f"--defenses must list some of {sorted(classes)}, got {args.defenses!r}")
+    overrides = parse_defense_overrides(args.defense_overrides, classes)
+    unused = set(overrides) - set(names)
+    if unused:
+        raise SystemExit(f"--defense-overrides names {sorted(unused)}, which --defenses {args.defenses!r} does not run")
+    base = {"rnp": {"units": units}}
+    return {
+        name: classes[name](seed=args.seed, **{**base.get(name, {}), **short.get(name, {}), **overrides.get(name, {})})
+        for name in names
+    }
+
+
+def parse_defense_overrides(text: str | None, classes: dict) -> dict[str, dict]:
+    """``"nad.learning_rate=0.001,finetune.epochs=5"`` -> ``{"nad": {"learning_rate": 0.001}, "finetune":
+    {"epochs": 5}}``; values are read as int, float or string, and every field must be one of that config's."""
+    overrides: dict[str, dict] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = (part.strip() for part in item.partition("="))
+        name, dot, field = key.partition(".")
+        if not sep or not dot or not value:
+            raise SystemExit(f"defense override {item!r} is not defense.field=value (e.g. 'nad.learning_rate=0.001')")
+        if name not in classes:
+            raise SystemExit(f"defense override {item!r}: {name!r} is not one of {sorted(classes)}")
+        known = {f.name for f in dataclasses.fields(classes[name])}
+        if field not in known:
+            raise SystemExit(
+                f"defense override {item!r}: {classes[name].__name__} has no field {field!r}; "
+                f"its fields: {sorted(known)}"
+            )
+        if value.lower() in ("true", "false"):
+            overrides.setdefault(name, {})[field] = value.lower() == "true"
+            continue
+        for cast in (int, float, str):
+            try:
+                overrides.setdefault(name, {})[field] = cast(value)
+                break
+            except ValueError:
+                continue
+    return overrides
 
 
 class Experiment:
@@ -330,6 +370,8 @@ def main(argv=None) -> list[dict]:
         "num_clean_rows": len(exp.clean),
         "clean_source": exp.clean_source,
         "exposure": None,
+        # Non-default defense settings: part of what a result is, and of its key in benchmarks/results/.
+        "defense_overrides": args.defense_overrides or None,
     }
     evaluation = exp.evaluate()
     records = [

@@ -95,3 +95,24 @@ def test_sanitize_recipe_measures_overhead_against_the_saved_models_training_tim
     assert undefended["cacc"] == trained[0]["cacc"] and undefended["asr"] == trained[0]["asr"]  # the same weights
     assert undefended["wall_s"] == round(trained[0]["wall_s"], 2)
     assert finetune["overhead"] == pytest.approx(finetune["wall_s"] / trained[0]["wall_s"], rel=0.05)  # rounded walls
+
+
+def test_defense_overrides_reach_the_configs_and_bad_ones_say_what_to_fix():
+    recipe = _load(ROOT / "recipes" / "sanitize.py", "sanitize_recipe_overrides")
+    configs = recipe.defense_configs(
+        recipe.parse_args(
+            ["--defenses", "nad,finetune,rnp", "--rnp-units", "head", "--defense-epochs", "2", "--defense-overrides",
+             "nad.learning_rate=1e-3,nad.nesterov=false,finetune.epochs=5"]
+        )
+    )  # fmt: skip
+    assert configs["nad"].learning_rate == 0.001 and configs["nad"].nesterov is False and configs["nad"].epochs == 2
+    assert configs["finetune"].epochs == 5  # an explicit override wins over --defense-epochs
+    assert configs["rnp"].units == ("head",) and configs["rnp"].recovering_epochs == 2
+    for text, match in [
+        ("nad.lr=0.1", "NADConfig has no field 'lr'"),
+        ("learning_rate=0.1", "is not defense.field=value"),
+        ("btu.epochs=1", "'btu' is not one of"),
+        ("nwc.finetune_lr=0.1", "which --defenses 'nad' does not run"),
+    ]:
+        with pytest.raises(SystemExit, match=match):
+            recipe.defense_configs(recipe.parse_args(["--defenses", "nad", "--defense-overrides", text]))
