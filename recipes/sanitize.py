@@ -436,6 +436,8 @@ def _defend(exp: Experiment, undefended_state: dict, record: dict, config, expos
     """Run one defense on the undefended weights (with ``exposure`` handed over when given) and score it."""
     from hf_backdoor.defenses import sanitize_model
 
+    if config.name == "rnp":  # known before the run, so a failed RNP record still says which units it tried
+        record = {**record, "rnp_units": ",".join(config.units)}
     if isinstance(exposure, str):  # the exposure itself failed
         return {**record, "cacc": None, "asr": None, "wall_s": None, "overhead": None, "error": exposure}
     exp.trainer.model.load_state_dict(undefended_state)  # every defense repairs the same backdoored weights
