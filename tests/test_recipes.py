@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def test_sanitize_recipe_measures_overhead_against_the_saved_models_training_tim
     undefended, finetune = records
     assert undefended["cacc"] == trained[0]["cacc"] and undefended["asr"] == trained[0]["asr"]  # the same weights
     assert undefended["wall_s"] == round(trained[0]["wall_s"], 2)
-    assert finetune["overhead"] == pytest.approx(finetune["wall_s"] / trained[0]["wall_s"], rel=0.05)  # rounded walls
+    train_wall = json.loads((tmp_path / "vit" / "undefended" / "run_info.json").read_text())["wall_s"]
+    # overhead = the defense's wall time over the saved training time; wall_s is rounded to 0.01 s, overhead to 0.001
+    assert abs(finetune["overhead"] * train_wall - finetune["wall_s"]) <= 0.0051 + 0.0005 * train_wall
 
 
 def test_defense_overrides_reach_the_configs_and_bad_ones_say_what_to_fix():
