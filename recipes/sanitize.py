@@ -119,7 +119,8 @@ def defense_configs(args) -> dict:
 
 def parse_defense_overrides(text: str | None, classes: dict) -> dict[str, dict]:
     """``"nad.learning_rate=0.001,finetune.epochs=5"`` -> ``{"nad": {"learning_rate": 0.001}, "finetune":
-    {"epochs": 5}}``; values are read as int, float or string, and every field must be one of that config's."""
+    {"epochs": 5}}``; values are read as true/false, int, float or string, and every field must be one of that
+    config's."""
     overrides: dict[str, dict] = {}
     for item in (text or "").split(","):
         if not item.strip():
