@@ -8,7 +8,8 @@
 Each cell is one run of ``recipes/sanitize.py`` (its arguments) in a subprocess. A cell whose arguments contain
 ``{model:NAME}`` repairs the backdoored model saved by the cell tagged ``NAME`` (``--tag NAME`` is not a recipe
 argument: it names the cell's output folder) instead of training a new one, so the RNP unit kinds are compared on the
-same weights. Then one table is printed and the records are merged into ``benchmarks/results/sanitize_defenses.json``
+same weights. ``--work-dir DIR`` keeps the cells' folders (and so their saved models, ``DIR/TAG/undefended``) for later
+runs' ``--load-model``; by default they go to a temporary folder that is removed. Then one table is printed and the records are merged into ``benchmarks/results/sanitize_defenses.json``
 (a record of the same dataset / attack / defense / exposure / RNP units / poison rate / model / seed is replaced).
 BTU's SST-2 records from ``results/text_btu.json`` are shown beside the table for comparison, not re-run.
 
@@ -21,6 +22,7 @@ asr_floor, wall_s (the defense's, plus the exposure's for an exposed variant, or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import subprocess
@@ -124,13 +126,23 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help=f"append tiny settings to every cell ({SMOKE})")
     parser.add_argument("--extra", default="", help="arguments appended to every cell (e.g. --bf16)")
     parser.add_argument("--output", default=str(RESULTS / "sanitize_defenses.json"))
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="keep each cell's output folder (its saved models) under this folder; default: a temporary one, removed",
+    )
     args = parser.parse_args()
     cells = args.cell or GRID
     if args.only:
         cells = [c for c in cells if f"--modality {args.only}" in c]
     extra = shlex.split(args.extra) + (shlex.split(SMOKE) if args.smoke else [])
     new_records = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.work_dir:
+            tmp = args.work_dir
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
         for index, cell in enumerate(cells):
             words = shlex.split(cell)
             tag = f"cell_{index}"

@@ -210,12 +210,13 @@ def text_experiment(args) -> Experiment:
             data_collator=DataCollatorWithPadding(tokenizer),
             compute_metrics=compute_classification_metrics,
         )
+        exp.train_wall_s = saved_training_wall(args.load_model)
     else:
         result = fine_tune_and_evaluate(
             settings, label_names, poisoned, exp.test, exp.asr_set, out / "undefended", target_label=exp.target
         )
         exp.trainer, exp.train_wall_s = result.trainer, result.wall_s
-        exp.trainer.save_model(str(out / "undefended"))
+        save_undefended(exp.trainer, out / "undefended", exp.train_wall_s, args.epochs)
     if args.floor:
         clean_run = fine_tune_and_evaluate(
             settings, label_names, task["train"], exp.test, exp.asr_set, out / "clean", target_label=exp.target
@@ -304,12 +305,10 @@ def vision_experiment(args) -> Experiment:
                 **{k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "patch_size")}
             )
         exp.trainer = Trainer(model=model, args=training_args("undefended", 1))
-        run_info = Path(args.load_model) / "run_info.json"  # written by recipes/cifar10_vit.py --save-models
-        if run_info.exists():  # the training time the defenses' overhead is measured against
-            exp.train_wall_s = json.loads(run_info.read_text())["wall_s"]
+        exp.train_wall_s = saved_training_wall(args.load_model)
     else:
         exp.trainer, exp.train_wall_s = train(model, poisoned.remove_columns(["poisoned", "orig_label"]), "undefended")
-        exp.trainer.save_model(str(out / "undefended"))
+        save_undefended(exp.trainer, out / "undefended", exp.train_wall_s, args.epochs)
     if args.floor:
         set_seed(args.seed)
         clean_model, _ = load_image_classifier(args.model, label_names, **overrides)
@@ -317,6 +316,20 @@ def vision_experiment(args) -> Experiment:
         exp.floor = _evaluate_images(clean_trainer, exp.test, exp.asr_set, target).asr
     exp.evaluate = lambda: _evaluate_images(exp.trainer, exp.test, exp.asr_set, target)
     return exp
+
+
+def save_undefended(trainer, run_dir: Path, wall_s: float, epochs: float) -> None:
+    """Save the trained backdoored model with its training time (``run_info.json``, the format of
+    ``recipes/cifar10_vit.py --save-models``), so that a later ``--load-model`` measures overhead against it."""
+    trainer.save_model(str(run_dir))
+    (Path(run_dir) / "run_info.json").write_text(json.dumps({"wall_s": wall_s, "epochs": epochs}))
+
+
+def saved_training_wall(run_dir) -> float | None:
+    """The training time saved beside a model (``run_info.json``), or ``None`` when there is none (a Hub model, or
+    one saved elsewhere): its records then have no overhead."""
+    run_info = Path(run_dir) / "run_info.json"
+    return json.loads(run_info.read_text())["wall_s"] if run_info.exists() else None
 
 
 def _evaluate_images(trainer, test, asr_set, target: int):

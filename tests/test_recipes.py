@@ -119,3 +119,19 @@ def test_defense_overrides_reach_the_configs_and_bad_ones_say_what_to_fix():
     ]:
         with pytest.raises(SystemExit, match=match):
             recipe.defense_configs(recipe.parse_args(["--defenses", "nad", "--defense-overrides", text]))
+
+
+def test_sanitize_benchmark_keeps_its_cells_models_in_the_work_dir(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    bench = _load(ROOT / "benchmarks" / "sanitize_defenses.py", "sanitize_benchmark_under_test")
+    cell = (
+        f"--tag tiny --modality vision --attack badnets --config-overrides {TINY_VIT} --max-train-samples 64 "
+        "--max-eval-samples 40 --epochs 1 --defenses finetune --defense-epochs 1 --clean-fraction 0.5"
+    )
+    output = tmp_path / "records.json"
+    argv = ["sanitize_defenses.py", "--cell", cell, "--work-dir", str(tmp_path / "work"), "--output", str(output)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    kept = tmp_path / "work" / "tiny" / "undefended"
+    assert (kept / "config.json").exists() and (kept / "run_info.json").exists()  # --load-model can reuse it
+    assert [r["defense"] for r in json.loads(output.read_text())] == ["none", "finetune"]

@@ -46,7 +46,9 @@ On the CPU-sized ViT (patch 8, 20 epochs, BadNets 10%; README "Vision, ABL and C
 mostly clean rows (precision 0.13 at 1%) while batch LGA isolated only poisoned ones (precision 1.00), and the
 official ascent (4 epochs at SGD 5e-4, 10 steps on 100 rows) left the isolated rows' accuracy at 1.00; ascending
 until ``unlearning_stop_accuracy=0.2`` (11 epochs at the same rate) took ASR from 0.924 to 0.003 at a 1.9-point
-CACC cost. On an AdamW-trained ViT use ``lga="batch"``, more ``unlearning_epochs`` and a stop accuracy.
+CACC cost. End to end, stopping at 0.2 left ASR at 0.132 (the isolated rows' accuracy fell 1.00 -> 0.02 in one
+epoch); stopping at 0.0, one epoch later, gave ASR 0.000 at CACC 0.442 (undefended 0.467). On an AdamW-trained ViT
+use ``lga="batch"``, ``unlearning_epochs=20`` and ``unlearning_stop_accuracy=0.0``.
 """
 
 from __future__ import annotations
