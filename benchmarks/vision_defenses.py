@@ -21,14 +21,19 @@ Sections:
   (1% of train: label, score, row AUROC of the exposed margins), and ``cul_filter``: retrain without the training
   rows that carry the detected label and the highest exposed margins (``--cul-filter-ratio`` of the training set).
 
-Wall time: ``overhead`` is a defense's extra wall time in epochs of plain training on the same data (ABL: defended
-run minus plain run; CUL: the exposure itself; CUL filter: exposure + scoring). Records are merged into
+Wall time: ``overhead`` is the results schema's ratio, wall time over the plain training on the same data (ABL: the
+defended run over the plain run; CUL: the exposure over the training of the model it exposes; CUL filter: exposure,
+scoring and retraining over the plain run). ``overhead_epochs`` is the issue's measure, a defense's extra wall time
+in epochs of plain training (ABL: defended run minus plain run; CUL: the exposure; CUL filter: exposure + scoring);
+ABL records also carry ``abl_phases_epochs``, its own isolation pass and unlearning in epochs of its run, which does
+not depend on what else shared the machine. Records are merged into
 ``--output`` (default ``benchmarks/results/vision_defenses.json``; a record with the same key is replaced).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import shlex
@@ -97,13 +102,16 @@ def parse_args(argv=None):
         help="vision_abl runs (the undefended first: a backdoor that did not take shows before the rest is spent)",
     )
     parser.add_argument(
-        "--abl-unlearning-epochs", type=int, default=None, help="ABL ascent epochs (default: the recipe's)"
+        "--abl-unlearning-epochs",
+        type=int,
+        default=None,
+        help="ABL ascent epochs, vision and text (default: the recipe's)",
     )
     parser.add_argument(
         "--abl-unlearning-stop-accuracy",
         type=float,
         default=None,
-        help="end ABL's ascent once the isolated rows' accuracy is at or below this (default: no early stop)",
+        help="end ABL's ascent (vision and text) once the isolated rows' accuracy is at or below this (default: none)",
     )
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers of the ViT training")
     parser.add_argument("--cul-method", default="cul", choices=["cul", "random_label"], help="EBYD exposure method")
@@ -234,7 +242,8 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
                 "asr_attack": attack.name,
                 "asr_floor": None,
                 "wall_s": round(result.wall_s, 2),
-                "overhead": round(result.wall_s / epoch_s, 2),
+                "overhead": round(result.wall_s / wall, 3),  # over the plain training of the model it exposes
+                "overhead_epochs": round(result.wall_s / epoch_s, 2),
                 "device": device_name(),
                 "seed": seed,
                 "command": command,
@@ -262,9 +271,26 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
 
 
 # -------------------------------------------------------------------------------------------------------- text
+def text_abl_config(args):
+    """ABL on the text model: isolation after one LGA epoch (the reference found later isolation picks clean rows),
+    ``--text-abl-ratio`` isolated, and the unlearning flags shared with the vision runs (unset: ABL's defaults)."""
+    from hf_backdoor.defenses import ABLConfig
+
+    unlearning = {
+        "unlearning_epochs": args.abl_unlearning_epochs,
+        "unlearning_stop_accuracy": args.abl_unlearning_stop_accuracy,
+    }
+    return ABLConfig(
+        isolation_epochs=1,
+        isolation_ratio=args.text_abl_ratio,
+        seed=args.seed,
+        **{k: v for k, v in unlearning.items() if v is not None},
+    )
+
+
 def text_section(args, command, tmp) -> list[dict]:
     from hf_backdoor import default_text_model, load_text_classifier, make_asr_dataset, poison_dataset, tokenize_dataset
-    from hf_backdoor.defenses import ABLConfig, ExposeConfig, expose_model
+    from hf_backdoor.defenses import ExposeConfig, expose_model
     from hf_backdoor.experiments import (
         TextRunSettings,
         attack_for_task,
@@ -331,14 +357,9 @@ def text_section(args, command, tmp) -> list[dict]:
             record(attack.name, "none", plain.evaluation, plain.wall_s, floor, epoch_s, {"asr_attack": attack.name})
         )
         if "abl" in runs:
+            abl_config = text_abl_config(args)
             abl = fine_tune_and_evaluate(
-                settings,
-                label_names,
-                train,
-                test_set,
-                asr_sets[attack.name],
-                out,
-                defense=ABLConfig(isolation_epochs=1, isolation_ratio=args.text_abl_ratio, seed=args.seed),
+                settings, label_names, train, test_set, asr_sets[attack.name], out, defense=abl_config
             )
             isolation = abl.trainer.defense_report["isolation"]
             records.append(
@@ -351,11 +372,17 @@ def text_section(args, command, tmp) -> list[dict]:
                     epoch_s,
                     {
                         "asr_attack": attack.name,
-                        "overhead": round((abl.wall_s - plain.wall_s) / epoch_s, 2),
+                        "overhead": round(abl.wall_s / plain.wall_s, 3),
+                        "overhead_epochs": round((abl.wall_s - plain.wall_s) / epoch_s, 2),
+                        "abl_phases_epochs": round(
+                            sum(abl.trainer.defense_report["timings_s"].values()) / (abl.wall_s / settings.epochs), 3
+                        ),
                         "abl_isolation_precision": isolation.get("precision"),
                         "abl_isolation_recall": isolation.get("recall"),
                         "abl_loss_auroc": isolation.get("loss_auroc"),
                         "abl_precision_at_10pct": isolation.get("at_ratio", {}).get("0.1", {}).get("precision"),
+                        # part of the results key: ABL runs of other settings keep their own records
+                        "abl_config": json.dumps(dataclasses.asdict(abl_config)),
                     },
                 )
             )
@@ -374,7 +401,8 @@ def text_section(args, command, tmp) -> list[dict]:
         dropped = np.zeros(len(train), dtype=bool)
         dropped[ranked] = True
         cul_extra = {
-            "overhead": round(exposure.wall_s / epoch_s, 2),
+            "overhead": round(exposure.wall_s / plain.wall_s, 3),
+            "overhead_epochs": round(exposure.wall_s / epoch_s, 2),
             "cul_label": exposure.backdoor_label,
             "cul_label_correct": exposure.backdoor_label == attack.target_label,
             "cul_score": exposure.score,
@@ -403,7 +431,8 @@ def text_section(args, command, tmp) -> list[dict]:
                 epoch_s,
                 {
                     "asr_attack": attack.name,
-                    "overhead": round(cul_wall / epoch_s, 2),
+                    "overhead": round((filtered.wall_s + cul_wall) / plain.wall_s, 3),
+                    "overhead_epochs": round(cul_wall / epoch_s, 2),  # the exposure and scoring, before retraining
                     "cul_label": exposure.backdoor_label,
                     "removed_rows": int(dropped.sum()),
                     "removed_precision": removal["precision"],
@@ -476,7 +505,7 @@ def main(argv=None) -> None:
             notes.append(f"row AUROC {r['cul_row_auroc']:.2f}")
         if r.get("removed_rows") is not None:
             notes.append(f"removed {r['removed_rows']} (P {r['removed_precision']:.2f}, R {r['removed_recall']:.2f})")
-        overhead = "-" if r.get("overhead") is None else f"{r['overhead']:.2f}ep"
+        overhead = "-" if r.get("overhead_epochs") is None else f"{r['overhead_epochs']:.2f}ep"
         print(
             f"{r['section']:<11}{r['attack']:<10}{r['defense']:<11}{r['seed']:>5}{fmt(r['cacc']):>7}"
             f"{fmt(r['asr']):>7}{fmt(r['asr_floor']):>7}{overhead:>9}  {'; '.join(notes)}"
