@@ -273,7 +273,8 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
 # -------------------------------------------------------------------------------------------------------- text
 def text_abl_config(args):
     """ABL on the text model: isolation after one LGA epoch (the reference found later isolation picks clean rows),
-    ``--text-abl-ratio`` isolated, and the unlearning flags shared with the vision runs (unset: ABL's defaults)."""
+    ``--text-abl-ratio`` isolated, and ``--abl-lga`` and the unlearning flags shared with the vision runs (unset: ABL's
+    defaults)."""
     from hf_backdoor.defenses import ABLConfig
 
     unlearning = {
@@ -283,6 +284,7 @@ def text_abl_config(args):
     return ABLConfig(
         isolation_epochs=1,
         isolation_ratio=args.text_abl_ratio,
+        lga=args.abl_lga,
         seed=args.seed,
         **{k: v for k, v in unlearning.items() if v is not None},
     )

@@ -138,9 +138,10 @@ def test_sanitize_benchmark_keeps_its_cells_models_in_the_work_dir(tmp_path, mon
 
 
 def test_text_abl_takes_the_shared_unlearning_flags_and_keeps_its_defaults_without_them(vision_defenses):
-    flags = "--text-abl-ratio 0.05 --abl-unlearning-epochs 20 --abl-unlearning-stop-accuracy 0.0"
+    flags = "--text-abl-ratio 0.05 --abl-lga batch --abl-unlearning-epochs 20 --abl-unlearning-stop-accuracy 0.0"
     config = vision_defenses.text_abl_config(vision_defenses.parse_args(flags.split()))
     assert (config.isolation_ratio, config.unlearning_epochs, config.unlearning_stop_accuracy) == (0.05, 20, 0.0)
-    assert config.isolation_epochs == 1
+    assert config.isolation_epochs == 1 and config.lga == "batch"
     default = vision_defenses.text_abl_config(vision_defenses.parse_args([]))
     assert (default.isolation_ratio, default.unlearning_epochs, default.unlearning_stop_accuracy) == (0.01, 5, None)
+    assert default.lga == "per_example"
