@@ -236,7 +236,8 @@ def main(argv=None) -> list[dict]:
             "asr": evaluation.asr,
             "asr_floor": floor,
             "wall_s": round(wall, 2),
-            # Wall time over plain training on the same data (the results schema); the same as extra epochs below.
+            # overhead: the results schema's wall time over plain training on the same data; overhead_epochs: the
+            # extra wall time in epochs of that plain training.
             "overhead": round(wall / plain_wall, 3) if run == "abl" and plain_wall else None,
             "overhead_epochs": round((wall - plain_wall) / plain_epoch_s, 2) if run == "abl" and plain_wall else None,
             "epoch_s": round(wall / args.epochs, 3),
