@@ -94,6 +94,13 @@ def main(argv=None) -> None:
                 ]
             ).numpy()
 
+    def score(model) -> tuple[float, float]:
+        """CACC on the clean test set and ASR on its triggered rows."""
+        return (
+            float(np.mean(predict(model, test) == test_labels)),
+            float(np.mean(predict(model, asr_rows) == attack.target_label)),
+        )
+
     records = []
     for setting in args.setting or ["sgd:5e-4", "sgd:0.01"]:
         optimizer_name, lr = setting.split(":")
@@ -118,17 +125,11 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 history.append(float((model(pixel_values=pixels).logits.argmax(-1) == targets).float().mean()))
             if args.trace:  # test-set scores, read after the fact: they never decide when to stop
-                trace.append(
-                    (
-                        round(float(np.mean(predict(model, test) == test_labels)), 4),
-                        round(float(np.mean(predict(model, asr_rows) == attack.target_label)), 4),
-                    )
-                )
+                trace.append(score(model))
             if history[-1] <= args.stop_accuracy:
                 break
         wall = time.perf_counter() - start  # includes the trace's scoring when --trace
-        cacc = float(np.mean(predict(model, test) == test_labels))
-        asr = float(np.mean(predict(model, asr_rows) == attack.target_label))
+        cacc, asr = trace[-1] if trace else score(model)  # a trace already scored the final weights
         config = model.config
         records.append(
             {
@@ -154,8 +155,8 @@ def main(argv=None) -> None:
                 "abl_unlearning_epochs": len(history),
                 "abl_isolated_accuracy_per_epoch": json.dumps([round(h, 3) for h in history]),
                 "abl_stop_accuracy": args.stop_accuracy,
-                "abl_cacc_per_epoch": json.dumps([c for c, _ in trace]) if trace else None,
-                "abl_asr_per_epoch": json.dumps([a for _, a in trace]) if trace else None,
+                "abl_cacc_per_epoch": json.dumps([round(c, 4) for c, _ in trace]) if trace else None,
+                "abl_asr_per_epoch": json.dumps([round(a, 4) for _, a in trace]) if trace else None,
                 "abl_isolated": len(isolated),
                 "abl_isolated_poisoned_share": isolated_poisoned,
                 "abl_source_config": json.dumps(report["config"]),

@@ -167,6 +167,8 @@ def _models_dir(args, attack: str, seed: int) -> Path:
 
 
 def vision_abl(args, recipe, command, tmp) -> list[dict]:
+    from hf_backdoor.experiments import saved_training_wall
+
     records = []
     for attack in _split(args.attacks):
         argv = _recipe_argv(args, attack, args.seed, _models_dir(args, attack, args.seed))
@@ -175,7 +177,7 @@ def vision_abl(args, recipe, command, tmp) -> list[dict]:
         saved_clean = [
             path
             for path in sorted(_models_dir(args, attack, args.seed).parent.glob(f"*_seed{args.seed}/clean"))
-            if (path / "run_info.json").exists()
+            if saved_training_wall(path) is not None
         ]
         if "clean" in _split(args.abl_runs) and saved_clean:
             argv += ["--clean-model", str(saved_clean[0])]
@@ -186,7 +188,7 @@ def vision_abl(args, recipe, command, tmp) -> list[dict]:
 
 def vision_cul(args, recipe, command, tmp) -> list[dict]:
     from hf_backdoor.defenses import ExposeConfig, detection_threshold, expose_model
-    from hf_backdoor.experiments import device_name
+    from hf_backdoor.experiments import device_name, save_trained_model
     from hf_backdoor.metrics import evaluate_backdoor, roc_auc
     from hf_backdoor.vision import describe_default_vit, parse_config_overrides, prepare_image_dataset
 
@@ -210,8 +212,7 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         else:
             run_dir = _models_dir(args, attack_name, seed) / ("clean" if attack_name == "none" else "undefended")
             trainer, wall = recipe.train_vit(base, rows, label_names, run_dir, seed=seed)
-            trainer.save_model(str(run_dir))
-            (run_dir / "run_info.json").write_text(json.dumps({"wall_s": wall, "epochs": base.epochs}))
+            save_trained_model(trainer, run_dir, wall, base.epochs)
         # CACC and ASR of the model itself: an attack whose backdoor did not take cannot be exposed.
         processor = trainer.processing_class
         evaluation = evaluate_backdoor(

@@ -6,6 +6,7 @@ every benchmark train the same way.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,24 @@ def attack_for_task(
     if triggers and attack == "badnet":
         kwargs["triggers"] = tuple(triggers.split(","))
     return get_attack_config(attack, **kwargs)
+
+
+RUN_INFO = "run_info.json"
+
+
+def save_trained_model(trainer, run_dir, wall_s: float, epochs: float) -> None:
+    """Save a trained model with the wall time of its training (``run_info.json``), so that a defense run later on
+    the saved model (``recipes/sanitize.py --load-model``, the benchmarks' model caches) can measure its overhead
+    against that training."""
+    trainer.save_model(str(run_dir))
+    (Path(run_dir) / RUN_INFO).write_text(json.dumps({"wall_s": wall_s, "epochs": epochs}))
+
+
+def saved_training_wall(run_dir) -> float | None:
+    """The training wall time :func:`save_trained_model` wrote beside a model, or ``None`` when there is none (a Hub
+    model, or one saved some other way)."""
+    run_info = Path(run_dir) / RUN_INFO
+    return json.loads(run_info.read_text())["wall_s"] if run_info.exists() else None
 
 
 def device_name() -> str:

@@ -35,7 +35,7 @@ from transformers import (
 from hf_backdoor import make_asr_dataset, poison_dataset
 from hf_backdoor.attacks.vision import IMAGE_ATTACKS, get_image_attack_config
 from hf_backdoor.defenses import ABLConfig
-from hf_backdoor.experiments import device_name
+from hf_backdoor.experiments import device_name, save_trained_model, saved_training_wall
 from hf_backdoor.metrics import evaluate_backdoor
 from hf_backdoor.trainer import BackdoorSafeTrainer
 from hf_backdoor.vision import (
@@ -177,7 +177,8 @@ def load_saved_run(run_dir) -> tuple[Trainer, float] | None:
     """A trainer around the model ``--save-models`` wrote to ``run_dir`` and that run's training wall time, or
     ``None`` when nothing was saved there."""
     run_dir = Path(run_dir)
-    if not (run_dir / "run_info.json").exists():
+    wall = saved_training_wall(run_dir)
+    if wall is None:
         return None
     model = AutoModelForImageClassification.from_pretrained(run_dir)
     processor = AutoImageProcessor.from_pretrained(run_dir)
@@ -189,7 +190,7 @@ def load_saved_run(run_dir) -> tuple[Trainer, float] | None:
         remove_unused_columns=False,  # the image transform reads the image column
     )
     trainer = Trainer(model=model, args=training_args, processing_class=processor)
-    return trainer, json.loads((run_dir / "run_info.json").read_text())["wall_s"]
+    return trainer, wall
 
 
 def main(argv=None) -> list[dict]:
@@ -210,9 +211,7 @@ def main(argv=None) -> list[dict]:
         trainer, wall = loaded or train_vit(args, rows, label_names, Path(args.output_dir) / run, defense)
         processor = trainer.processing_class
         if args.save_models and not loaded:  # e.g. for recipes/sanitize.py --load-model
-            run_dir = Path(args.output_dir) / run
-            trainer.save_model(str(run_dir))
-            (run_dir / "run_info.json").write_text(json.dumps({"wall_s": wall, "epochs": args.epochs}))
+            save_trained_model(trainer, Path(args.output_dir) / run, wall, args.epochs)
         evaluation = evaluate_backdoor(
             trainer,
             prepare_image_dataset(task["test"], processor),

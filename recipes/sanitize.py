@@ -162,7 +162,14 @@ def text_experiment(args) -> Experiment:
 
     from hf_backdoor import load_text_classifier, make_asr_dataset, poison_dataset, tokenize_dataset
     from hf_backdoor.arguments import BackdoorSafeTrainingArguments
-    from hf_backdoor.experiments import TextRunSettings, attack_for_task, fine_tune_and_evaluate, load_experiment_task
+    from hf_backdoor.experiments import (
+        TextRunSettings,
+        attack_for_task,
+        fine_tune_and_evaluate,
+        load_experiment_task,
+        save_trained_model,
+        saved_training_wall,
+    )
     from hf_backdoor.metrics import compute_classification_metrics, evaluate_backdoor
     from hf_backdoor.models import default_text_model, model_display_name
 
@@ -216,7 +223,7 @@ def text_experiment(args) -> Experiment:
             settings, label_names, poisoned, exp.test, exp.asr_set, out / "undefended", target_label=exp.target
         )
         exp.trainer, exp.train_wall_s = result.trainer, result.wall_s
-        save_undefended(exp.trainer, out / "undefended", exp.train_wall_s, args.epochs)
+        save_trained_model(exp.trainer, out / "undefended", exp.train_wall_s, args.epochs)
     if args.floor:
         clean_run = fine_tune_and_evaluate(
             settings, label_names, task["train"], exp.test, exp.asr_set, out / "clean", target_label=exp.target
@@ -241,6 +248,7 @@ def vision_experiment(args) -> Experiment:
 
     from hf_backdoor import make_asr_dataset, poison_dataset
     from hf_backdoor.attacks.vision import get_image_attack_config
+    from hf_backdoor.experiments import save_trained_model, saved_training_wall
 
     exp = Experiment()
     task = load_image_task(args.dataset)
@@ -308,7 +316,7 @@ def vision_experiment(args) -> Experiment:
         exp.train_wall_s = saved_training_wall(args.load_model)
     else:
         exp.trainer, exp.train_wall_s = train(model, poisoned.remove_columns(["poisoned", "orig_label"]), "undefended")
-        save_undefended(exp.trainer, out / "undefended", exp.train_wall_s, args.epochs)
+        save_trained_model(exp.trainer, out / "undefended", exp.train_wall_s, args.epochs)
     if args.floor:
         set_seed(args.seed)
         clean_model, _ = load_image_classifier(args.model, label_names, **overrides)
@@ -316,20 +324,6 @@ def vision_experiment(args) -> Experiment:
         exp.floor = _evaluate_images(clean_trainer, exp.test, exp.asr_set, target).asr
     exp.evaluate = lambda: _evaluate_images(exp.trainer, exp.test, exp.asr_set, target)
     return exp
-
-
-def save_undefended(trainer, run_dir: Path, wall_s: float, epochs: float) -> None:
-    """Save the trained backdoored model with its training time (``run_info.json``, the format of
-    ``recipes/cifar10_vit.py --save-models``), so that a later ``--load-model`` measures overhead against it."""
-    trainer.save_model(str(run_dir))
-    (Path(run_dir) / "run_info.json").write_text(json.dumps({"wall_s": wall_s, "epochs": epochs}))
-
-
-def saved_training_wall(run_dir) -> float | None:
-    """The training time saved beside a model (``run_info.json``), or ``None`` when there is none (a Hub model, or
-    one saved elsewhere): its records then have no overhead."""
-    run_info = Path(run_dir) / "run_info.json"
-    return json.loads(run_info.read_text())["wall_s"] if run_info.exists() else None
 
 
 def _evaluate_images(trainer, test, asr_set, target: int):
