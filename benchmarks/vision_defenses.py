@@ -20,6 +20,10 @@ Sections:
   clean model (floor), undefended, ABL, CUL exposure of the undefended model on 69 stratified validation rows
   (1% of train: label, score, row AUROC of the exposed margins), and ``cul_filter``: retrain without the training
   rows that carry the detected label and the highest exposed margins (``--cul-filter-ratio`` of the training set).
+  With ``--text-detection-seeds N`` the ``cul`` run also exposes N clean models (seeds 0..N-1, each on its own
+  stratified slice) and scores model detection as ``vision_cul`` does: threshold from the clean models only, AUROC
+  over every model it exposed. ``--text-models-dir`` keeps the plain (clean, undefended) text models and reloads them,
+  with their training time, in later runs.
 
 Wall time: ``overhead`` is the results schema's ratio, wall time over the plain training on the same data (ABL: the
 defended run over the plain run; CUL: the exposure over the training of the model it exposes; CUL filter: exposure,
@@ -27,7 +31,8 @@ scoring and retraining over the plain run). ``overhead_epochs`` is the issue's m
 in epochs of plain training (ABL: defended run minus plain run; CUL: the exposure; CUL filter: exposure + scoring);
 ABL records also carry ``abl_phases_epochs``, its own isolation pass and unlearning in epochs of its run, which does
 not depend on what else shared the machine. Records are merged into
-``--output`` (default ``benchmarks/results/vision_defenses.json``; a record with the same key is replaced).
+``--output`` as each run finishes (default ``benchmarks/results/vision_defenses.json``; a record with the same key is
+replaced).
 """
 
 from __future__ import annotations
@@ -125,6 +130,17 @@ def parse_args(argv=None):
         "--text-runs",
         default=",".join(TEXT_RUNS),
         help="text runs per attack; without clean, the floor comes from a clean model in benchmarks/results/",
+    )
+    parser.add_argument(
+        "--text-models-dir",
+        default=None,
+        help="keep the plain text models (clean, undefended) here and reuse them across runs (default: not kept)",
+    )
+    parser.add_argument(
+        "--text-detection-seeds",
+        type=int,
+        default=0,
+        help="with the cul run: expose this many clean text models (seeds 0..N-1) for CUL model detection",
     )
     parser.add_argument("--text-abl-ratio", type=float, default=0.01)
     parser.add_argument("--cul-filter-ratio", type=float, default=0.15)
@@ -291,12 +307,25 @@ def text_abl_config(args):
     )
 
 
-def text_section(args, command, tmp) -> list[dict]:
+def _text_models_dir(args, settings) -> Path | None:
+    """Where the plain text models of this setting are kept (``--text-models-dir``): one folder per model, data size,
+    epochs and poison rate, so a cached model is only reused for the same training."""
+    if not args.text_models_dir:
+        return None
+    from hf_backdoor.models import model_display_name
+
+    setting = f"{model_display_name(settings.model_name).replace('/', '_')}_e{settings.epochs:g}_r{args.poison_rate:g}"
+    setting += f"_n{args.text_max_train_samples}" if args.text_max_train_samples else ""
+    return Path(args.text_models_dir) / setting
+
+
+def text_section(args, command, tmp, emit) -> None:
     from hf_backdoor import default_text_model, load_text_classifier, make_asr_dataset, poison_dataset, tokenize_dataset
-    from hf_backdoor.defenses import ExposeConfig, expose_model
+    from hf_backdoor.defenses import ExposeConfig, detection_threshold, expose_model
     from hf_backdoor.experiments import (
         TextRunSettings,
         attack_for_task,
+        cached_plain_run,
         device_name,
         fine_tune_and_evaluate,
         load_experiment_task,
@@ -311,16 +340,36 @@ def text_section(args, command, tmp) -> list[dict]:
     label_names = task["train"].features["label"].names
     _, tokenizer = load_text_classifier(settings.model_name, label_names)
     test_set = tokenize_dataset(task["test"], tokenizer, settings.max_length)
-    clean_dev = stratified_clean_slice(task["validation"], 69 / len(task["validation"]), args.seed)
     attacks = [
         attack_for_task(a, "sst2", poison_rate=args.poison_rate, seed=args.seed) for a in _split(args.text_attacks)
     ]
     asr_sets = {
         a.name: tokenize_dataset(make_asr_dataset(task["test"], a), tokenizer, settings.max_length) for a in attacks
     }
-    records, out = [], Path(tmp) / "text"
+    out, models_dir = Path(tmp) / "text", _text_models_dir(args, settings)
 
-    def record(attack, defense, evaluation, wall, floor, epoch_s, extra=None):
+    def run_dir(attack_name: str, seed: int, kind: str) -> Path | None:
+        return models_dir / f"{attack_name}_seed{seed}" / kind if models_dir else None
+
+    def plain_run(train_rows, attack_name: str, seed: int, kind: str, asr_attack: str):
+        return cached_plain_run(
+            dataclasses.replace(settings, seed=seed),
+            label_names,
+            train_rows,
+            test_set,
+            asr_sets[asr_attack],
+            out,
+            run_dir(attack_name, seed, kind),
+        )
+
+    def expose(trainer, seed: int):
+        # 69 stratified validation rows: 1% of the training set, as EBYD's defense data
+        clean_dev = stratified_clean_slice(task["validation"], 69 / len(task["validation"]), seed)
+        return expose_model(
+            trainer, clean_dev, ExposeConfig(method=args.cul_method, learning_rate=args.cul_lr, seed=seed)
+        )
+
+    def record(attack, defense, evaluation, wall, floor, extra=None):
         return {
             "section": "text",
             "dataset": "sst2",
@@ -339,62 +388,71 @@ def text_section(args, command, tmp) -> list[dict]:
             **(extra or {}),
         }
 
+    def exposure_fields(exposure, plain_wall: float) -> dict:
+        return {
+            "overhead": round(exposure.wall_s / plain_wall, 3),
+            "overhead_epochs": round(exposure.wall_s / (plain_wall / settings.epochs), 2),
+            "cul_label": exposure.backdoor_label,
+            "cul_score": exposure.score,
+            "cul_shares": json.dumps([round(s, 3) for s in exposure.label_shares]),
+            "cul_exposed": exposure.exposed,
+            "cul_clean_acc_before": exposure.clean_accuracy_before,
+            "cul_clean_acc_after": exposure.clean_accuracy_after,
+            "cul_learning_rate": exposure.learning_rate,
+            "cul_method": args.cul_method,
+        }
+
     runs = set(_split(args.text_runs))
     if not runs or runs - set(TEXT_RUNS):
         raise SystemExit(f"--text-runs must list some of {TEXT_RUNS}, got {args.text_runs!r}")
     if runs & {"abl", "cul", "cul_filter"}:
         runs.add("undefended")  # what ABL's overhead is measured against and what CUL exposes
+    exposure_records = []
+    if args.text_detection_seeds and runs & {"cul", "cul_filter"}:
+        # Clean models calibrate the model-detection threshold: seeds 0..N-1, each exposed on its own clean slice.
+        for seed in range(args.text_detection_seeds):
+            clean = plain_run(task["train"], "none", seed, "clean", attacks[0].name)
+            exposure = expose(clean.trainer, seed)
+            extra = {**exposure_fields(exposure, clean.wall_s), "seed": seed, "backdoored": False}
+            extra.update(model_cacc=clean.evaluation.cacc)
+            exposure_records.append(record("none", "cul", None, exposure.wall_s, None, extra))
+            emit([exposure_records[-1]])
     for attack in attacks:
         floor = epoch_s = None
         if "clean" in runs:
-            clean = fine_tune_and_evaluate(settings, label_names, task["train"], test_set, asr_sets[attack.name], out)
+            clean = plain_run(task["train"], "none", args.seed, "clean", attack.name)
             floor, epoch_s = clean.evaluation.asr, clean.wall_s / settings.epochs
-            records.append(
-                record("none", "none", clean.evaluation, clean.wall_s, None, epoch_s, {"asr_attack": attack.name})
-            )
+            emit([record("none", "none", clean.evaluation, clean.wall_s, None, {"asr_attack": attack.name})])
         train = poison_dataset(task["train"], attack, tokenizer=tokenizer)
         truth = np.asarray(train["poisoned"], dtype=bool)
-        plain = fine_tune_and_evaluate(settings, label_names, train, test_set, asr_sets[attack.name], out)
+        plain = plain_run(train, attack.name, args.seed, "undefended", attack.name)
         epoch_s = epoch_s or plain.wall_s / settings.epochs
-        records.append(
-            record(attack.name, "none", plain.evaluation, plain.wall_s, floor, epoch_s, {"asr_attack": attack.name})
-        )
+        emit([record(attack.name, "none", plain.evaluation, plain.wall_s, floor, {"asr_attack": attack.name})])
         if "abl" in runs:
             abl_config = text_abl_config(args)
             abl = fine_tune_and_evaluate(
                 settings, label_names, train, test_set, asr_sets[attack.name], out, defense=abl_config
             )
             isolation = abl.trainer.defense_report["isolation"]
-            records.append(
-                record(
-                    attack.name,
-                    "abl",
-                    abl.evaluation,
-                    abl.wall_s,
-                    floor,
-                    epoch_s,
-                    {
-                        "asr_attack": attack.name,
-                        "overhead": round(abl.wall_s / plain.wall_s, 3),
-                        "overhead_epochs": round((abl.wall_s - plain.wall_s) / epoch_s, 2),
-                        "abl_phases_epochs": round(
-                            sum(abl.trainer.defense_report["timings_s"].values()) / (abl.wall_s / settings.epochs), 3
-                        ),
-                        "abl_isolation_precision": isolation.get("precision"),
-                        "abl_isolation_recall": isolation.get("recall"),
-                        "abl_loss_auroc": isolation.get("loss_auroc"),
-                        "abl_precision_at_10pct": isolation.get("at_ratio", {}).get("0.1", {}).get("precision"),
-                        # part of the results key: ABL runs of other settings keep their own records
-                        "abl_config": json.dumps(dataclasses.asdict(abl_config)),
-                    },
-                )
-            )
+            abl_extra = {
+                "asr_attack": attack.name,
+                "overhead": round(abl.wall_s / plain.wall_s, 3),
+                "overhead_epochs": round((abl.wall_s - plain.wall_s) / epoch_s, 2),
+                "abl_phases_epochs": round(
+                    sum(abl.trainer.defense_report["timings_s"].values()) / (abl.wall_s / settings.epochs), 3
+                ),
+                "abl_isolation_precision": isolation.get("precision"),
+                "abl_isolation_recall": isolation.get("recall"),
+                "abl_loss_auroc": isolation.get("loss_auroc"),
+                "abl_precision_at_10pct": isolation.get("at_ratio", {}).get("0.1", {}).get("precision"),
+                # part of the results key: ABL runs of other settings keep their own records
+                "abl_config": json.dumps(dataclasses.asdict(abl_config)),
+            }
+            emit([record(attack.name, "abl", abl.evaluation, abl.wall_s, floor, abl_extra)])
         if not runs & {"cul", "cul_filter"}:
             continue
         start = time.perf_counter()
-        exposure = expose_model(
-            plain.trainer, clean_dev, ExposeConfig(method=args.cul_method, learning_rate=args.cul_lr, seed=args.seed)
-        )
+        exposure = expose(plain.trainer, args.seed)
         margins = exposure.score_rows(train)
         cul_wall = time.perf_counter() - start
         labels = np.asarray(train["label"])
@@ -404,46 +462,37 @@ def text_section(args, command, tmp) -> list[dict]:
         dropped = np.zeros(len(train), dtype=bool)
         dropped[ranked] = True
         cul_extra = {
-            "overhead": round(exposure.wall_s / plain.wall_s, 3),
-            "overhead_epochs": round(exposure.wall_s / epoch_s, 2),
-            "cul_label": exposure.backdoor_label,
+            **exposure_fields(exposure, plain.wall_s),
+            "asr_attack": attack.name,
+            "backdoored": True,
             "cul_label_correct": exposure.backdoor_label == attack.target_label,
-            "cul_score": exposure.score,
-            "cul_exposed": exposure.exposed,
-            "cul_clean_acc_before": exposure.clean_accuracy_before,
-            "cul_clean_acc_after": exposure.clean_accuracy_after,
-            "cul_learning_rate": exposure.learning_rate,
             "cul_row_auroc": roc_auc(margins, truth),
-            "cul_method": args.cul_method,
         }
-        records.append(
-            record(attack.name, "cul", None, exposure.wall_s, floor, epoch_s, {**cul_extra, "asr_attack": attack.name})
-        )
+        exposure_records.append(record(attack.name, "cul", None, exposure.wall_s, floor, cul_extra))
+        emit([exposure_records[-1]])
         if "cul_filter" not in runs:
             continue
         kept = train.select(np.flatnonzero(~dropped)).remove_columns(["poisoned", "orig_label"])
         filtered = fine_tune_and_evaluate(settings, label_names, kept, test_set, asr_sets[attack.name], out)
         removal = detection_metrics(dropped, truth)
-        records.append(
-            record(
-                attack.name,
-                "cul_filter",
-                filtered.evaluation,
-                filtered.wall_s + cul_wall,
-                floor,
-                epoch_s,
-                {
-                    "asr_attack": attack.name,
-                    "overhead": round((filtered.wall_s + cul_wall) / plain.wall_s, 3),
-                    "overhead_epochs": round(cul_wall / epoch_s, 2),  # the exposure and scoring, before retraining
-                    "cul_label": exposure.backdoor_label,
-                    "removed_rows": int(dropped.sum()),
-                    "removed_precision": removal["precision"],
-                    "removed_recall": removal["recall"],
-                },
-            )
-        )
-    return records
+        filter_extra = {
+            "asr_attack": attack.name,
+            "overhead": round((filtered.wall_s + cul_wall) / plain.wall_s, 3),
+            "overhead_epochs": round(cul_wall / epoch_s, 2),  # the exposure and scoring, before retraining
+            "cul_label": exposure.backdoor_label,
+            "removed_rows": int(dropped.sum()),
+            "removed_precision": removal["precision"],
+            "removed_recall": removal["recall"],
+        }
+        emit([record(attack.name, "cul_filter", filtered.evaluation, filtered.wall_s + cul_wall, floor, filter_extra)])
+    clean_scores = [r["cul_score"] for r in exposure_records if not r["backdoored"]]
+    if len(clean_scores) >= 2 and len(clean_scores) < len(exposure_records):
+        # as in vision_cul: the threshold from the clean models only, the AUROC over every exposed model of this run
+        threshold = detection_threshold(clean_scores)
+        auroc = roc_auc([r["cul_score"] for r in exposure_records], [int(r["backdoored"]) for r in exposure_records])
+        for r in exposure_records:
+            r.update(detection_auroc=auroc, detection_threshold=threshold, flagged=r["cul_score"] > threshold)
+        emit(exposure_records)
 
 
 def _key(record: dict) -> tuple:
@@ -474,20 +523,25 @@ def main(argv=None) -> None:
         raise SystemExit(f"unknown sections {sorted(unknown)}")
     recipe = _recipe()
     new = []
+
+    def emit(records: list[dict]) -> None:
+        # Written as they come: a long run stopped later keeps what it finished. A record emitted again (the text
+        # exposures, once the detection threshold is known) replaces its earlier copy.
+        fill_floors(records, known_records(new + records))
+        merge_records(Path(args.output), records, _key)
+        keys = {_key(r) for r in records}
+        new[:] = [r for r in new if _key(r) not in keys] + records
+
     with tempfile.TemporaryDirectory() as tmp:
         args.models_dir = args.models_dir or str(Path(tmp) / "models")
         runners = {
-            "vision_abl": lambda: vision_abl(args, recipe, command, tmp),
-            "vision_cul": lambda: vision_cul(args, recipe, command, tmp),
-            "text": lambda: text_section(args, command, tmp),
+            "vision_abl": lambda: emit(vision_abl(args, recipe, command, tmp)),
+            "vision_cul": lambda: emit(vision_cul(args, recipe, command, tmp)),
+            "text": lambda: text_section(args, command, tmp, emit),
         }
         for section in ("vision_abl", "vision_cul", "text"):
             if section in sections:
-                records = runners[section]()
-                fill_floors(records, known_records(new + records))
-                # Written section by section: a long run stopped later keeps what it finished.
-                merge_records(Path(args.output), records, _key)
-                new += records
+                runners[section]()
     print(
         f"\n{'section':<11}{'attack':<10}{'defense':<11}{'seed':>5}{'CACC':>7}{'ASR':>7}{'floor':>7}{'overhead':>9}  notes"
     )
@@ -513,11 +567,13 @@ def main(argv=None) -> None:
             f"{r['section']:<11}{r['attack']:<10}{r['defense']:<11}{r['seed']:>5}{fmt(r['cacc']):>7}"
             f"{fmt(r['asr']):>7}{fmt(r['asr_floor']):>7}{overhead:>9}  {'; '.join(notes)}"
         )
-    detection = [r for r in new if "detection_auroc" in r]
-    if detection:
+    for section in ("vision_cul", "text"):
+        detection = [r for r in new if "detection_auroc" in r and r["section"] == section]
+        if not detection:
+            continue
         flagged = sum(r["flagged"] for r in detection if r["backdoored"])
         print(
-            f"CUL model detection: AUROC {detection[0]['detection_auroc']:.3f}; threshold "
+            f"CUL model detection ({section}): AUROC {detection[0]['detection_auroc']:.3f}; threshold "
             f"{detection[0]['detection_threshold']:.3f} (max over clean models) flags {flagged} of "
             f"{sum(r['backdoored'] for r in detection)} backdoored models"
         )

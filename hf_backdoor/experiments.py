@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorWithPadding, Trainer, set_seed
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from .arguments import BackdoorSafeTrainingArguments
 from .attacks import PoisonConfig, get_attack_config
@@ -40,7 +40,7 @@ class RunResult:
     trainer: Trainer
     evaluation: BackdoorEvaluation
     wall_s: float
-    train_samples_per_s: float
+    train_samples_per_s: float | None
 
 
 def load_experiment_task(
@@ -145,3 +145,37 @@ def fine_tune_and_evaluate(
     wall = time.perf_counter() - start
     evaluation = evaluate_backdoor(trainer, test_dataset, asr_dataset, target_label=target_label)
     return RunResult(trainer, evaluation, wall, output.metrics["train_samples_per_second"])
+
+
+def cached_plain_run(
+    settings: TextRunSettings,
+    label_names,
+    train_dataset,
+    test_dataset,
+    asr_dataset,
+    output_dir: str | Path,
+    run_dir: str | Path | None = None,
+    target_label: int | None = None,
+) -> RunResult:
+    """:func:`fine_tune_and_evaluate` without a defense, kept in ``run_dir``: the model saved there (with its training
+    wall time, see :func:`save_trained_model`) is loaded and scored instead of trained again, so benchmark runs that
+    need the same plain model (a floor, an overhead baseline, a model to expose) train it once.
+
+    The caller keys ``run_dir`` by everything that shapes the model (data, attack, seed, recipe). A loaded run has
+    ``train_samples_per_s=None``.
+    """
+    wall = saved_training_wall(run_dir) if run_dir is not None else None
+    if wall is None:
+        result = fine_tune_and_evaluate(
+            settings, label_names, train_dataset, test_dataset, asr_dataset, output_dir, target_label=target_label
+        )
+        if run_dir is not None:
+            save_trained_model(result.trainer, run_dir, result.wall_s, settings.epochs)
+        return result
+    model, tokenizer = load_text_classifier(str(run_dir), label_names)
+    args = TrainingArguments(
+        output_dir=str(output_dir), per_device_eval_batch_size=128, report_to="none", disable_tqdm=True
+    )
+    trainer = Trainer(model=model, args=args, processing_class=tokenizer)
+    evaluation = evaluate_backdoor(trainer, test_dataset, asr_dataset, target_label=target_label)
+    return RunResult(trainer, evaluation, wall, None)

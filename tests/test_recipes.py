@@ -145,3 +145,37 @@ def test_text_abl_takes_the_shared_unlearning_flags_and_keeps_its_defaults_witho
     default = vision_defenses.text_abl_config(vision_defenses.parse_args([]))
     assert (default.isolation_ratio, default.unlearning_epochs, default.unlearning_stop_accuracy) == (0.01, 5, None)
     assert default.lga == "per_example"
+
+
+def test_text_cul_detection_calibrates_on_clean_models_and_reuses_the_saved_models(vision_defenses, tmp_path):
+    from hf_backdoor import default_text_model, load_text_classifier
+    from tests.test_trainer import tiny_bert
+
+    model_dir = tmp_path / "tiny"
+    tiny_bert().save_pretrained(model_dir)
+    load_text_classifier(default_text_model())[1].save_pretrained(model_dir)
+    flags = [
+        "--sections", "text", "--text-model", str(model_dir), "--text-attacks", "badnet", "--text-runs", "cul",
+        "--text-detection-seeds", "2", "--text-models-dir", str(tmp_path / "models"),
+        "--text-max-train-samples", "64", "--text-max-eval-samples", "32", "--text-epochs", "1",
+    ]  # fmt: skip
+    vision_defenses.main([*flags, "--output", str(tmp_path / "first.json")])
+    first = json.loads((tmp_path / "first.json").read_text())
+    exposures = [r for r in first if r["defense"] == "cul"]
+    assert sorted((r["attack"], r["seed"], r["backdoored"]) for r in exposures) == [
+        ("badnet", 0, True), ("none", 0, False), ("none", 1, False)
+    ]  # fmt: skip
+    clean_scores = [r["cul_score"] for r in exposures if not r["backdoored"]]
+    for r in exposures:  # the threshold comes from the clean models only
+        assert r["detection_threshold"] == max(clean_scores)
+        assert r["flagged"] == (r["cul_score"] > max(clean_scores))
+    saved = sorted(
+        p.parent.relative_to(tmp_path / "models").as_posix() for p in (tmp_path / "models").rglob("run_info.json")
+    )
+    assert [p.split("/", 1)[1] for p in saved] == ["badnet_seed0/undefended", "none_seed0/clean", "none_seed1/clean"]
+
+    vision_defenses.main([*flags, "--output", str(tmp_path / "again.json")])
+    again = json.loads((tmp_path / "again.json").read_text())
+    undefended = [[r for r in records if r["defense"] == "none"][0] for records in (first, again)]
+    assert undefended[0]["wall_s"] == undefended[1]["wall_s"]  # loaded with its training time, not retrained
+    assert undefended[0]["cacc"] == undefended[1]["cacc"] and undefended[0]["asr"] == undefended[1]["asr"]
