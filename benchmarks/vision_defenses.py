@@ -320,7 +320,7 @@ def _text_models_dir(args, settings) -> Path | None:
 
 
 def text_section(args, command, tmp, emit) -> None:
-    from hf_backdoor import default_text_model, load_text_classifier, make_asr_dataset, poison_dataset, tokenize_dataset
+    from hf_backdoor import default_text_model, make_asr_dataset, poison_dataset, tokenize_dataset
     from hf_backdoor.defenses import ExposeConfig, detection_threshold, expose_model
     from hf_backdoor.experiments import (
         TextRunSettings,
@@ -331,14 +331,14 @@ def text_section(args, command, tmp, emit) -> None:
         load_experiment_task,
     )
     from hf_backdoor.metrics import detection_metrics, roc_auc
-    from hf_backdoor.models import model_display_name
+    from hf_backdoor.models import load_text_tokenizer, model_display_name
 
     settings = TextRunSettings(
         model_name=args.text_model or default_text_model(), epochs=args.text_epochs, seed=args.seed, bf16=args.bf16
     )
     task = load_experiment_task("sst2", args.text_max_train_samples, args.text_max_eval_samples, args.seed)
     label_names = task["train"].features["label"].names
-    _, tokenizer = load_text_classifier(settings.model_name, label_names)
+    tokenizer = load_text_tokenizer(settings.model_name)
     test_set = tokenize_dataset(task["test"], tokenizer, settings.max_length)
     attacks = [
         attack_for_task(a, "sst2", poison_rate=args.poison_rate, seed=args.seed) for a in _split(args.text_attacks)

@@ -26,7 +26,7 @@ from .defenses import (
     RNPConfig,
 )
 from .metrics import attack_success_rate, clean_accuracy, detection_metrics, evaluate_backdoor, load_metric, roc_auc
-from .models import default_text_model, load_text_classifier, tokenize_dataset
+from .models import default_text_model, load_text_classifier, load_text_tokenizer, tokenize_dataset
 from .trainer import BackdoorSafeTrainer
 
 __version__ = "0.1.0"
@@ -65,6 +65,7 @@ __all__ = [
     "load_paraphrases",
     "load_task",
     "load_text_classifier",
+    "load_text_tokenizer",
     "make_asr_dataset",
     "poison_dataset",
     "roc_auc",

@@ -30,6 +30,20 @@ def model_display_name(model_name_or_path: str) -> str:
     return model_name_or_path
 
 
+def load_text_tokenizer(model_name_or_path: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer :func:`load_text_classifier` pairs with a model, without loading the model's weights (for data
+    preparation). Decoder LMs without a pad token get their EOS token as pad token; a tokenizer with neither raises."""
+    name = model_name_or_path or default_text_model()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"The tokenizer of {name} has no pad token and no EOS token to use as one; set `pad_token`."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_text_classifier(
     model_name_or_path: str | None = None, label_names: Sequence[str] = ("negative", "positive"), **model_kwargs
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -39,13 +53,7 @@ def load_text_classifier(
     a tokenizer with neither raises.
     """
     name = model_name_or_path or default_text_model()
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(
-                f"The tokenizer of {name} has no pad token and no EOS token to use as one; set `pad_token`."
-            )
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_text_tokenizer(name)
     model = AutoModelForSequenceClassification.from_pretrained(
         name,
         num_labels=len(label_names),

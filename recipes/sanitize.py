@@ -160,7 +160,7 @@ class Experiment:
 def text_experiment(args) -> Experiment:
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
 
-    from hf_backdoor import load_text_classifier, make_asr_dataset, poison_dataset, tokenize_dataset
+    from hf_backdoor import make_asr_dataset, poison_dataset, tokenize_dataset
     from hf_backdoor.arguments import BackdoorSafeTrainingArguments
     from hf_backdoor.experiments import (
         TextRunSettings,
@@ -171,7 +171,7 @@ def text_experiment(args) -> Experiment:
         saved_training_wall,
     )
     from hf_backdoor.metrics import compute_classification_metrics, evaluate_backdoor
-    from hf_backdoor.models import default_text_model, model_display_name
+    from hf_backdoor.models import default_text_model, load_text_tokenizer, model_display_name
 
     exp = Experiment()
     model_name = args.model or default_text_model()
@@ -182,7 +182,8 @@ def text_experiment(args) -> Experiment:
         args.attack, args.dataset, poison_rate=args.poison_rate, target_label=args.target_label, seed=args.seed
     )
     exp.attack, exp.target = attack, attack.target_label
-    _, tokenizer = load_text_classifier(model_name, label_names)
+    # a saved model's own tokenizer (trainer.save_model writes it beside the weights), else the base model's
+    tokenizer = load_text_tokenizer(args.load_model or model_name)
     poisoned = poison_dataset(task["train"], attack, tokenizer=tokenizer)
     exp.test = tokenize_dataset(task["test"], tokenizer, args.max_length)
     exp.asr_set = tokenize_dataset(make_asr_dataset(task["test"], attack), tokenizer, args.max_length)

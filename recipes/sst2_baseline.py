@@ -19,7 +19,7 @@ from pathlib import Path
 from hf_backdoor import (
     ATTACKS,
     default_text_model,
-    load_text_classifier,
+    load_text_tokenizer,
     make_asr_dataset,
     poison_dataset,
     tokenize_dataset,
@@ -82,7 +82,7 @@ def main(argv=None) -> list[dict]:
         seed=args.seed,
         triggers=args.triggers,
     )
-    _, tokenizer = load_text_classifier(model_name, label_names)
+    tokenizer = load_text_tokenizer(model_name)
     train_sets = {"clean": task["train"], "poisoned": poison_dataset(task["train"], config, tokenizer=tokenizer)}
     asr_set = tokenize_dataset(make_asr_dataset(task["test"], config), tokenizer, args.max_length)
     test_set = tokenize_dataset(task["test"], tokenizer, args.max_length)

@@ -22,7 +22,7 @@ import numpy as np
 from hf_backdoor import (
     ATTACKS,
     default_text_model,
-    load_text_classifier,
+    load_text_tokenizer,
     make_asr_dataset,
     poison_dataset,
     tokenize_dataset,
@@ -107,7 +107,7 @@ def main(argv=None) -> list[dict]:
         for name in attack_names
     ]
     target = attacks[0].target_label
-    _, tokenizer = load_text_classifier(model_name, label_names)
+    tokenizer = load_text_tokenizer(model_name)
     poisoned = {a.name: poison_dataset(task["train"], a, tokenizer=tokenizer) for a in attacks}
     test_set = tokenize_dataset(task["test"], tokenizer, args.max_length)
     asr_sets = {
