@@ -118,6 +118,12 @@ def parse_args(argv=None):
         default=None,
         help="end ABL's ascent (vision and text) once the isolated rows' accuracy is at or below this (default: none)",
     )
+    parser.add_argument(
+        "--abl-unlearning-objective",
+        default=None,
+        choices=["ascent", "ascent_descent"],
+        help="ABL's unlearning, vision and text: the isolated rows' ascent alone or paired with retained-row descent",
+    )
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers of the ViT training")
     parser.add_argument("--cul-method", default="cul", choices=["cul", "random_label"], help="EBYD exposure method")
     parser.add_argument("--cul-lr", type=float, default=None, help="exposure learning rate (default: the official)")
@@ -166,6 +172,8 @@ def _recipe_argv(args, attack: str, seed: int, output_dir: Path) -> list[str]:
         argv += ["--abl-unlearning-epochs", str(args.abl_unlearning_epochs)]
     if args.abl_unlearning_stop_accuracy is not None:
         argv += ["--abl-unlearning-stop-accuracy", str(args.abl_unlearning_stop_accuracy)]
+    if args.abl_unlearning_objective is not None:
+        argv += ["--abl-unlearning-objective", args.abl_unlearning_objective]
     if args.max_train_samples:
         argv += ["--max-train-samples", str(args.max_train_samples)]
     if args.max_eval_samples:
@@ -297,6 +305,7 @@ def text_abl_config(args):
     unlearning = {
         "unlearning_epochs": args.abl_unlearning_epochs,
         "unlearning_stop_accuracy": args.abl_unlearning_stop_accuracy,
+        "unlearning_objective": args.abl_unlearning_objective,
     }
     return ABLConfig(
         isolation_epochs=1,

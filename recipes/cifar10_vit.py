@@ -88,6 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="end the ascent once the isolated rows' accuracy is at or below this (official: no early stop)",
     )
+    parser.add_argument(
+        "--abl-unlearning-objective",
+        default="ascent",
+        choices=["ascent", "ascent_descent"],
+        help="ascend the isolated rows only (official code) or also descend as many retained rows (paper's GGA)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers")
@@ -113,6 +119,7 @@ def abl_config(args) -> ABLConfig:
         unlearning_learning_rate=args.abl_unlearning_lr,
         unlearning_optimizer=args.abl_unlearning_optimizer,
         unlearning_stop_accuracy=args.abl_unlearning_stop_accuracy,
+        unlearning_objective=args.abl_unlearning_objective,
         seed=args.seed,
     )
 

@@ -179,6 +179,63 @@ def test_abl_on_text_isolates_and_masks_the_poisoned_rows(tmp_path, sst2, tokeni
     assert defense.compute_loss(trainer, model, all_isolated).item() == 0.0
 
 
+@pytest.mark.parametrize("objective", ["ascent", "ascent_descent"])
+def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, objective):
+    """One unlearning step equals plain SGD on -CE(isolated) (the official code) or on CE(retained) - CE(isolated)
+    (the paper's global gradient ascent), the retained batch drawn from the rows that were not isolated."""
+    from hf_backdoor.defenses.abl import _endless_batches
+    from hf_backdoor.defenses.exposure import model_dataset
+
+    rows = poison_dataset(sst2["train"].select(range(160)), BadNetConfig(triggers=("cf",), poison_rate=0.2))
+    train = tokenize_dataset(rows, tokenizer, max_length=48)
+    model = tiny_bert()
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model = BertForSequenceClassification(model.config)  # no dropout: the step is deterministic
+    config = ABLConfig(
+        unlearning_epochs=1,
+        unlearning_learning_rate=0.1,
+        unlearning_momentum=0.0,
+        unlearning_weight_decay=0.0,
+        unlearning_objective=objective,
+    )
+    trainer = BackdoorSafeTrainer(
+        model=model,
+        args=args(tmp_path),
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        defense=config,
+    )
+    isolated = np.flatnonzero(np.asarray(rows["poisoned"], dtype=bool)).tolist()[:16]
+    trainer.defense.isolated_indices = isolated
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    iso_inputs, iso_labels = next(
+        iter(iterate(trainer, model_dataset(trainer, train.select(isolated)), config.unlearning_batch_size))
+    )
+    objective_value = -F.cross_entropy(model(**iso_inputs).logits, iso_labels)
+    if objective == "ascent_descent":
+        rest = model_dataset(trainer, train.select([i for i in range(len(train)) if i not in set(isolated)]))
+        ret_inputs, ret_labels = next(_endless_batches(trainer, rest, config.unlearning_batch_size, seed=1))
+        assert len(ret_labels) == config.unlearning_batch_size
+        objective_value = objective_value + F.cross_entropy(model(**ret_inputs).logits, ret_labels)
+    gradients = torch.autograd.grad(objective_value, list(model.parameters()))
+    expected = {n: before[n] - 0.1 * g for (n, _), g in zip(model.named_parameters(), gradients)}
+
+    trainer.defense._unlearn(trainer)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), expected[name], rtol=1e-4, atol=1e-6)
+    history = trainer.defense.unlearning
+    assert history[1]["isolated_loss"] > history[0]["isolated_loss"]
+    assert ("retained_train_loss" in history[1]) == (objective == "ascent_descent")
+
+
+def iterate(trainer, dataset, batch_size):
+    from hf_backdoor.defenses.exposure import iterate_batches
+
+    return iterate_batches(trainer, dataset, batch_size)
+
+
 def test_abl_config_errors_say_what_to_fix():
     with pytest.raises(ValueError, match="isolation_ratio must be in"):
         ABLConfig(isolation_ratio=0)
@@ -186,6 +243,8 @@ def test_abl_config_errors_say_what_to_fix():
         ABLConfig(lga="mean")
     with pytest.raises(ValueError, match="isolation_epochs"):
         ABLConfig(isolation_epochs=0)
+    with pytest.raises(ValueError, match="unlearning_objective must be one of"):
+        ABLConfig(unlearning_objective="descent")
     assert isinstance(build_defense({"name": "abl", "isolation_ratio": 0.05}).config, ABLConfig)
     state = build_defense(ABLConfig())
     state.load_state_dict({"isolated_indices": [3, 1], "isolation_done": True})

@@ -48,14 +48,16 @@ def test_sanitize_recipe_repairs_an_image_model_with_the_image_attack(tmp_path):
 
 def test_vision_benchmark_hands_its_abl_and_loader_flags_to_the_recipe(vision_defenses, tmp_path):
     flags = "--workers 3 --abl-unlearning-epochs 20 --abl-unlearning-stop-accuracy 0.2 --abl-lga batch"
+    flags += " --abl-unlearning-objective ascent_descent"
     args = vision_defenses.parse_args(flags.split())
-    recipe_args = vision_defenses._recipe().parse_args(vision_defenses._recipe_argv(args, "badnets", 0, tmp_path))
+    recipe = vision_defenses._recipe()
+    recipe_args = recipe.parse_args(vision_defenses._recipe_argv(args, "badnets", 0, tmp_path))
     assert recipe_args.workers == 3 and recipe_args.abl_lga == "batch"
     assert recipe_args.abl_unlearning_epochs == 20 and recipe_args.abl_unlearning_stop_accuracy == 0.2
-    defaults = vision_defenses._recipe().parse_args(
-        vision_defenses._recipe_argv(vision_defenses.parse_args([]), "badnets", 0, tmp_path)
-    )
+    assert recipe.abl_config(recipe_args).unlearning_objective == "ascent_descent"
+    defaults = recipe.parse_args(vision_defenses._recipe_argv(vision_defenses.parse_args([]), "badnets", 0, tmp_path))
     assert defaults.abl_unlearning_stop_accuracy is None and defaults.abl_unlearning_epochs == 5
+    assert recipe.abl_config(defaults).unlearning_objective == "ascent"
 
 
 def test_cul_records_of_two_exposure_methods_keep_separate_keys(vision_defenses):
@@ -139,12 +141,13 @@ def test_sanitize_benchmark_keeps_its_cells_models_in_the_work_dir(tmp_path, mon
 
 def test_text_abl_takes_the_shared_unlearning_flags_and_keeps_its_defaults_without_them(vision_defenses):
     flags = "--text-abl-ratio 0.05 --abl-lga batch --abl-unlearning-epochs 20 --abl-unlearning-stop-accuracy 0.0"
+    flags += " --abl-unlearning-objective ascent_descent"
     config = vision_defenses.text_abl_config(vision_defenses.parse_args(flags.split()))
     assert (config.isolation_ratio, config.unlearning_epochs, config.unlearning_stop_accuracy) == (0.05, 20, 0.0)
-    assert config.isolation_epochs == 1 and config.lga == "batch"
+    assert config.isolation_epochs == 1 and config.lga == "batch" and config.unlearning_objective == "ascent_descent"
     default = vision_defenses.text_abl_config(vision_defenses.parse_args([]))
     assert (default.isolation_ratio, default.unlearning_epochs, default.unlearning_stop_accuracy) == (0.01, 5, None)
-    assert default.lga == "per_example"
+    assert default.lga == "per_example" and default.unlearning_objective == "ascent"
 
 
 def test_text_cul_detection_calibrates_on_clean_models_and_reuses_the_saved_models(vision_defenses, tmp_path):

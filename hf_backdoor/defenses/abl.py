@@ -29,6 +29,10 @@ Deviations and options, and why:
   the Trainer's label smoothing applies.
 - ``isolated_rows="ascend"`` is the paper's joint objective for t >= T_te: the isolated rows' cross-entropy is
   subtracted in the same batches (unbounded, as written); ``"none"`` keeps training on them.
+- ``unlearning_objective="ascent_descent"`` runs the paper's global gradient ascent objective, CE(retained) -
+  CE(isolated), in the unlearning phase: each ascent batch of isolated rows is paired with a descent batch of as many
+  retained rows. The official code ascends the isolated rows alone (``"ascent"``, the default); on a binary text task
+  whose isolated rows all carry the target label that ascent can simply move every row off the target label.
 - ``unlearning_stop_accuracy`` ends the ascent early once the isolated rows are no longer predicted as their
   (poisoned) labels; official: no early stop. ``unlearning_epochs`` counts ascent epochs (official 5 loop
   iterations = 4 ascent epochs).
@@ -55,6 +59,7 @@ use ``lga="batch"``, ``unlearning_epochs=20`` and ``unlearning_stop_accuracy=0.0
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -73,6 +78,7 @@ logger = logging.getLogger(__name__)
 LGA_MODES = ("per_example", "batch", "none")
 ISOLATED_ROWS = ("mask", "ascend", "none")
 OPTIMIZERS = ("sgd", "adamw")
+UNLEARNING_OBJECTIVES = ("ascent", "ascent_descent")
 REPORT_RATIOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 LOSS_HISTOGRAM_BINS = 40
 
@@ -95,6 +101,11 @@ class ABLConfig(DefenseConfig):
             weight decay 1e-4).
         unlearning_stop_accuracy: stop the ascent once the isolated rows' accuracy on their labels is at or below
             this (``None``: run every epoch, as the official code).
+        unlearning_objective: ``"ascent"`` (the official code: ascend the isolated rows' CE only) or
+            ``"ascent_descent"`` (every ascent batch is paired with a batch of as many retained rows whose CE is
+            descended: the paper's global gradient ascent objective, CE(retained) - CE(isolated), run after
+            training). A dirty-label isolated set carries one label, so ascending it alone can push the whole model
+            off that label; the retained rows hold the clean task in place.
         isolation_batch_size: batch size of the loss pass that ranks the rows.
         seed: seeds the unlearning's batch order.
     """
@@ -111,6 +122,7 @@ class ABLConfig(DefenseConfig):
     unlearning_momentum: float = 0.9
     unlearning_weight_decay: float = 1e-4
     unlearning_stop_accuracy: float | None = None
+    unlearning_objective: str = "ascent"
     isolation_batch_size: int = 256
     seed: int = 0
 
@@ -129,6 +141,10 @@ class ABLConfig(DefenseConfig):
             raise ValueError(f"isolated_rows must be one of {ISOLATED_ROWS}, got {self.isolated_rows!r}.")
         if self.unlearning_optimizer not in OPTIMIZERS:
             raise ValueError(f"unlearning_optimizer must be one of {OPTIMIZERS}, got {self.unlearning_optimizer!r}.")
+        if self.unlearning_objective not in UNLEARNING_OBJECTIVES:
+            raise ValueError(
+                f"unlearning_objective must be one of {UNLEARNING_OBJECTIVES}, got {self.unlearning_objective!r}."
+            )
         if self.unlearning_epochs < 0:
             raise ValueError(f"unlearning_epochs must be >= 0, got {self.unlearning_epochs}.")
         if self.unlearning_learning_rate <= 0:
@@ -333,6 +349,11 @@ class ABLDefense(Defense):
         model = trainer.accelerator.unwrap_model(trainer.model)
         subset = model_dataset(trainer, trainer.train_dataset.select(self.isolated_indices))
         labels = dataset_labels(subset)
+        retained = None
+        if cfg.unlearning_objective == "ascent_descent":
+            isolated = set(self.isolated_indices)
+            rest = [i for i in range(len(trainer.train_dataset)) if i not in isolated]
+            retained = model_dataset(trainer, trainer.train_dataset.select(rest))
         params = [p for p in model.parameters() if p.requires_grad]
         if cfg.unlearning_optimizer == "sgd":
             optimizer = torch.optim.SGD(
@@ -366,18 +387,33 @@ class ABLDefense(Defense):
                 ):
                     break
                 model.train()
-                losses = []
+                losses, retained_losses = [], []
+                retained_batches = (
+                    _endless_batches(trainer, retained, cfg.unlearning_batch_size, seed=cfg.seed + epoch)
+                    if retained is not None
+                    else None
+                )
                 for inputs, batch_labels in iterate_batches(
                     trainer, subset, cfg.unlearning_batch_size, shuffle=True, seed=cfg.seed + epoch
                 ):
                     with trainer.accelerator.autocast():
                         logits = model(**inputs).logits.float()
                     loss = F.cross_entropy(logits, batch_labels)
+                    objective = -loss  # gradient ascent on the isolated (suspected poisoned) rows
+                    if retained_batches is not None:
+                        retained_inputs, retained_labels = next(retained_batches)
+                        with trainer.accelerator.autocast():
+                            retained_logits = model(**retained_inputs).logits.float()
+                        retained_loss = F.cross_entropy(retained_logits, retained_labels)
+                        objective = objective + retained_loss
+                        retained_losses.append(float(retained_loss.detach()))
                     optimizer.zero_grad(set_to_none=True)
-                    (-loss).backward()  # gradient ascent on the isolated (suspected poisoned) rows
+                    objective.backward()
                     optimizer.step()
                     losses.append(float(loss.detach()))
                 self.unlearning.append(measure(epoch, float(np.mean(losses))))
+                if retained_losses:
+                    self.unlearning[-1]["retained_train_loss"] = float(np.mean(retained_losses))
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
 
@@ -419,6 +455,12 @@ class ABLDefense(Defense):
             "unlearning": self.unlearning,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
+
+
+def _endless_batches(trainer, dataset, batch_size: int, seed: int):
+    # Reshuffled passes, so a retained set smaller than the isolated one still pairs every ascent batch.
+    for rounds in itertools.count():
+        yield from iterate_batches(trainer, dataset, batch_size, shuffle=True, seed=seed + 7919 * rounds)
 
 
 def _key_kind(dataset) -> str:
