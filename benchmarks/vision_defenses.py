@@ -454,6 +454,10 @@ def text_section(args, command, tmp, emit) -> None:
                 "abl_isolation_recall": isolation.get("recall"),
                 "abl_loss_auroc": isolation.get("loss_auroc"),
                 "abl_precision_at_10pct": isolation.get("at_ratio", {}).get("0.1", {}).get("precision"),
+                # the ascent: epochs run and the isolated rows' accuracy on their (poisoned) labels per epoch
+                "abl_unlearning_accuracy": json.dumps(
+                    [round(h["isolated_accuracy"], 3) for h in abl.trainer.defense_report["unlearning"]]
+                ),
                 # part of the results key: ABL runs of other settings keep their own records
                 "abl_config": json.dumps(dataclasses.asdict(abl_config)),
             }
