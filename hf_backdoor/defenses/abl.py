@@ -46,7 +46,9 @@ leaves most poisoned rows in training (precision at 1% is 0.83 for BadNet but re
 two LGA epochs picks clean rows: isolate after one epoch there, and read the report's precision at other ratios
 before raising ``isolation_ratio``. Here per-example LGA isolated no poisoned row at 1% (loss AUROC 0.66), while
 ``lga="batch"`` isolated only poisoned ones (precision 1.00 at 1%, 0.98 at 10%, AUROC 0.998) and kept CACC; the
-unlearning of those 1% left ASR at 1.000 (``benchmarks/vision_defenses.py --sections text``).
+unlearning of those 1% left ASR at 1.000 (``benchmarks/vision_defenses.py --sections text``). Isolating 10% and
+ascending until no isolated row is predicted as its label collapsed the classifier onto the other class (CACC 0.501),
+with either ``unlearning_objective``: on SST-2 with MiniLM ABL did not work in any setting tried.
 
 On the CPU-sized ViT (patch 8, 20 epochs, BadNets 10%; README "Vision, ABL and CUL") per-example LGA isolated
 mostly clean rows (precision 0.13 at 1%) while batch LGA isolated only poisoned ones (precision 1.00), and the
