@@ -184,7 +184,7 @@ def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, 
     """One unlearning step equals plain SGD on -CE(isolated) (the official code) or on CE(retained) - CE(isolated)
     (the paper's global gradient ascent), the retained batch drawn from the rows that were not isolated."""
     from hf_backdoor.defenses.abl import _endless_batches
-    from hf_backdoor.defenses.exposure import model_dataset
+    from hf_backdoor.defenses.exposure import iterate_batches, model_dataset
 
     rows = poison_dataset(sst2["train"].select(range(160)), BadNetConfig(triggers=("cf",), poison_rate=0.2))
     train = tokenize_dataset(rows, tokenizer, max_length=48)
@@ -211,7 +211,7 @@ def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     iso_inputs, iso_labels = next(
-        iter(iterate(trainer, model_dataset(trainer, train.select(isolated)), config.unlearning_batch_size))
+        iterate_batches(trainer, model_dataset(trainer, train.select(isolated)), config.unlearning_batch_size)
     )
     objective_value = -F.cross_entropy(model(**iso_inputs).logits, iso_labels)
     if objective == "ascent_descent":
@@ -228,12 +228,6 @@ def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, 
     history = trainer.defense.unlearning
     assert history[1]["isolated_loss"] > history[0]["isolated_loss"]
     assert ("retained_train_loss" in history[1]) == (objective == "ascent_descent")
-
-
-def iterate(trainer, dataset, batch_size):
-    from hf_backdoor.defenses.exposure import iterate_batches
-
-    return iterate_batches(trainer, dataset, batch_size)
 
 
 def test_abl_config_errors_say_what_to_fix():
