@@ -73,11 +73,11 @@ for method in cul random_label; do
 done
 for attack in badnets blended; do
     cells=(--cell "--modality vision --dataset $DATA --attack $attack --defenses rnp,nad,nwc,finetune --exposed \
---load-model $SETTING/${attack}_seed0/undefended")
+--score-sweep --load-model $SETTING/${attack}_seed0/undefended")
     if [ "$attack" = badnets ]; then
-        for units in head layernorm; do
+        for units in ffn head layernorm; do
             cells+=(--cell "--modality vision --dataset $DATA --attack $attack --defenses rnp --rnp-units $units \
---load-model $SETTING/${attack}_seed0/undefended")
+--score-sweep --load-model $SETTING/${attack}_seed0/undefended")
         done
     fi
     run "sanitize_$attack" python benchmarks/sanitize_defenses.py "${cells[@]}" --extra "$BF16 ${SLICE[*]} ${SANITIZE_EXTRA:-}" \

@@ -36,19 +36,23 @@ from results_io import RESULTS, fill_floors, known_records, merge_records
 ROOT = Path(__file__).resolve().parents[1]
 ALL = "rnp,nad,nwc,finetune"
 GRID = [
-    # SST-2, BadNet 10%, default MiniLM: the four defenses, then RNP's other unit kinds on the same weights.
-    f"--tag sst2_badnet --modality text --dataset sst2 --attack badnet --defenses {ALL} --floor",
-    "--modality text --dataset sst2 --attack badnet --defenses rnp --rnp-units head --load-model {model:sst2_badnet}",
-    "--modality text --dataset sst2 --attack badnet --defenses rnp --rnp-units layernorm "
-    "--load-model {model:sst2_badnet}",
+    # SST-2, BadNet 10%, default MiniLM: the four defenses (RNP on its default FFN + LayerNorm units, its threshold
+    # sweep scored), then RNP on each unit kind alone on the same weights.
+    f"--tag sst2_badnet --modality text --dataset sst2 --attack badnet --defenses {ALL} --floor --score-sweep",
+    *(
+        f"--modality text --dataset sst2 --attack badnet --defenses rnp --rnp-units {units} --score-sweep "
+        "--load-model {model:sst2_badnet}"
+        for units in ("ffn", "head", "layernorm")
+    ),
     # Small ViT on the CIFAR-10 subset ({cifar}: the 10k/2k npz of the reference when present, else the packaged
     # copy), BadNets and Blended 10%.
-    f"--tag vit_badnets --modality vision --dataset {{cifar}} --attack badnets --defenses {ALL} --floor",
-    "--modality vision --dataset {cifar} --attack badnets --defenses rnp --rnp-units head "
-    "--load-model {model:vit_badnets}",
-    "--modality vision --dataset {cifar} --attack badnets --defenses rnp --rnp-units layernorm "
-    "--load-model {model:vit_badnets}",
-    f"--modality vision --dataset {{cifar}} --attack blended --defenses {ALL} --floor",
+    f"--tag vit_badnets --modality vision --dataset {{cifar}} --attack badnets --defenses {ALL} --floor --score-sweep",
+    *(
+        f"--modality vision --dataset {{cifar}} --attack badnets --defenses rnp --rnp-units {units} --score-sweep "
+        "--load-model {model:vit_badnets}"
+        for units in ("ffn", "head", "layernorm")
+    ),
+    f"--modality vision --dataset {{cifar}} --attack blended --defenses {ALL} --floor --score-sweep",
 ]
 CIFAR_NPZ = ROOT.parent / "shared" / "data" / "cifar10_32.npz"
 SMOKE = "--max-train-samples 300 --max-eval-samples 200 --epochs 1 --defense-epochs 1 --clean-fraction 0.2"
@@ -61,6 +65,9 @@ def _key(record: dict) -> tuple:
         record["defense"],
         record.get("exposure"),  # rnp and rnp+cul are different results; older records (no field) are plain runs
         record.get("rnp_units"),
+        # RNP's defaults changed (stop check, recovery rate): runs under the old ones are other results, not replaced
+        record.get("rnp_unlearning_stop"),
+        record.get("rnp_recovering_lr"),
         record.get("defense_overrides"),
         record["poison_rate"],
         record["model"],
@@ -194,6 +201,8 @@ def main() -> None:
                 f"  sst2 badnet btu ({r.get('btu_variant')}): CACC {r['cacc']:.3f} ASR {r['asr']:.3f} wall {r['wall_s']}s"
             )
 
+    # Cells that repair the same saved model each report its undefended scores: keep one record per key.
+    new_records = list({_key(r): r for r in new_records}.values())
     merged = merge_records(Path(args.output), new_records, _key)
     print(f"\n{len(new_records)} records written to {args.output} ({len(merged)} in all)")
 

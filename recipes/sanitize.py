@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--load-model", default=None, help="a saved backdoored model to repair instead of training")
     parser.add_argument("--defenses", default="rnp", help="comma-separated: rnp, nad, nwc, finetune")
     parser.add_argument(
-        "--rnp-units", default="ffn", help=f"comma-separated unit kinds for RNP ({','.join(RNP_UNITS)})"
+        "--rnp-units", default="ffn,layernorm", help=f"comma-separated unit kinds for RNP ({','.join(RNP_UNITS)})"
     )
     parser.add_argument("--defense-epochs", type=int, default=None, help="override every defense's epochs (smoke runs)")
     parser.add_argument(
@@ -64,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--exposed",
         action="store_true",
         help="also run RNP / NWC with EBYD's hand-off: a CUL-exposed model in place of their own clean unlearning",
+    )
+    parser.add_argument(
+        "--score-sweep",
+        action="store_true",
+        help="also score every RNP threshold of the sweep on the test and ASR sets (analysis: the defense chooses "
+        "its threshold from held-out clean rows only); stored in the record's rnp_sweep",
     )
     parser.add_argument("--epochs", type=float, default=None, help="training epochs (default: 3 text, 60 vision)")
     parser.add_argument("--lr", type=float, default=None, help="training lr (default: 1e-4 text, 1e-3 vision)")
@@ -155,6 +161,7 @@ class Experiment:
     trainer = None
     train_wall_s = None
     floor = None
+    score_sweep = False
 
 
 def text_experiment(args) -> Experiment:
@@ -361,6 +368,7 @@ def main(argv=None) -> list[dict]:
     from hf_backdoor.experiments import device_name
 
     exp = vision_experiment(args) if args.modality == "vision" else text_experiment(args)
+    exp.score_sweep = args.score_sweep
     trainer = exp.trainer
     undefended_state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     command = "python " + shlex.join(["recipes/sanitize.py", *(sys.argv[1:] if argv is None else argv)])
@@ -445,8 +453,13 @@ def _defend(exp: Experiment, undefended_state: dict, record: dict, config, expos
     """Run one defense on the undefended weights (with ``exposure`` handed over when given) and score it."""
     from hf_backdoor.defenses import sanitize_model
 
-    if config.name == "rnp":  # known before the run, so a failed RNP record still says which units it tried
-        record = {**record, "rnp_units": ",".join(config.units)}
+    if config.name == "rnp":  # known before the run, so a failed RNP record still says what it tried
+        record = {
+            **record,
+            "rnp_units": ",".join(config.units),
+            "rnp_unlearning_stop": config.unlearning_stop,
+            "rnp_recovering_lr": config.recovering_lr,
+        }
     if isinstance(exposure, str):  # the exposure itself failed
         return {**record, "cacc": None, "asr": None, "wall_s": None, "overhead": None, "error": exposure}
     exp.trainer.model.load_state_dict(undefended_state)  # every defense repairs the same backdoored weights
@@ -465,6 +478,8 @@ def _defend(exp: Experiment, undefended_state: dict, record: dict, config, expos
         overhead=None if exp.train_wall_s is None else round(wall / exp.train_wall_s, 3),
         **_summary(config.name, report),
     )
+    if config.name == "rnp" and exp.score_sweep:
+        record["rnp_sweep"] = _score_sweep(exp, undefended_state, report)
     if exposure is not None:
         record.update(
             exposure_wall_s=round(exposure.wall_s, 2),
@@ -473,6 +488,31 @@ def _defend(exp: Experiment, undefended_state: dict, record: dict, config, expos
             exposure_exposed=exposure.exposed,
         )
     return record
+
+
+def _score_sweep(exp: Experiment, undefended_state: dict, report: dict) -> str:
+    """Test CACC and ASR of the undefended model pruned at each threshold of RNP's sweep, as the official code
+    reports it: a JSON list of ``[threshold, units pruned, held-out accuracy, cacc, asr]`` in one string (records
+    stay flat). Leaves the trainer's model pruned at the last threshold scored."""
+    from hf_backdoor.defenses import prune_at_threshold
+
+    rows = []
+    for point in report["threshold_sweep"]:
+        if "holdout_accuracy" not in point:  # would prune every unit
+            continue
+        exp.trainer.model.load_state_dict(undefended_state)
+        pruned = prune_at_threshold(exp.trainer.model, report, point["threshold"])
+        evaluation = exp.evaluate()
+        rows.append(
+            [
+                point["threshold"],
+                pruned,
+                round(point["holdout_accuracy"], 4),
+                round(evaluation.cacc, 4),
+                round(evaluation.asr, 4),
+            ]
+        )
+    return json.dumps(rows)
 
 
 def _summary(name: str, report: dict) -> dict:
@@ -490,6 +530,9 @@ def _summary(name: str, report: dict) -> dict:
             num_pruned=report["num_pruned"],
             num_units=report["num_units"],
             unlearning_epochs=report["unlearning_epochs"],
+            # Where the unlearned (or exposed) model sent the clean rows: its top class and that class's share.
+            rnp_unlearned_label=report["unlearned_top_label"],
+            rnp_unlearned_share=max(report["unlearned_prediction_shares"]),
             details=f"units {','.join(report['units'])}: pruned {report['num_pruned']}/{report['num_units']} at "
             f"mask <= {report['prune_threshold']} ({unlearning})",
         )

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_backdoor.defenses import RNPConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,patch_size=8"
 
@@ -44,6 +46,31 @@ def test_sanitize_recipe_repairs_an_image_model_with_the_image_attack(tmp_path):
         assert record["model"].startswith("vit-small-32 (hidden 32, 2 layers, patch 8")
         assert 0 <= record["cacc"] <= 1 and 0 <= record["asr"] <= 1
     assert records[1]["num_clean_rows"] == 32
+
+
+def test_sanitize_recipe_scores_rnps_threshold_sweep_and_its_chosen_point_matches(tmp_path):
+    recipe = _load(ROOT / "recipes" / "sanitize.py", "sanitize_recipe_sweep")
+    records = recipe.main(
+        [
+            "--modality", "vision", "--config-overrides", TINY_VIT, "--max-train-samples", "64",
+            "--max-eval-samples", "40", "--epochs", "1", "--defenses", "rnp", "--defense-epochs", "1",
+            "--defense-overrides", "rnp.max_accuracy_drop=1.0,rnp.recovering_lr=50.0,rnp.recovering_epochs=10", "--clean-fraction", "0.5",
+            "--score-sweep", "--output-dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    rnp = records[1]
+    assert rnp["rnp_units"] == "ffn,layernorm"  # the default pair, and the settings that depart from the paper
+    assert rnp["rnp_unlearning_stop"] == "step" and rnp["rnp_recovering_lr"] == 50.0
+    sweep = json.loads(rnp["rnp_sweep"])
+    assert [row[0] for row in sweep] == list(RNPConfig().thresholds[: len(sweep)])
+    assert rnp["num_pruned"] > 0
+    assert [row[1] for row in sweep] == sorted(row[1] for row in sweep)  # larger thresholds prune supersets
+    # Re-pruning the undefended weights at the threshold the defense chose reproduces the defended model's scores.
+    chosen = next(row for row in sweep if row[0] == rnp["prune_threshold"])
+    assert chosen[1] == rnp["num_pruned"]
+    assert chosen[3] == round(rnp["cacc"], 4) and chosen[4] == round(rnp["asr"], 4)
+    assert "rnp_sweep" not in records[0]
+    assert 0 <= rnp["rnp_unlearned_label"] < 10 and 0.1 <= rnp["rnp_unlearned_share"] <= 1
 
 
 def test_vision_benchmark_hands_its_abl_and_loader_flags_to_the_recipe(vision_defenses, tmp_path):

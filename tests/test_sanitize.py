@@ -25,7 +25,15 @@ from transformers import (
 )
 
 from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
-from hf_backdoor.defenses import FinetuneConfig, NADConfig, NWCConfig, RNPConfig, TransformerUnits, sanitize_model
+from hf_backdoor.defenses import (
+    FinetuneConfig,
+    NADConfig,
+    NWCConfig,
+    RNPConfig,
+    TransformerUnits,
+    prune_at_threshold,
+    sanitize_model,
+)
 from hf_backdoor.defenses.nad import attention_loss, attention_map
 from hf_backdoor.defenses.nwc import activeness_aware_step, choose_n, neuron_weight_changes, zero_top_weights
 from hf_backdoor.defenses.rnp import choose_threshold
@@ -484,6 +492,8 @@ def test_rnp_recovery_masks_off_the_units_that_break_clean_accuracy(tmp_path, to
     with torch.no_grad():
         fc2 = sabotaged.bert.encoder.layer[1].output.dense.weight
         fc2[:, broken] = torch.randn(fc2.shape[0], len(broken), generator=torch.Generator().manual_seed(0)) * 5
+        # Switch the sabotaged neurons on for every token: training may have left them silent.
+        sabotaged.bert.encoder.layer[1].intermediate.dense.bias[broken] = 5.0
     assert context.accuracy(model, "fit") > 0.95 and context.accuracy(sabotaged, "fit") < 0.8
 
     masks, history = recover_masks(context, config, units, sabotaged)
@@ -528,8 +538,11 @@ def test_rnp_runs_on_a_vit_with_lazy_image_transforms(tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True
     )
+    original = copy.deepcopy(vit)
     trainer = Trainer(model=vit, args=args)
-    config = RNPConfig(units=("head", "ffn"), recovering_epochs=2, batch_size=32, max_accuracy_drop=1.0)
+    config = RNPConfig(
+        units=("head", "ffn"), recovering_epochs=2, recovering_lr=20.0, batch_size=32, max_accuracy_drop=1.0
+    )
     model, report = sanitize_model(trainer, clean, config)  # a plain Trainer works too
     counts = np.bincount(cifar["train"].select(range(60))["label"])
     assert report["unit_counts"] == {"head": 4, "ffn": 128}
@@ -541,6 +554,18 @@ def test_rnp_runs_on_a_vit_with_lazy_image_transforms(tmp_path):
         weight = model.get_submodule(unit["module"]).weight
         width = 16 if unit["kind"] == "head" else 1
         assert torch.all(weight[:, unit["index"] * width : (unit["index"] + 1) * width] == 0)
+    shares = report["unlearned_prediction_shares"]  # where the unlearned model sent the 60 clean rows
+    assert len(shares) == 10 and abs(sum(shares) - 1) < 1e-3 and report["unlearned_top_label"] == int(np.argmax(shares))
+    # The report alone re-prunes the original weights: at the chosen threshold, exactly the returned model.
+    assert report["num_pruned"] > 0
+    repruned = copy.deepcopy(original)
+    assert prune_at_threshold(repruned, report, report["prune_threshold"]) == report["num_pruned"]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, repruned.state_dict()[name]), name
+    smaller = [r for r in report["threshold_sweep"] if r["threshold"] < report["prune_threshold"]][0]
+    assert prune_at_threshold(copy.deepcopy(original), report, smaller["threshold"]) == smaller["num_pruned"]
+    with pytest.raises(ValueError, match="the model the report was made on"):
+        prune_at_threshold(copy.deepcopy(original), {**report, "units": ["ffn"]}, 0.5)
 
 
 # -- exposure hand-off (EBYD) ------------------------------------------------------------------------------------------
@@ -644,7 +669,9 @@ def test_rnp_masks_fall_on_the_units_the_exposed_model_relies_on(tmp_path, token
     trainer = _trainer(tmp_path, model, tokenizer)
     undefended = _state(model)
     # One short epoch at a large mask learning rate, one threshold: seconds, and the masks still move visibly.
-    config = RNPConfig(recovering_epochs=1, recovering_lr=20.0, batch_size=20, thresholds=(0.5,), max_accuracy_drop=1)
+    config = RNPConfig(
+        units=("ffn",), recovering_epochs=1, recovering_lr=20.0, batch_size=20, thresholds=(0.5,), max_accuracy_drop=1
+    )
     lowest = []
     for broken, seed in (([3, 7], 0), ([40, 60], 1)):
         exposed = copy.deepcopy(model)

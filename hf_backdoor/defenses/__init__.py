@@ -7,7 +7,7 @@ from .cul import ExposeConfig
 from .exposure import ExposureResult, detection_threshold, expose_model
 from .nad import NADConfig
 from .nwc import NWCConfig
-from .rnp import RNPConfig
+from .rnp import RNPConfig, prune_at_threshold
 from .sanitize import SANITIZERS, FinetuneConfig, SanitizeConfig, register_sanitizer, sanitize_model
 from .units import TransformerUnits
 
@@ -31,6 +31,7 @@ __all__ = [
     "build_defense",
     "detection_threshold",
     "expose_model",
+    "prune_at_threshold",
     "register_defense",
     "register_sanitizer",
     "sanitize_model",

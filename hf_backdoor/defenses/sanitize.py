@@ -310,6 +310,21 @@ class SanitizeContext:
         model.train(was_training)
         return correct / max(total, 1)
 
+    @torch.no_grad()
+    def prediction_shares(self, model: nn.Module) -> list[float]:
+        """The share of all clean rows (fit and held-out) that ``model`` predicts as each class: where an unlearned
+        model sends clean inputs (EBYD's backdoor-label reading, for free)."""
+        was_training = model.training
+        model.eval()
+        counts = np.zeros(self.num_labels, dtype=np.int64)
+        for part in ("fit", "holdout"):
+            for batch in self.loader(part):
+                inputs, _ = self.split_batch(batch)
+                logits, _ = self.logits(model, inputs)
+                counts += np.bincount(logits.argmax(-1).cpu().numpy(), minlength=self.num_labels)[: self.num_labels]
+        model.train(was_training)
+        return [round(float(c), 4) for c in counts / max(counts.sum(), 1)]
+
     def progress(self, iterable, desc: str):
         from tqdm.auto import tqdm
 
