@@ -39,8 +39,9 @@ Deviations, and why:
   blows up).
 - Stop check: the official code checks the epoch's *running* accuracy after each epoch. On the small ViT (BadNets,
   400 fit rows, 4 steps per epoch) that check saw 0.24 after epoch 2 while the held-out accuracy was already 0.09, so
-  the ascent ran one more epoch and the loss went from 3.3 to 40: a saturated model whose masks cannot recover
-  anything (mean mask 0.99 after 20 epochs, no unit below 0.2, ASR 0.924 at every threshold). The default
+  the ascent ran one more epoch: its mean loss went from 3.3 to 17.5 and the unlearned model's CE on the clean rows
+  ended near 40, a saturated model whose masks cannot recover anything (mean mask 0.99 after 20 epochs, no unit
+  below 0.2, ASR 0.923-0.925 at every threshold; FFN units, analysis run not in the records). The default
   ``unlearning_stop="step"`` re-evaluates the fit rows after every step and stops at the first step at or below the
   threshold (held-out 0.20, loss 1.7; the unlearned model sends 69 of 101 held-out rows to the target class).
   ``"running"`` restores the official check.

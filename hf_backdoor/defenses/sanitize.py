@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .base import DefenseConfig
-from .exposure import ExposureResult
+from .exposure import ExposureResult, class_shares
 
 logger = logging.getLogger(__name__)
 
@@ -297,33 +297,30 @@ class SanitizeContext:
         return outputs.logits.float(), outputs
 
     @torch.no_grad()
-    def accuracy(self, model: nn.Module, part: str = "holdout") -> float:
-        """Clean accuracy of ``model`` on ``fit`` or ``holdout`` (eval mode; the training mode is restored)."""
+    def predictions(self, model: nn.Module, part: str = "holdout") -> tuple[np.ndarray, np.ndarray]:
+        """``model``'s predicted classes on ``fit`` or ``holdout``, and the labels (eval mode; the training mode is
+        restored)."""
         was_training = model.training
         model.eval()
-        correct = total = 0
+        predicted, labels = [], []
         for batch in self.loader(part):
-            inputs, labels = self.split_batch(batch)
+            inputs, batch_labels = self.split_batch(batch)
             logits, _ = self.logits(model, inputs)
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += int(labels.numel())
+            predicted.append(logits.argmax(-1).cpu().numpy())
+            labels.append(batch_labels.cpu().numpy())
         model.train(was_training)
-        return correct / max(total, 1)
+        return np.concatenate(predicted), np.concatenate(labels)
 
-    @torch.no_grad()
+    def accuracy(self, model: nn.Module, part: str = "holdout") -> float:
+        """Clean accuracy of ``model`` on ``fit`` or ``holdout``."""
+        predicted, labels = self.predictions(model, part)
+        return float(np.mean(predicted == labels)) if len(labels) else 0.0
+
     def prediction_shares(self, model: nn.Module) -> list[float]:
         """The share of all clean rows (fit and held-out) that ``model`` predicts as each class: where an unlearned
         model sends clean inputs (EBYD's backdoor-label reading, for free)."""
-        was_training = model.training
-        model.eval()
-        counts = np.zeros(self.num_labels, dtype=np.int64)
-        for part in ("fit", "holdout"):
-            for batch in self.loader(part):
-                inputs, _ = self.split_batch(batch)
-                logits, _ = self.logits(model, inputs)
-                counts += np.bincount(logits.argmax(-1).cpu().numpy(), minlength=self.num_labels)[: self.num_labels]
-        model.train(was_training)
-        return [round(float(c), 4) for c in counts / max(counts.sum(), 1)]
+        predicted = np.concatenate([self.predictions(model, part)[0] for part in ("fit", "holdout")])
+        return [round(float(share), 4) for share in class_shares(predicted, self.num_labels)]
 
     def progress(self, iterable, desc: str):
         from tqdm.auto import tqdm
