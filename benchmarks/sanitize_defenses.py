@@ -11,8 +11,8 @@ argument: it names the cell's output folder) instead of training a new one, so t
 same weights. ``--work-dir DIR`` keeps the cells' folders (and so their saved models, ``DIR/TAG/undefended``) for later
 runs' ``--load-model``; by default they go to a temporary folder that is removed. Then one table is printed and the
 records are merged into ``benchmarks/results/sanitize_defenses.json`` (a record of the same dataset / attack /
-defense / exposure / RNP units / poison rate / model / seed is replaced). BTU's SST-2 records from
-``results/text_btu.json`` are shown beside the table for comparison, not re-run.
+defense / exposure / RNP settings / overrides / clean-row source / poison rate / model / seed is replaced). BTU's
+SST-2 records from ``results/text_btu.json`` are shown beside the table for comparison, not re-run.
 
 Records are flat: dataset, attack, defense (none, rnp, nad, nwc, finetune), exposure (``None``, or ``"cul"`` for
 EBYD's variant of RNP / NWC from the recipe's ``--exposed``, shown as ``rnp+cul``), model, poison_rate, cacc, asr,
@@ -69,6 +69,8 @@ def _key(record: dict) -> tuple:
         record.get("rnp_unlearning_stop"),
         record.get("rnp_recovering_lr"),
         record.get("defense_overrides"),
+        # clean rows from the training set or held out of it: the same defense on other data is another result
+        record.get("clean_source"),
         record["poison_rate"],
         record["model"],
         record["seed"],

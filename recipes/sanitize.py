@@ -8,8 +8,12 @@
     python recipes/sanitize.py --defenses rnp,nwc --exposed         # also EBYD's variants: CUL-exposed model first
 
 Every defense starts from the same undefended weights and gets the same clean rows: ``--clean-fraction`` (5%) of the
-training-set size, drawn from the validation split for text (rows the model never saw) and from the unpoisoned
-training rows for images (the CIFAR-10 subset has no validation split; the setting of the RNP/NAD/TSBD papers).
+training-set size. ``--clean-from`` says where they come from: ``train`` (unpoisoned training rows, which the model
+has seen: the setting of the RNP/NAD/TSBD papers), ``held-out`` (rows the model never saw: the validation split, or,
+without one, rows drawn from the test split and removed from the evaluation) or ``auto`` (the default: the
+validation split for text when the task has one, training rows otherwise). Defenses choose their thresholds on a
+held-out part of these rows, so the source matters: a model that memorised its training rows loses accuracy on them
+faster than on new data when pruned.
 Prints CACC and ASR before and after each defense, beside the ASR floor when ``--floor`` trained a clean model, and
 each defense's wall time; ``--results-json`` writes the records.
 
@@ -59,7 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="config fields per defense, e.g. 'nad.learning_rate=0.001,nwc.finetune_lr=0.001' (numbers, true/false, strings)",
     )
     parser.add_argument("--clean-fraction", type=float, default=0.05, help="clean rows as a fraction of the train size")
+    parser.add_argument(
+        "--clean-from",
+        default="auto",
+        choices=["auto", "train", "held-out"],
+        help="where the clean rows come from (see above); held-out without a validation split takes test rows",
+    )
     parser.add_argument("--floor", action="store_true", help="train a clean model too: its ASR is the floor")
+    parser.add_argument(
+        "--floor-model", default=None, help="a saved clean model: its ASR on the same rows is the floor (no training)"
+    )
     parser.add_argument(
         "--exposed",
         action="store_true",
@@ -88,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.epochs = args.epochs if args.epochs is not None else (60.0 if vision else 3.0)
     args.lr = args.lr if args.lr is not None else (1e-3 if vision else 1e-4)
     args.batch_size = args.batch_size or (128 if vision else 32)
+    if args.floor and args.floor_model:
+        parser.error("--floor trains a clean model and --floor-model loads one: give one of them")
     return args
 
 
@@ -192,13 +207,10 @@ def text_experiment(args) -> Experiment:
     # a saved model's own tokenizer (trainer.save_model writes it beside the weights), else the base model's
     tokenizer = load_text_tokenizer(args.load_model or model_name)
     poisoned = poison_dataset(task["train"], attack, tokenizer=tokenizer)
-    exp.test = tokenize_dataset(task["test"], tokenizer, args.max_length)
-    exp.asr_set = tokenize_dataset(make_asr_dataset(task["test"], attack), tokenizer, args.max_length)
-    source = task["validation"] if "validation" in task else task["train"].select(np.flatnonzero(~_poisoned(poisoned)))
-    exp.clean_source = "validation" if "validation" in task else "unpoisoned train rows"
-    exp.clean = tokenize_dataset(
-        _clean_rows(source, args.clean_fraction * len(task["train"]), args.seed), tokenizer, args.max_length
-    )
+    clean, test, exp.clean_source = _clean_split(args, task, task["train"].select(np.flatnonzero(~_poisoned(poisoned))))
+    exp.clean = tokenize_dataset(clean, tokenizer, args.max_length)
+    exp.test = tokenize_dataset(test, tokenizer, args.max_length)
+    exp.asr_set = tokenize_dataset(make_asr_dataset(test, attack), tokenizer, args.max_length)
     settings = TextRunSettings(
         model_name=model_name,
         learning_rate=args.lr,
@@ -237,6 +249,14 @@ def text_experiment(args) -> Experiment:
             settings, label_names, task["train"], exp.test, exp.asr_set, out / "clean", target_label=exp.target
         )
         exp.floor = clean_run.evaluation.asr
+    if args.floor_model:
+        floor_trainer = Trainer(
+            model=AutoModelForSequenceClassification.from_pretrained(args.floor_model),
+            args=exp.trainer.args,
+            processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer),
+        )
+        exp.floor = evaluate_backdoor(floor_trainer, exp.test, exp.asr_set, target_label=exp.target).asr
     exp.evaluate = lambda: evaluate_backdoor(exp.trainer, exp.test, exp.asr_set, target_label=exp.target)
     return exp
 
@@ -274,13 +294,11 @@ def vision_experiment(args) -> Experiment:
     set_seed(args.seed)
     model, processor = load_image_classifier(args.model, label_names, **overrides)
     poisoned = poison_dataset(task["train"], attack)
-    exp.test = prepare_image_dataset(task["test"], processor)
-    exp.asr_set = prepare_image_dataset(make_asr_dataset(task["test"], attack), processor)
     unpoisoned = poisoned.select(np.flatnonzero(~_poisoned(poisoned))).remove_columns(["poisoned", "orig_label"])
-    exp.clean_source = "unpoisoned train rows"
-    exp.clean = prepare_image_dataset(
-        _clean_rows(unpoisoned, args.clean_fraction * len(task["train"]), args.seed), processor
-    )
+    clean, test, exp.clean_source = _clean_split(args, task, unpoisoned)
+    exp.clean = prepare_image_dataset(clean, processor)
+    exp.test = prepare_image_dataset(test, processor)
+    exp.asr_set = prepare_image_dataset(make_asr_dataset(test, attack), processor)
     out = Path(args.output_dir)
 
     def training_args(name, epochs):
@@ -330,6 +348,11 @@ def vision_experiment(args) -> Experiment:
         clean_model, _ = load_image_classifier(args.model, label_names, **overrides)
         clean_trainer, _ = train(clean_model, task["train"], "clean")
         exp.floor = _evaluate_images(clean_trainer, exp.test, exp.asr_set, target).asr
+    if args.floor_model:
+        floor_trainer = Trainer(
+            model=AutoModelForImageClassification.from_pretrained(args.floor_model), args=training_args("clean", 1)
+        )
+        exp.floor = _evaluate_images(floor_trainer, exp.test, exp.asr_set, target).asr
     exp.evaluate = lambda: _evaluate_images(exp.trainer, exp.test, exp.asr_set, target)
     return exp
 
@@ -360,6 +383,26 @@ def _poisoned(dataset) -> np.ndarray:
 def _clean_rows(dataset, count: float, seed: int):
     count = min(len(dataset), max(10, int(round(count))))
     return dataset.shuffle(seed=seed).select(range(count))
+
+
+def _clean_split(args, task, unpoisoned_train):
+    """The defenses' clean rows, the test rows left to evaluate on, and where the clean rows came from."""
+    count = args.clean_fraction * len(task["train"])
+    source = args.clean_from
+    if source == "auto":
+        source = "held-out" if args.modality == "text" and "validation" in task else "train"
+    if source == "train":
+        return _clean_rows(unpoisoned_train, count, args.seed), task["test"], "unpoisoned train rows"
+    if "validation" in task:
+        return _clean_rows(task["validation"], count, args.seed), task["test"], "validation"
+    test = task["test"].shuffle(seed=args.seed)
+    count = max(10, int(round(count)))
+    if count > len(test) // 2:
+        raise SystemExit(
+            f"--clean-from held-out: the task has no validation split, and {count} clean rows would take more than "
+            f"half of its {len(test)} test rows. Lower --clean-fraction or use --clean-from train."
+        )
+    return test.select(range(count)), test.select(range(count, len(test))), "test rows held out of the evaluation"
 
 
 def main(argv=None) -> list[dict]:

@@ -114,17 +114,21 @@ def test_sanitize_recipe_measures_overhead_against_the_saved_models_training_tim
     vit = _load(ROOT / "recipes" / "cifar10_vit.py", "vit_recipe_for_sanitize")
     sanitize = _load(ROOT / "recipes" / "sanitize.py", "sanitize_recipe_loading")
     tiny = ["--config-overrides", TINY_VIT, "--max-train-samples", "64", "--max-eval-samples", "40", "--epochs", "1"]
-    trained = vit.main([*tiny, "--runs", "undefended", "--save-models", "--output-dir", str(tmp_path / "vit")])
+    clean, trained = vit.main(
+        [*tiny, "--runs", "clean,undefended", "--save-models", "--output-dir", str(tmp_path / "vit")]
+    )
     records = sanitize.main(
         [
             "--modality", "vision", "--max-train-samples", "64", "--max-eval-samples", "40", "--defenses", "finetune",
             "--defense-epochs", "1", "--clean-fraction", "0.5", "--output-dir", str(tmp_path / "sanitize"),
-            "--load-model", str(tmp_path / "vit" / "undefended"),
+            "--load-model", str(tmp_path / "vit" / "undefended"), "--floor-model", str(tmp_path / "vit" / "clean"),
         ]
     )  # fmt: skip
     undefended, finetune = records
-    assert undefended["cacc"] == trained[0]["cacc"] and undefended["asr"] == trained[0]["asr"]  # the same weights
-    assert undefended["wall_s"] == round(trained[0]["wall_s"], 2)
+    assert undefended["cacc"] == trained["cacc"] and undefended["asr"] == trained["asr"]  # the same weights
+    assert undefended["wall_s"] == round(trained["wall_s"], 2)
+    assert clean["defense"] == "none" and clean["attack"] == "none"
+    assert undefended["asr_floor"] == finetune["asr_floor"] == clean["asr"]  # the saved clean model on the same rows
     train_wall = json.loads((tmp_path / "vit" / "undefended" / "run_info.json").read_text())["wall_s"]
     # overhead = the defense's wall time over the saved training time; wall_s is rounded to 0.01 s, overhead to 0.001
     assert abs(finetune["overhead"] * train_wall - finetune["wall_s"]) <= 0.0051 + 0.0005 * train_wall
@@ -210,3 +214,34 @@ def test_text_cul_detection_calibrates_on_clean_models_and_reuses_the_saved_mode
     undefended = [[r for r in records if r["defense"] == "none"][0] for records in (first, again)]
     assert undefended[0]["wall_s"] == undefended[1]["wall_s"]  # loaded with its training time, not retrained
     assert undefended[0]["cacc"] == undefended[1]["cacc"] and undefended[0]["asr"] == undefended[1]["asr"]
+
+
+def test_held_out_clean_rows_never_reach_the_evaluation_and_training_rows_stay_available():
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    recipe = _load(ROOT / "recipes" / "sanitize.py", "sanitize_recipe_clean_split")
+    features = Features({"id": Value("int64"), "label": ClassLabel(names=["a", "b"])})
+
+    def split(start, n):
+        return Dataset.from_dict({"id": list(range(start, start + n)), "label": [i % 2 for i in range(n)]}, features)
+
+    task = DatasetDict(train=split(0, 200), test=split(1000, 100))
+    unpoisoned = split(0, 180)
+
+    def clean_split(argv, task=task, modality="vision"):
+        args = recipe.parse_args(["--modality", modality, *argv])
+        clean, test, source = recipe._clean_split(args, task, unpoisoned)
+        return set(clean["id"]), set(test["id"]), source
+
+    clean, test, source = clean_split(["--clean-from", "held-out", "--clean-fraction", "0.1"])
+    assert source == "test rows held out of the evaluation"
+    assert len(clean) == 20 and not clean & test and clean | test == set(range(1000, 1100))
+    clean, test, source = clean_split([])  # images default to training rows, as the papers do
+    assert source == "unpoisoned train rows" and clean <= set(range(180)) and test == set(range(1000, 1100))
+    with_validation = DatasetDict(train=task["train"], validation=split(5000, 50), test=task["test"])
+    clean, test, source = clean_split([], with_validation, "text")  # text defaults to the validation split
+    assert source == "validation" and clean <= set(range(5000, 5050)) and len(test) == 100
+    with pytest.raises(SystemExit, match="more than half of its 100 test rows"):
+        clean_split(["--clean-from", "held-out", "--clean-fraction", "0.3"])
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--floor", "--floor-model", "somewhere"])
