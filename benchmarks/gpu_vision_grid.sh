@@ -4,8 +4,9 @@
 #   1. train: the clean ViT per attack (its ASR on that attack's rows is the floor; same seed and data, so the same
 #      model), clean seeds 1 and 2 (CUL detection), the undefended BadNets / Blended / WaNet models, and ABL with
 #      per-example and with batch LGA;
-#   2. on the saved models: CUL and random-label exposure and model detection, and RNP / NAD / NWC / fine-tuning (with
-#      the CUL-exposed variants) on the BadNets and Blended models.
+#   2. on the saved models: CUL, random-label and RNP-unlearning exposure (on 1% and 5% clean rows) and model
+#      detection, and RNP / NAD / NWC / fine-tuning (with the CUL-exposed variants; clean rows from training and held
+#      out) on the BadNets and Blended models.
 # Each run writes its own JSON under OUT/json (merge them into benchmarks/results/ with the scripts' keys) and its log
 # under OUT/logs; OUT/status lists the runs that ended and their exit codes.
 #
@@ -67,13 +68,20 @@ wait
 echo "$(date +%T) phase 1 done" >>"$OUT/status"
 
 # ---- phase 2: exposure, detection and removal on the saved models
-for method in cul random_label; do
-    run "expose_$method" "${VD[@]}" --sections vision_cul --cul-attacks badnets,blended,wanet --detection-seeds 3 \
-        --backdoored-seeds 1 --cul-method "$method" --output "$OUT/json/expose_$method.json" &
+# every exposure method on EBYD's 1% and on the 5% the removal defenses get (the CPU ViT's table in the README)
+for method in cul random_label rnp_unlearning; do
+    for fraction in 0.01 0.05; do
+        run "expose_${method}_$fraction" "${VD[@]}" --sections vision_cul --cul-attacks badnets,blended,wanet \
+            --detection-seeds 3 --backdoored-seeds 1 --cul-method "$method" --cul-clean-fraction "$fraction" \
+            --output "$OUT/json/expose_${method}_$fraction.json" &
+    done
 done
 for attack in badnets blended; do
     cells=(--cell "--modality vision --dataset $DATA --attack $attack --defenses rnp,nad,nwc,finetune --exposed \
 --score-sweep --load-model $SETTING/${attack}_seed0/undefended")
+    # the same on clean rows the model never saw (carved out of the test split)
+    cells+=(--cell "--modality vision --dataset $DATA --attack $attack --defenses rnp,nad,nwc,finetune --exposed \
+--score-sweep --clean-from held-out --load-model $SETTING/${attack}_seed0/undefended")
     if [ "$attack" = badnets ]; then
         for units in ffn head layernorm; do
             cells+=(--cell "--modality vision --dataset $DATA --attack $attack --defenses rnp --rnp-units $units \

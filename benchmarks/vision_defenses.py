@@ -11,9 +11,9 @@ Sections:
 - ``vision_abl``: per attack, the clean model (its ASR on the triggered rows is the floor), the undefended model and
   ``BackdoorSafeTrainer`` + ``ABLConfig`` (``recipes/cifar10_vit.py``'s training), CACC / ASR / isolation P/R.
 - ``vision_cul``: ``--detection-seeds`` clean models and as many backdoored models per ``--cul-attacks`` attack,
-  each exposed by CUL on a 1% stratified clean slice of the training images (rows that were not poisoned, as EBYD
-  splits its defense data off the training set). Per model: detected label (right or not), score, clean accuracy
-  before/after. Then the model-detection AUROC (backdoored vs clean), the threshold from the clean models' scores
+  each exposed (``--cul-method``) on a stratified clean slice of the training images (``--cul-clean-fraction``,
+  EBYD's 1% by default; rows that were not poisoned, as EBYD splits its defense data off the training set). Per
+  model: detected label (right or not), score, clean accuracy before/after. Then the model-detection AUROC (backdoored vs clean), the threshold from the clean models' scores
   only (their maximum) and the backdoored models it flags. The clean models calibrate and are scored, so the
   threshold's false-positive rate here is 0 by construction: read the AUROC.
 - ``text``: SST-2 with the default text model (lr 1e-4, 3 epochs, batch 32, the reference recipe): per attack the
@@ -125,7 +125,18 @@ def parse_args(argv=None):
         help="ABL's unlearning, vision and text: the isolated rows' ascent alone or paired with retained-row descent",
     )
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers of the ViT training")
-    parser.add_argument("--cul-method", default="cul", choices=["cul", "random_label"], help="EBYD exposure method")
+    parser.add_argument(
+        "--cul-method",
+        default="cul",
+        choices=["cul", "random_label", "rnp_unlearning"],
+        help="exposure method (EBYD's two, or RNP's SGD unlearning)",
+    )
+    parser.add_argument(
+        "--cul-clean-fraction",
+        type=float,
+        default=0.01,
+        help="vision_cul: the exposure's clean rows as a fraction of the training set (EBYD: 0.01)",
+    )
     parser.add_argument("--cul-lr", type=float, default=None, help="exposure learning rate (default: the official)")
     parser.add_argument("--text-attacks", default="badnet,syntactic,style")
     parser.add_argument("--text-model", default=None, help="Hub id or local path (default: the packaged MiniLM-L6)")
@@ -246,7 +257,7 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
             target_label=attack.target_label,
         )
         exclude = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
-        clean = stratified_clean_slice(task["train"], 0.01, seed, exclude=exclude)
+        clean = stratified_clean_slice(task["train"], args.cul_clean_fraction, seed, exclude=exclude)
         result = expose_model(
             trainer, clean, ExposeConfig(method=args.cul_method, learning_rate=args.cul_lr, seed=seed)
         )
@@ -284,6 +295,7 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
                 "cul_shares": json.dumps([round(s, 3) for s in result.label_shares]),
                 "num_clean_rows": result.num_clean_rows,
                 "cul_method": args.cul_method,
+                "cul_clean_fraction": args.cul_clean_fraction,
             }
         )
     clean_scores = [r["cul_score"] for r in records if not r["backdoored"]]
@@ -524,7 +536,10 @@ def _key(record: dict) -> tuple:
             "crop_padding",
             "abl_config",
         )
-    ) + (record.get("cul_method", "cul" if record.get("defense") == "cul" else None),)
+    ) + (
+        record.get("cul_method", "cul" if record.get("defense") == "cul" else None),
+        record.get("cul_clean_fraction", 0.01),  # written before it could change: EBYD's 1%
+    )
 
 
 def main(argv=None) -> None:

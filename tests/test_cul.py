@@ -172,3 +172,22 @@ def test_cul_runs_on_a_text_model_with_raw_clean_text(sst2, tokenizer, tmp_path)
     assert result.backdoor_label in (0, 1) and 0.0 <= result.score <= 1.0
     assert result.to_dict()["config"]["learning_rate"] == 1e-3
     assert result.score_rows(clean).shape == (64,)
+
+
+def test_rnp_unlearning_exposure_stops_at_the_first_step_below_rnps_threshold(backdoored_vit, clean_images):
+    # The tiny ViT scores only 0.16 on the clean rows, under RNP's 0.20 already: stop at chance instead.
+    config = ExposeConfig(method="rnp_unlearning", batch_size=16, stop_accuracy=0.1)  # 8 steps an epoch, 120 rows
+    result = backdoored_vit.expose(clean_images, config)
+    assert result.method == "rnp_unlearning" and result.learning_rate == 0.01  # RNP's SGD rate, not escalated
+    assert result.backdoor_label == TARGET, result.to_dict()
+    assert result.exposed and result.clean_accuracy_after <= 0.1 < result.clean_accuracy_before
+    assert ExposeConfig(method="rnp_unlearning").stop_every_step and not ExposeConfig().stop_every_step
+    per_epoch = backdoored_vit.expose(
+        clean_images, ExposeConfig.paper("rnp_unlearning", batch_size=16, stop_accuracy=0.1)
+    )
+    assert per_epoch.history[-1]["step"] % 8 == 0  # the official check: after whole epochs only
+    # the per-step check stops at the step that gets there, never later than the epoch-end check
+    assert result.history[-1]["step"] <= per_epoch.history[-1]["step"]
+    assert result.history[-1]["step"] % 8 != 0 or result.history[-1]["step"] == per_epoch.history[-1]["step"]
+    with pytest.raises(ValueError, match="momentum must be in"):
+        ExposeConfig(method="rnp_unlearning", momentum=1.0)

@@ -2,7 +2,8 @@
 
 ``expose_model(trainer, clean_dataset, ExposeConfig(...))`` (also ``trainer.expose(...)``) returns an
 :class:`ExposureResult`: an exposed **deep copy** of the trainer's model (the original is untouched), made by one of
-the procedures in ``defenses/cul.py`` (Clean Unlearning, or fine-tuning on random labels), and read three ways:
+the procedures in ``defenses/cul.py`` (Clean Unlearning, fine-tuning on random labels, or RNP's SGD clean
+unlearning), and read three ways:
 
 - backdoor label detection: the class the exposed model predicts for most clean inputs (``backdoor_label``);
 - backdoor model detection: a per-model ``score``, the concentration of the predicted-class shares on the clean
@@ -300,7 +301,11 @@ def expose_model(trainer, clean_dataset: datasets.Dataset, config=None) -> Expos
         history, learning_rate = run_exposure(trainer, model, data, labels, num_labels, config)
     before, after = history[0]["clean_accuracy"], history[-1]["clean_accuracy"]
     chance = 1.0 / num_labels
-    exposed = after <= chance + 0.5 * max(0.0, before - chance) + 1e-9
+    # Exposed: half way to chance, or down to the method's own stop (RNP's 0.20 can sit above half way).
+    reached = chance + 0.5 * max(0.0, before - chance)
+    if config.early_stop:
+        reached = max(reached, history[0]["stop_accuracy"])
+    exposed = after <= reached + 1e-9
     if before <= chance + 0.05:
         logger.warning(
             "The model's accuracy on the clean set is %.3f before exposure, near chance (%.3f) for %d classes: it "
