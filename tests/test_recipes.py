@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hf_backdoor.defenses import RNPConfig
@@ -245,3 +246,27 @@ def test_held_out_clean_rows_never_reach_the_evaluation_and_training_rows_stay_a
         clean_split(["--clean-from", "held-out", "--clean-fraction", "0.3"])
     with pytest.raises(SystemExit):
         recipe.parse_args(["--floor", "--floor-model", "somewhere"])
+
+
+def test_label_flip_control_keeps_the_clean_images_and_takes_the_poisoned_labels():
+    from hf_backdoor import poison_dataset
+    from hf_backdoor.attacks.vision import ImageBadNetsConfig
+    from hf_backdoor.vision import load_image_task
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        control = _load(ROOT / "benchmarks" / "exposure_label_control.py", "exposure_label_control_under_test")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    clean = load_image_task("cifar10")["train"].select(range(200))
+    poisoned = poison_dataset(clean, ImageBadNetsConfig(poison_rate=0.1, target_label=0, seed=0))
+    flipped = control.label_flip_rows(clean, poisoned)
+    is_poisoned = np.asarray(poisoned["poisoned"], dtype=bool)
+    assert is_poisoned.sum() == 20 and flipped.column_names == clean.column_names
+    assert flipped["label"] == poisoned["label"] and np.asarray(flipped["label"])[is_poisoned].tolist() == [0] * 20
+    images = np.asarray(flipped.with_format("numpy")["image"])
+    assert np.array_equal(images, np.asarray(clean.with_format("numpy")["image"]))  # no trigger anywhere
+    triggered = np.asarray(poisoned.with_format("numpy")["image"])[is_poisoned]
+    assert (images[is_poisoned] != triggered).reshape(20, -1).any(axis=1).all()
+    with pytest.raises(ValueError, match="same order"):
+        control.label_flip_rows(clean.select(range(1, 200)), poisoned.select(range(199)))

@@ -1,0 +1,137 @@
+"""Control for EBYD's backdoor-label detection: is the target found because of the trigger, or because dirty-label
+poisoning makes the target the commonest training label?
+
+    python benchmarks/exposure_label_control.py --config-overrides patch_size=8 --crop-padding 0 --epochs 20 \\
+        --models-dir M --data ../shared/data/cifar10_32.npz
+
+Trains the ViT of ``vision_defenses.py``'s ``vision_cul`` section on the training rows with exactly the labels the
+``--attack`` poisoning gives them (the same rows flipped to the target, 20% of the labels on CIFAR-10 at rate 0.1)
+but **without the trigger**, then exposes it with every method on 1% and 5% clean rows (the unflipped rows, as
+``vision_cul`` excludes the poisoned ones) and records the detected label and score. If the exposure lands on the
+target here too, a "right" label on a backdoored model says nothing about its backdoor. The model is kept in
+``--models-dir`` next to ``vision_cul``'s models (``label_flip_seedN/flipped``) and reused.
+
+Records (merged into ``--output``): ``attack`` is ``none`` (no trigger was planted) with ``control`` =
+``"dirty labels, no trigger"``; the rest as ``vision_cul``'s records (``cul_method``, ``cul_clean_fraction``,
+``cul_label``, ``cul_label_is_target``, ``cul_score``, ``cul_shares``).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import vision_defenses as vd
+from results_io import RESULTS, merge_records
+
+SETTINGS = [(method, fraction) for method in ("cul", "rnp_unlearning", "random_label") for fraction in (0.01, 0.05)]
+CONTROL = "dirty labels, no trigger"
+
+
+def _key(record: dict) -> tuple:
+    return vd._key(record) + (record.get("control"),)
+
+
+def label_flip_rows(clean_rows, poisoned_rows):
+    """``clean_rows`` (untouched images) with the labels of ``poisoned_rows``, the same rows after a dirty-label
+    poisoning: the label shift of the attack without its trigger."""
+    if not np.array_equal(np.asarray(poisoned_rows["orig_label"]), np.asarray(clean_rows["label"])):
+        raise ValueError("The poisoned rows are not the clean rows in the same order: cannot carry their labels over.")
+    labels = [int(label) for label in poisoned_rows["label"]]
+    feature = clean_rows.features["label"]
+    return clean_rows.remove_columns("label").add_column("label", labels, feature=feature)
+
+
+def main(argv=None) -> list[dict]:
+    from hf_backdoor.defenses import ExposeConfig, expose_model
+    from hf_backdoor.experiments import device_name, save_trained_model
+    from hf_backdoor.metrics import evaluate_backdoor
+    from hf_backdoor.vision import describe_default_vit, parse_config_overrides, prepare_image_dataset
+
+    argv = sys.argv[1:] if argv is None else argv
+    args = vd.parse_args(argv)
+    # vision_defenses' --output defaults to its own file; this control keeps its records apart
+    output = Path(args.output) if "--output" in argv else RESULTS / "exposure_label_control.json"
+    attack_name = vd._split(args.attacks)[0]
+    seed = args.seed
+    recipe = vd._recipe()
+    command = "python benchmarks/exposure_label_control.py " + shlex.join(argv)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        base = recipe.parse_args(vd._recipe_argv(args, attack_name, seed, Path(tmp)))
+        task, attack, poisoned, asr_rows = recipe.load_data(base)
+        flipped = np.asarray(poisoned["poisoned"], dtype=bool)
+        target = attack.target_label
+        rows = label_flip_rows(task["train"], poisoned)
+        run_dir = vd._models_dir(args, "label_flip", seed) / "flipped"
+        loaded = recipe.load_saved_run(run_dir)
+        if loaded is None:
+            trainer, wall = recipe.train_vit(base, rows, task["train"].features["label"].names, run_dir, seed=seed)
+            save_trained_model(trainer, run_dir, wall, base.epochs)
+        else:
+            trainer, wall = loaded
+        processor = trainer.processing_class
+        evaluation = evaluate_backdoor(
+            trainer,
+            prepare_image_dataset(task["test"], processor),
+            prepare_image_dataset(asr_rows, processor),
+            target_label=target,
+        )
+        print(f"label-flip control: {flipped.sum()} of {len(flipped)} rows relabelled to {target}, no trigger; "
+              f"CACC {evaluation.cacc:.3f}, ASR on the {attack.name} rows {evaluation.asr:.3f}")  # fmt: skip
+        for method, fraction in SETTINGS:
+            clean = vd.stratified_clean_slice(task["train"], fraction, seed, exclude=flipped)
+            result = expose_model(trainer, clean, ExposeConfig(method=method, seed=seed))
+            record = {
+                "section": "vision_cul",
+                "dataset": "cifar10",
+                "data": base.data,
+                "epochs": base.epochs,
+                "crop_padding": base.crop_padding,
+                "attack": "none",
+                "control": CONTROL,
+                "defense": "cul",
+                "model": describe_default_vit(**parse_config_overrides(args.config_overrides)),
+                "poison_rate": 0.0,
+                "flipped_rows": int(flipped.sum()),
+                "flipped_like": attack.name,
+                "cacc": evaluation.cacc,
+                "asr": evaluation.asr,
+                "asr_attack": attack.name,
+                "asr_floor": None,
+                "wall_s": round(result.wall_s, 2),
+                "overhead": round(result.wall_s / wall, 3),
+                "overhead_epochs": round(result.wall_s / (wall / base.epochs), 2),
+                "device": device_name(),
+                "seed": seed,
+                "command": command,
+                "backdoored": False,
+                "target_label": target,
+                "cul_label": result.backdoor_label,
+                "cul_label_is_target": result.backdoor_label == target,
+                "cul_score": result.score,
+                "cul_exposed": result.exposed,
+                "cul_clean_acc_before": result.clean_accuracy_before,
+                "cul_clean_acc_after": result.clean_accuracy_after,
+                "cul_learning_rate": result.learning_rate,
+                "cul_shares": json.dumps([round(s, 3) for s in result.label_shares]),
+                "num_clean_rows": result.num_clean_rows,
+                "cul_method": method,
+                "cul_clean_fraction": fraction,
+            }
+            records.append(record)
+            print(f"{method:15s} {fraction:5.2f}  label {result.backdoor_label} "
+                  f"({'the target' if result.backdoor_label == target else 'not the target'}), "
+                  f"target share {result.label_shares[target]:.3f}, score {result.score:.3f}, "
+                  f"clean acc {result.clean_accuracy_before:.2f} -> {result.clean_accuracy_after:.2f}")  # fmt: skip
+    merge_records(output, records, _key)
+    print(f"wrote {output}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
