@@ -5,8 +5,8 @@ poisoning makes the target the commonest training label?
         --models-dir M --data ../shared/data/cifar10_32.npz
 
 Trains the ViT of ``vision_defenses.py``'s ``vision_cul`` section on the training rows with exactly the labels the
-``--attack`` poisoning gives them (the same rows flipped to the target, 20% of the labels on CIFAR-10 at rate 0.1)
-but **without the trigger**, then exposes it with every method on 1% and 5% clean rows (the unflipped rows, as
+poisoning of ``--attacks`` (its first attack, BadNets by default) gives them (the same rows flipped to the target,
+20% of the labels on CIFAR-10 at rate 0.1) but **without the trigger**, then exposes it with every method on 1% and 5% clean rows (the unflipped rows, as
 ``vision_cul`` excludes the poisoned ones) and records the detected label and score. If the exposure lands on the
 target here too, a "right" label on a backdoored model says nothing about its backdoor. The model is kept in
 ``--models-dir`` next to ``vision_cul``'s models (``label_flip_seedN/flipped``) and reused.
