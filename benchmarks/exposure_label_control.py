@@ -6,8 +6,8 @@ poisoning makes the target the commonest training label?
 
 Trains the ViT of ``vision_defenses.py``'s ``vision_cul`` section on the training rows with exactly the labels the
 poisoning of ``--attacks`` (its first attack, BadNets by default) gives them (the same rows flipped to the target,
-20% of the labels on CIFAR-10 at rate 0.1) but **without the trigger**, then exposes it with every method on 1% and 5% clean rows (the unflipped rows, as
-``vision_cul`` excludes the poisoned ones) and records the detected label and score. If the exposure lands on the
+20% of the labels on CIFAR-10 at rate 0.1) but **without the trigger**, then exposes it with every method on 1%
+and 5% clean rows (the unflipped rows, as ``vision_cul`` excludes the poisoned ones) and records the detected label and score. If the exposure lands on the
 target here too, a "right" label on a backdoored model says nothing about its backdoor. The model is kept in
 ``--models-dir`` next to ``vision_cul``'s models (``label_flip_seedN/flipped``) and reused.
 
@@ -18,7 +18,6 @@ Records (merged into ``--output``): ``attack`` is ``none`` (no trigger was plant
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import tempfile
@@ -48,9 +47,9 @@ def label_flip_rows(clean_rows, poisoned_rows):
 
 def main(argv=None) -> list[dict]:
     from hf_backdoor.defenses import ExposeConfig, expose_model
-    from hf_backdoor.experiments import device_name, save_trained_model
+    from hf_backdoor.experiments import save_trained_model
     from hf_backdoor.metrics import evaluate_backdoor
-    from hf_backdoor.vision import describe_default_vit, parse_config_overrides, prepare_image_dataset
+    from hf_backdoor.vision import prepare_image_dataset
 
     argv = sys.argv[1:] if argv is None else argv
     args = vd.parse_args(argv)
@@ -86,43 +85,14 @@ def main(argv=None) -> list[dict]:
         for method, fraction in SETTINGS:
             clean = vd.stratified_clean_slice(task["train"], fraction, seed, exclude=flipped)
             result = expose_model(trainer, clean, ExposeConfig(method=method, seed=seed))
-            record = {
-                "section": "vision_cul",
-                "dataset": "cifar10",
-                "data": base.data,
-                "epochs": base.epochs,
-                "crop_padding": base.crop_padding,
-                "attack": "none",
-                "control": CONTROL,
-                "defense": "cul",
-                "model": describe_default_vit(**parse_config_overrides(args.config_overrides)),
-                "poison_rate": 0.0,
-                "flipped_rows": int(flipped.sum()),
-                "flipped_like": attack.name,
-                "cacc": evaluation.cacc,
-                "asr": evaluation.asr,
-                "asr_attack": attack.name,
-                "asr_floor": None,
-                "wall_s": round(result.wall_s, 2),
-                "overhead": round(result.wall_s / wall, 3),
-                "overhead_epochs": round(result.wall_s / (wall / base.epochs), 2),
-                "device": device_name(),
-                "seed": seed,
-                "command": command,
-                "backdoored": False,
-                "target_label": target,
-                "cul_label": result.backdoor_label,
-                "cul_label_is_target": result.backdoor_label == target,
-                "cul_score": result.score,
-                "cul_exposed": result.exposed,
-                "cul_clean_acc_before": result.clean_accuracy_before,
-                "cul_clean_acc_after": result.clean_accuracy_after,
-                "cul_learning_rate": result.learning_rate,
-                "cul_shares": json.dumps([round(s, 3) for s in result.label_shares]),
-                "num_clean_rows": result.num_clean_rows,
-                "cul_method": method,
-                "cul_clean_fraction": fraction,
-            }
+            record = vd.exposure_record(args, base, attack, "none", evaluation, result, wall, method, fraction, command)
+            record.update(
+                control=CONTROL,
+                flipped_rows=int(flipped.sum()),
+                flipped_like=attack.name,
+                target_label=target,
+                cul_label_is_target=result.backdoor_label == target,
+            )
             records.append(record)
             print(f"{method:15s} {fraction:5.2f}  label {result.backdoor_label} "
                   f"({'the target' if result.backdoor_label == target else 'not the target'}), "

@@ -13,8 +13,9 @@ Sections:
 - ``vision_cul``: ``--detection-seeds`` clean models and as many backdoored models per ``--cul-attacks`` attack,
   each exposed (``--cul-method``) on a stratified clean slice of the training images (``--cul-clean-fraction``,
   EBYD's 1% by default; rows that were not poisoned, as EBYD splits its defense data off the training set). Per
-  model: detected label (right or not), score, clean accuracy before/after. Then the model-detection AUROC (backdoored vs clean), the threshold from the clean models' scores
-  only (their maximum) and the backdoored models it flags. The clean models calibrate and are scored, so the
+  model: detected label (right or not), score, clean accuracy before/after. Then the model-detection AUROC
+  (backdoored vs clean), the threshold from the clean models' scores only (their maximum) and the backdoored models
+  it flags. The clean models calibrate and are scored, so the
   threshold's false-positive rate here is 0 by construction: read the AUROC.
 - ``text``: SST-2 with the default text model (lr 1e-4, 3 epochs, batch 32, the reference recipe): per attack the
   clean model (floor), undefended, ABL, CUL exposure of the undefended model on 69 stratified validation rows
@@ -223,9 +224,9 @@ def vision_abl(args, recipe, command, tmp) -> list[dict]:
 
 def vision_cul(args, recipe, command, tmp) -> list[dict]:
     from hf_backdoor.defenses import ExposeConfig, detection_threshold, expose_model
-    from hf_backdoor.experiments import device_name, save_trained_model
+    from hf_backdoor.experiments import save_trained_model
     from hf_backdoor.metrics import evaluate_backdoor, roc_auc
-    from hf_backdoor.vision import describe_default_vit, parse_config_overrides, prepare_image_dataset
+    from hf_backdoor.vision import prepare_image_dataset
 
     backdoored_seeds = args.detection_seeds if args.backdoored_seeds is None else args.backdoored_seeds
     models = [("none", seed) for seed in range(args.detection_seeds)]
@@ -261,42 +262,19 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         result = expose_model(
             trainer, clean, ExposeConfig(method=args.cul_method, learning_rate=args.cul_lr, seed=seed)
         )
-        epoch_s = wall / base.epochs
         records.append(
-            {
-                "section": "vision_cul",
-                "dataset": "cifar10",
-                "data": base.data,
-                "epochs": base.epochs,
-                "crop_padding": base.crop_padding,
-                "attack": attack_name,
-                "defense": "cul",
-                "model": describe_default_vit(**parse_config_overrides(args.config_overrides)),
-                "poison_rate": 0.0 if attack_name == "none" else args.poison_rate,
-                "cacc": evaluation.cacc,
-                "asr": evaluation.asr,  # for a clean model: its ASR on this attack's triggered rows
-                "asr_attack": attack.name,
-                "asr_floor": None,
-                "wall_s": round(result.wall_s, 2),
-                "overhead": round(result.wall_s / wall, 3),  # over the plain training of the model it exposes
-                "overhead_epochs": round(result.wall_s / epoch_s, 2),
-                "device": device_name(),
-                "seed": seed,
-                "command": command,
-                "backdoored": attack_name != "none",
-                "cul_label": result.backdoor_label,
-                "cul_label_correct": None if attack_name == "none" else result.backdoor_label == attack.target_label,
-                "cul_score": result.score,
-                "cul_exposed": result.exposed,
-                "cul_clean_acc_before": result.clean_accuracy_before,
-                "cul_clean_acc_after": result.clean_accuracy_after,
-                "cul_learning_rate": result.learning_rate,
-                "cul_epochs": len(result.history) - 1,
-                "cul_shares": json.dumps([round(s, 3) for s in result.label_shares]),
-                "num_clean_rows": result.num_clean_rows,
-                "cul_method": args.cul_method,
-                "cul_clean_fraction": args.cul_clean_fraction,
-            }
+            exposure_record(
+                args,
+                base,
+                attack,
+                attack_name,
+                evaluation,
+                result,
+                wall,
+                args.cul_method,
+                args.cul_clean_fraction,
+                command,
+            )
         )
     clean_scores = [r["cul_score"] for r in records if not r["backdoored"]]
     if len(clean_scores) >= 2 and any(r["backdoored"] for r in records):
@@ -305,6 +283,49 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         for r in records:
             r.update(detection_auroc=auroc, detection_threshold=threshold, flagged=r["cul_score"] > threshold)
     return records
+
+
+def exposure_record(args, base, attack, attack_name, evaluation, result, wall, method, fraction, command) -> dict:
+    """A ``vision_cul`` record: the model's CACC / ASR (``evaluation``), what its exposure (``result``, one
+    ``ExposureResult``) detected and its cost over the model's training (``wall`` seconds); ``attack_name`` ``none``
+    is a clean model, whose ``asr`` is its error on ``attack``'s triggered rows."""
+    from hf_backdoor.experiments import device_name
+    from hf_backdoor.vision import describe_default_vit, parse_config_overrides
+
+    return {
+        "section": "vision_cul",
+        "dataset": "cifar10",
+        "data": base.data,
+        "epochs": base.epochs,
+        "crop_padding": base.crop_padding,
+        "attack": attack_name,
+        "defense": "cul",
+        "model": describe_default_vit(**parse_config_overrides(args.config_overrides)),
+        "poison_rate": 0.0 if attack_name == "none" else args.poison_rate,
+        "cacc": evaluation.cacc,
+        "asr": evaluation.asr,  # for a clean model: its ASR on this attack's triggered rows
+        "asr_attack": attack.name,
+        "asr_floor": None,
+        "wall_s": round(result.wall_s, 2),
+        "overhead": round(result.wall_s / wall, 3),  # over the plain training of the model it exposes
+        "overhead_epochs": round(result.wall_s / (wall / base.epochs), 2),
+        "device": device_name(),
+        "seed": base.seed,
+        "command": command,
+        "backdoored": attack_name != "none",
+        "cul_label": result.backdoor_label,
+        "cul_label_correct": None if attack_name == "none" else result.backdoor_label == attack.target_label,
+        "cul_score": result.score,
+        "cul_exposed": result.exposed,
+        "cul_clean_acc_before": result.clean_accuracy_before,
+        "cul_clean_acc_after": result.clean_accuracy_after,
+        "cul_learning_rate": result.learning_rate,
+        "cul_epochs": len(result.history) - 1,
+        "cul_shares": json.dumps([round(s, 3) for s in result.label_shares]),
+        "num_clean_rows": result.num_clean_rows,
+        "cul_method": method,
+        "cul_clean_fraction": fraction,
+    }
 
 
 # -------------------------------------------------------------------------------------------------------- text
