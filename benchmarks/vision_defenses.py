@@ -63,15 +63,23 @@ def _recipe():
     return module
 
 
-def stratified_clean_slice(dataset, fraction: float, seed: int, exclude=None):
-    """``fraction`` of ``dataset``'s rows, the same share of every class, seeded; ``exclude`` rows never taken."""
+def stratified_clean_slice(dataset, fraction: float, seed: int, exclude=None, reference_size: int | None = None):
+    """``fraction`` of ``reference_size`` rows (default: ``dataset``'s size), the same number from every class of
+    ``dataset``, seeded; ``exclude`` rows are never taken."""
     labels = np.asarray(dataset.with_format(None)["label"])
     allowed = np.ones(len(labels), dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
     rng = np.random.default_rng(seed)
-    per_class = max(1, int(round(fraction * len(labels) / (labels.max() + 1))))
-    picked = [
-        rng.choice(np.flatnonzero(allowed & (labels == c)), size=per_class, replace=False) for c in np.unique(labels)
-    ]
+    per_class = max(1, int(round(fraction * (reference_size or len(labels)) / (labels.max() + 1))))
+    picked = []
+    for c in np.unique(labels):
+        candidates = np.flatnonzero(allowed & (labels == c))
+        if len(candidates) < per_class:
+            raise ValueError(
+                f"class {c} has {len(candidates)} usable clean rows, {per_class} needed: a clean-label attack "
+                "poisons every target row once poison_rate reaches the target's share. Draw the clean rows from "
+                "the test split (--cul-clean-from test) or lower the fraction."
+            )
+        picked.append(rng.choice(candidates, size=per_class, replace=False))
     return dataset.select(sorted(np.concatenate(picked).tolist()))
 
 
@@ -122,8 +130,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--abl-unlearning-objective",
         default=None,
-        choices=["ascent", "ascent_descent"],
-        help="ABL's unlearning, vision and text: the isolated rows' ascent alone or paired with retained-row descent",
+        choices=["ascent", "ascent_descent", "complementary"],
+        help="ABL's unlearning, vision and text: the isolated rows' ascent alone, or it (ascent_descent) or their "
+        "complementary-label descent (complementary) paired with retained-row descent",
     )
     parser.add_argument("--workers", type=int, default=0, help="dataloader workers of the ViT training")
     parser.add_argument(
@@ -137,6 +146,13 @@ def parse_args(argv=None):
         type=float,
         default=0.01,
         help="vision_cul: the exposure's clean rows as a fraction of the training set (EBYD: 0.01)",
+    )
+    parser.add_argument(
+        "--cul-clean-from",
+        default="train",
+        choices=["train", "test"],
+        help="vision_cul: draw the exposure's clean rows from the training rows that were not poisoned (EBYD) or "
+        "from the test split, for every model alike (a clean-label attack at 10%% leaves no clean target rows)",
     )
     parser.add_argument("--cul-lr", type=float, default=None, help="exposure learning rate (default: the official)")
     parser.add_argument("--text-attacks", default="badnet,syntactic,style")
@@ -257,8 +273,13 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
             prepare_image_dataset(asr_rows, processor),
             target_label=attack.target_label,
         )
-        exclude = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
-        clean = stratified_clean_slice(task["train"], args.cul_clean_fraction, seed, exclude=exclude)
+        if args.cul_clean_from == "test":
+            clean = stratified_clean_slice(
+                task["test"], args.cul_clean_fraction, seed, reference_size=len(task["train"])
+            )
+        else:
+            exclude = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
+            clean = stratified_clean_slice(task["train"], args.cul_clean_fraction, seed, exclude=exclude)
         result = expose_model(
             trainer, clean, ExposeConfig(method=args.cul_method, learning_rate=args.cul_lr, seed=seed)
         )
@@ -325,6 +346,7 @@ def exposure_record(args, base, attack, attack_name, evaluation, result, wall, m
         "num_clean_rows": result.num_clean_rows,
         "cul_method": method,
         "cul_clean_fraction": fraction,
+        "cul_clean_from": getattr(args, "cul_clean_from", "train"),
     }
 
 
@@ -560,6 +582,7 @@ def _key(record: dict) -> tuple:
     ) + (
         record.get("cul_method", "cul" if record.get("defense") == "cul" else None),
         record.get("cul_clean_fraction", 0.01),  # written before it could change: EBYD's 1%
+        record.get("cul_clean_from", "train"),
     )
 
 

@@ -91,8 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--abl-unlearning-objective",
         default="ascent",
-        choices=["ascent", "ascent_descent"],
-        help="ascend the isolated rows only (official code) or also descend as many retained rows (paper's GGA)",
+        choices=["ascent", "ascent_descent", "complementary"],
+        help="ascend the isolated rows only (official code), also descend as many retained rows (paper's GGA), or "
+        "descend -log(1 - p(label)) on the isolated rows with the retained rows (complementary)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")

@@ -179,10 +179,11 @@ def test_abl_on_text_isolates_and_masks_the_poisoned_rows(tmp_path, sst2, tokeni
     assert defense.compute_loss(trainer, model, all_isolated).item() == 0.0
 
 
-@pytest.mark.parametrize("objective", ["ascent", "ascent_descent"])
+@pytest.mark.parametrize("objective", ["ascent", "ascent_descent", "complementary"])
 def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, objective):
-    """One unlearning step equals plain SGD on -CE(isolated) (the official code) or on CE(retained) - CE(isolated)
-    (the paper's global gradient ascent), the retained batch drawn from the rows that were not isolated."""
+    """One unlearning step equals plain SGD on -CE(isolated) (the official code), on CE(retained) - CE(isolated)
+    (the paper's global gradient ascent) or on CE(retained) - mean log(1 - p(label | isolated)), the retained batch
+    drawn from the rows that were not isolated."""
     from hf_backdoor.defenses.abl import _endless_batches
     from hf_backdoor.defenses.exposure import iterate_batches, model_dataset
 
@@ -213,8 +214,13 @@ def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, 
     iso_inputs, iso_labels = next(
         iterate_batches(trainer, model_dataset(trainer, train.select(isolated)), config.unlearning_batch_size)
     )
-    objective_value = -F.cross_entropy(model(**iso_inputs).logits, iso_labels)
-    if objective == "ascent_descent":
+    iso_logits = model(**iso_inputs).logits
+    if objective == "complementary":
+        label_probability = iso_logits.softmax(-1).gather(1, iso_labels[:, None]).squeeze(1)
+        objective_value = -torch.log1p(-label_probability).mean()
+    else:
+        objective_value = -F.cross_entropy(iso_logits, iso_labels)
+    if objective != "ascent":
         rest = model_dataset(trainer, train.select([i for i in range(len(train)) if i not in set(isolated)]))
         ret_inputs, ret_labels = next(_endless_batches(trainer, rest, config.unlearning_batch_size, seed=1))
         assert len(ret_labels) == config.unlearning_batch_size
@@ -227,7 +233,7 @@ def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, 
         torch.testing.assert_close(parameter.detach(), expected[name], rtol=1e-4, atol=1e-6)
     history = trainer.defense.unlearning
     assert history[1]["isolated_loss"] > history[0]["isolated_loss"]
-    assert ("retained_train_loss" in history[1]) == (objective == "ascent_descent")
+    assert ("retained_train_loss" in history[1]) == (objective != "ascent")
 
 
 def test_abl_config_errors_say_what_to_fix():
@@ -243,3 +249,15 @@ def test_abl_config_errors_say_what_to_fix():
     state = build_defense(ABLConfig())
     state.load_state_dict({"isolated_indices": [3, 1], "isolation_done": True})
     assert state.state_dict()["isolated_indices"] == [3, 1] and state.state_dict()["isolation_done"]
+
+
+def test_complementary_label_loss_is_bounded_and_flips_binary_labels():
+    """On two classes -log(1 - p(y)) is the CE of the other label; at p(y) = 1 it stays finite (no runaway ascent)."""
+    from hf_backdoor.defenses.abl import complementary_label_loss
+
+    logits = torch.tensor([[2.0, -1.0], [0.3, 0.1], [-4.0, 5.0]])
+    labels = torch.tensor([0, 1, 1])
+    torch.testing.assert_close(complementary_label_loss(logits, labels), F.cross_entropy(logits, 1 - labels))
+    saturated = complementary_label_loss(torch.tensor([[0.0, 200.0]]), torch.tensor([1]))
+    assert torch.isfinite(saturated) and saturated.item() > 10
+    assert complementary_label_loss(torch.tensor([[0.0, -200.0]]), torch.tensor([1])).item() < 1e-6

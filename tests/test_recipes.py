@@ -94,6 +94,25 @@ def test_cul_records_of_two_exposure_methods_keep_separate_keys(vision_defenses)
     old = vision_defenses._key(record)  # written before the method was recorded: CUL
     assert old == vision_defenses._key({**record, "cul_method": "cul"})
     assert old != vision_defenses._key({**record, "cul_method": "random_label"})
+    assert old == vision_defenses._key({**record, "cul_clean_from": "train"})
+    assert old != vision_defenses._key({**record, "cul_clean_from": "test"})
+
+
+def test_exposure_clean_slice_is_stratified_and_says_when_a_clean_label_attack_left_a_class_empty(vision_defenses):
+    """A clean-label attack at 10% poisons every target row: the slice must say so, not crash inside numpy; drawn
+    from another split, the slice keeps the training set's size as its reference."""
+    import datasets
+
+    labels = np.repeat(np.arange(4), 50)
+    rows = datasets.Dataset.from_dict({"label": labels, "row": np.arange(200)})
+    poisoned = (labels == 3) & (np.arange(200) < 190)  # class 3 keeps exactly the 10 rows the slice needs
+    picked = vision_defenses.stratified_clean_slice(rows, 0.2, seed=0, exclude=poisoned)
+    assert np.bincount(picked["label"]).tolist() == [10, 10, 10, 10]
+    assert not poisoned[picked["row"]].any()
+    with pytest.raises(ValueError, match="class 0 has 0 usable clean rows, 10 needed.*--cul-clean-from test"):
+        vision_defenses.stratified_clean_slice(rows, 0.2, seed=0, exclude=labels == 0)
+    small = vision_defenses.stratified_clean_slice(rows, 0.01, seed=0, reference_size=2000)
+    assert np.bincount(small["label"]).tolist() == [5, 5, 5, 5]
 
 
 def test_vit_recipe_reuses_a_saved_clean_model_instead_of_training_it_again(tmp_path):

@@ -19,7 +19,10 @@ official code bboylyg/Expose-Before-You-Defend (``exposes/unlearn.py``, ``expose
   models, 5 of 6 labels right and AUROC 0.867, against CUL's 4 of 6 and 0.567 at EBYD's 1%. A model trained on
   the same dirty labels without the trigger (``benchmarks/exposure_label_control.py``) is also sent to the target
   (80% of its clean rows, score 0.617): on that ViT the exposure reads the label shift of dirty-label poisoning,
-  not the backdoor.
+  not the backdoor. On two ViTs backdoored by SIG, a clean-label attack that leaves the labels uniform (ASR 0.932
+  / 0.960), none of the 12 exposures (three methods, 1% and 5%) named the target; only random-label fine-tuning on
+  5% flagged both against five clean models (scores 0.102 / 0.044, clean at most 0.037; README, "A clean-label
+  attack").
 
 Use them through ``trainer.expose(clean_dataset, ExposeConfig(...))`` (``defenses/exposure.py``), which works on
 any classifier the trainer holds: the default ViT, Hub ViT/DeiT, and the text encoders.
