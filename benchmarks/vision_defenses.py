@@ -12,7 +12,9 @@ Sections:
   ``BackdoorSafeTrainer`` + ``ABLConfig`` (``recipes/cifar10_vit.py``'s training), CACC / ASR / isolation P/R.
 - ``vision_cul``: ``--detection-seeds`` clean models and as many backdoored models per ``--cul-attacks`` attack,
   each exposed (``--cul-method``) on a stratified clean slice of the training images (``--cul-clean-fraction``,
-  EBYD's 1% by default; rows that were not poisoned, as EBYD splits its defense data off the training set). Per
+  EBYD's 1% by default; rows that were not poisoned, as EBYD splits its defense data off the training set; with
+  ``--cul-clean-from test`` the same number of rows from the test split, for every model, as a clean-label attack at
+  10% poisons every target-class training row). Per
   model: detected label (right or not), score, clean accuracy before/after. Then the model-detection AUROC
   (backdoored vs clean), the threshold from the clean models' scores only (their maximum) and the backdoored models
   it flags. The clean models calibrate and are scored, so the
