@@ -7,7 +7,8 @@ poisoning makes the target the commonest training label?
 Trains the ViT of ``vision_defenses.py``'s ``vision_cul`` section on the training rows with exactly the labels the
 poisoning of ``--attacks`` (its first attack, BadNets by default) gives them (the same rows flipped to the target,
 20% of the labels on CIFAR-10 at rate 0.1) but **without the trigger**, then exposes it with every method on 1%
-and 5% clean rows (the unflipped rows, as ``vision_cul`` excludes the poisoned ones) and records the detected label and score. If the exposure lands on the
+and 5% clean rows (the unflipped rows, as ``vision_cul`` excludes the poisoned ones; the test split's with
+``--cul-clean-from test``) and records the detected label and score. If the exposure lands on the
 target here too, a "right" label on a backdoored model says nothing about its backdoor. The model is kept in
 ``--models-dir`` next to ``vision_cul``'s models (``label_flip_seedN/flipped``) and reused.
 
@@ -83,7 +84,7 @@ def main(argv=None) -> list[dict]:
         print(f"label-flip control: {flipped.sum()} of {len(flipped)} rows relabelled to {target}, no trigger; "
               f"CACC {evaluation.cacc:.3f}, ASR on the {attack.name} rows {evaluation.asr:.3f}")  # fmt: skip
         for method, fraction in SETTINGS:
-            clean = vd.stratified_clean_slice(task["train"], fraction, seed, exclude=flipped)
+            clean = vd.exposure_clean_slice(args, task, fraction, seed, poisoned_rows=flipped)
             result = expose_model(trainer, clean, ExposeConfig(method=method, seed=seed))
             record = vd.exposure_record(args, base, attack, "none", evaluation, result, wall, method, fraction, command)
             record.update(

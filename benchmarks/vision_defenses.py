@@ -275,13 +275,8 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
             prepare_image_dataset(asr_rows, processor),
             target_label=attack.target_label,
         )
-        if args.cul_clean_from == "test":
-            clean = stratified_clean_slice(
-                task["test"], args.cul_clean_fraction, seed, reference_size=len(task["train"])
-            )
-        else:
-            exclude = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
-            clean = stratified_clean_slice(task["train"], args.cul_clean_fraction, seed, exclude=exclude)
+        poisoned_rows = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
+        clean = exposure_clean_slice(args, task, args.cul_clean_fraction, seed, poisoned_rows)
         result = expose_model(
             trainer, clean, ExposeConfig(method=args.cul_method, learning_rate=args.cul_lr, seed=seed)
         )
@@ -306,6 +301,14 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         for r in records:
             r.update(detection_auroc=auroc, detection_threshold=threshold, flagged=r["cul_score"] > threshold)
     return records
+
+
+def exposure_clean_slice(args, task, fraction: float, seed: int, poisoned_rows=None):
+    """The exposure's clean rows, from where ``--cul-clean-from`` says: the training rows outside ``poisoned_rows``
+    (EBYD), or as many rows of the test split."""
+    if args.cul_clean_from == "test":
+        return stratified_clean_slice(task["test"], fraction, seed, reference_size=len(task["train"]))
+    return stratified_clean_slice(task["train"], fraction, seed, exclude=poisoned_rows)
 
 
 def exposure_record(args, base, attack, attack_name, evaluation, result, wall, method, fraction, command) -> dict:
@@ -348,7 +351,7 @@ def exposure_record(args, base, attack, attack_name, evaluation, result, wall, m
         "num_clean_rows": result.num_clean_rows,
         "cul_method": method,
         "cul_clean_fraction": fraction,
-        "cul_clean_from": getattr(args, "cul_clean_from", "train"),
+        "cul_clean_from": args.cul_clean_from,
     }
 
 

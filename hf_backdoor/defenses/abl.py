@@ -94,6 +94,7 @@ LGA_MODES = ("per_example", "batch", "none")
 ISOLATED_ROWS = ("mask", "ascend", "none")
 OPTIMIZERS = ("sgd", "adamw")
 UNLEARNING_OBJECTIVES = ("ascent", "ascent_descent", "complementary")
+PAIRED_WITH_RETAINED = ("ascent_descent", "complementary")  # objectives that also descend the retained rows
 REPORT_RATIOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 LOSS_HISTOGRAM_BINS = 40
 
@@ -377,7 +378,7 @@ class ABLDefense(Defense):
         subset = model_dataset(trainer, trainer.train_dataset.select(self.isolated_indices))
         labels = dataset_labels(subset)
         retained = None
-        if cfg.unlearning_objective in ("ascent_descent", "complementary"):
+        if cfg.unlearning_objective in PAIRED_WITH_RETAINED:
             isolated = set(self.isolated_indices)
             rest = [i for i in range(len(trainer.train_dataset)) if i not in isolated]
             retained = model_dataset(trainer, trainer.train_dataset.select(rest))
