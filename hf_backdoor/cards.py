@@ -121,6 +121,12 @@ def _findings(report: dict) -> str:
                 f"- Unlearning (gradient ascent on the isolated rows, {len(unlearning) - 1} epochs): their accuracy "
                 f"on their own labels {unlearning[0]['isolated_accuracy']:.2f} -> {unlearning[-1]['isolated_accuracy']:.2f}."
             )
+        guard = report.get("unlearning_guard") or {}
+        if guard:
+            lines.append(
+                f"- Unlearning guard ({guard['rows']} clean held-out rows, accuracy {guard['baseline_accuracy']:.3f} "
+                f"before unlearning): {len(guard['undone_steps'])} step(s) undone for costing them too much accuracy."
+            )
         return "\n".join(lines)
     scalars = {k: v for k, v in report.items() if isinstance(v, (int, float, str)) and k not in ("defense",)}
     if not scalars:

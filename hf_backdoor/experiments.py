@@ -108,11 +108,14 @@ def fine_tune_and_evaluate(
     output_dir: str | Path,
     defense=None,
     target_label: int | None = None,
+    eval_dataset=None,
 ) -> RunResult:
     """Fine-tune a fresh copy of ``settings.model_name`` on raw ``text``/``label`` rows and score CACC and ASR.
 
     ``test_dataset`` and ``asr_dataset`` must already be tokenized (they are shared between runs). With
     ``defense=None`` the plain ``transformers.Trainer`` trains, so undefended numbers are the real baseline.
+    ``eval_dataset`` (raw clean held-out rows, never the test rows) becomes the trainer's ``eval_dataset``, which
+    defenses that check clean accuracy while they act read (ABL's unlearning guard); no evaluation loop runs on it.
     """
     set_seed(settings.seed)
     model, tokenizer = load_text_classifier(settings.model_name, label_names)
@@ -139,6 +142,8 @@ def fine_tune_and_evaluate(
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_classification_metrics,
     )
+    if eval_dataset is not None:
+        kwargs["eval_dataset"] = tokenize_dataset(eval_dataset, tokenizer, settings.max_length)
     trainer = BackdoorSafeTrainer(defense=defense, **kwargs) if defense is not None else Trainer(**kwargs)
     start = time.perf_counter()
     output = trainer.train()

@@ -236,6 +236,77 @@ def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, 
     assert ("retained_train_loss" in history[1]) == (objective != "ascent")
 
 
+def _guarded_unlearning(tmp_path, sst2, tokenizer, guard_drop):
+    """A tiny model that predicts the target label for every row, ABL's ascent at a rate that flips it in one step,
+    and the isolated rows themselves (all labelled with the target) as the guard's held-out rows."""
+    rows = poison_dataset(sst2["train"].select(range(160)), BadNetConfig(triggers=("cf",), poison_rate=0.2))
+    train = tokenize_dataset(rows, tokenizer, max_length=48)
+    model = tiny_bert()
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([0.0, 2.0]))  # p(target = 1) = 0.88 on every row
+    isolated = np.flatnonzero(np.asarray(rows["poisoned"], dtype=bool)).tolist()[:16]
+    config = ABLConfig(
+        unlearning_epochs=3,
+        unlearning_learning_rate=100.0,
+        unlearning_momentum=0.0,
+        unlearning_weight_decay=0.0,
+        unlearning_guard_drop=guard_drop,
+        unlearning_guard_backtracks=2,
+    )
+    trainer = BackdoorSafeTrainer(
+        model=model,
+        args=args(tmp_path),
+        train_dataset=train,
+        eval_dataset=train.select(isolated),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        defense=config,
+    )
+    trainer.defense.isolated_indices = isolated
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.defense._unlearn(trainer)
+    return model, before, trainer.defense
+
+
+def test_unlearning_guard_undoes_a_step_that_costs_held_out_accuracy(tmp_path, sst2, tokenizer):
+    """Without the guard one step at lr 100 moves every held-out row off its label; with it each such step is undone
+    (the weights come back exactly), the learning rate halves, and the unlearning ends after the allowed undos."""
+    model, before, defense = _guarded_unlearning(tmp_path, sst2, tokenizer, guard_drop=None)
+    assert defense.unlearning[0]["isolated_accuracy"] == 1.0
+    assert defense.unlearning[1]["isolated_accuracy"] < 0.5
+    assert not torch.equal(model.classifier.bias, before["classifier.bias"])
+
+    model, before, defense = _guarded_unlearning(tmp_path, sst2, tokenizer, guard_drop=0.05)
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter.detach(), before[name]), name
+    guard = defense.report()["unlearning_guard"]
+    assert guard["baseline_accuracy"] == 1.0 and guard["rows"] == 16
+    assert [u["learning_rate_after"] for u in guard["undone_steps"]] == [50.0, 25.0]
+    assert all(u["accuracy"] < 0.95 for u in guard["undone_steps"])
+    # 16 isolated rows make one step an epoch: epochs 1 and 2 are undone, and epoch 3 of 3 never runs
+    assert [u["epoch"] for u in guard["undone_steps"]] == [1, 2]
+    assert [h["epoch"] for h in defense.unlearning] == [0, 1, 2]
+    assert all(h["guard_accuracy"] == 1.0 for h in defense.unlearning)
+    assert "2 step(s) undone" in _findings(defense.report())
+
+
+def test_unlearning_guard_needs_held_out_rows(tmp_path, sst2, tokenizer):
+    train = tokenize_dataset(sst2["train"].select(range(40)), tokenizer, max_length=48)
+    trainer = BackdoorSafeTrainer(
+        model=tiny_bert(),
+        args=args(tmp_path),
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        defense=ABLConfig(unlearning_guard_drop=0.05),
+    )
+    with pytest.raises(ValueError, match="pass one `eval_dataset`"):
+        trainer.defense.on_train_begin(trainer)
+    with pytest.raises(ValueError, match="unlearning_guard_drop must be in"):
+        ABLConfig(unlearning_guard_drop=1.5)
+
+
 def test_abl_config_errors_say_what_to_fix():
     with pytest.raises(ValueError, match="isolation_ratio must be in"):
         ABLConfig(isolation_ratio=0)

@@ -41,6 +41,16 @@ Deviations and options, and why:
 - ``unlearning_stop_accuracy`` ends the ascent early once the isolated rows are no longer predicted as their
   (poisoned) labels; official: no early stop. ``unlearning_epochs`` counts ascent epochs (official 5 loop
   iterations = 4 ascent epochs).
+- ``unlearning_guard_drop`` (not in the paper) checks, after every unlearning step, the accuracy of up to
+  ``unlearning_guard_rows`` clean held-out rows (the Trainer's ``eval_dataset``). A step that costs them more than
+  ``unlearning_guard_drop`` below their accuracy before unlearning is undone, the optimizer's momentum is cleared and
+  its learning rate halved; after ``unlearning_guard_backtracks`` undone steps the unlearning ends. Why: on the
+  two-class text task the isolated rows' accuracy fell from 1.00 to 0.00 within one epoch and the model with it, so a
+  check between epochs came too late. The guard reads clean rows only, never the ASR rows. Measured on SST-2 BadNet
+  (MiniLM, 10% isolated, complementary objective; README): where the unguarded unlearning inverted seed 1's model
+  (CACC 0.127), ``d = 0.10`` left 0.787 / ASR 0.109 and ``d = 0.03`` 0.847 / 0.969; at 0.03 the guard ended the
+  unlearning with the backdoor in place on both seeds (ASR 0.851 / 0.969). It bounds the damage; it does not make
+  ABL work on MiniLM.
 - Rows are recognised across epochs by their token ids (text) or by a ``row_index`` column that the image transform
   passes through (``prepare_image_dataset(..., keep_row_index=True)``), because augmentation changes the pixels.
 - Under several processes the main process isolates and broadcasts the result; unlearning runs identically on every
@@ -124,8 +134,13 @@ class ABLConfig(DefenseConfig):
             off that label; the retained rows hold the clean task in place. ``"complementary"`` descends the
             bounded complementary-label loss ``-log(1 - p(y))`` on the isolated rows instead of ascending their CE,
             paired with the same retained-row descent (see the module docstring).
+        unlearning_guard_drop: largest fall of the clean held-out rows' accuracy (the Trainer's ``eval_dataset``)
+            that one unlearning step may cause; a step beyond it is undone and the learning rate halved. ``None``
+            (default, as the paper): no guard.
+        unlearning_guard_rows: how many ``eval_dataset`` rows the guard scores after each step (a seeded sample).
+        unlearning_guard_backtracks: undone steps after which the unlearning ends.
         isolation_batch_size: batch size of the loss pass that ranks the rows.
-        seed: seeds the unlearning's batch order.
+        seed: seeds the unlearning's batch order and the guard's sample.
     """
 
     isolation_epochs: int = 1
@@ -141,6 +156,9 @@ class ABLConfig(DefenseConfig):
     unlearning_weight_decay: float = 1e-4
     unlearning_stop_accuracy: float | None = None
     unlearning_objective: str = "ascent"
+    unlearning_guard_drop: float | None = None
+    unlearning_guard_rows: int = 256
+    unlearning_guard_backtracks: int = 4
     isolation_batch_size: int = 256
     seed: int = 0
 
@@ -167,13 +185,17 @@ class ABLConfig(DefenseConfig):
             raise ValueError(f"unlearning_epochs must be >= 0, got {self.unlearning_epochs}.")
         if self.unlearning_learning_rate <= 0:
             raise ValueError(f"unlearning_learning_rate must be > 0, got {self.unlearning_learning_rate}.")
-        for name in ("unlearning_batch_size", "isolation_batch_size"):
+        for name in ("unlearning_batch_size", "isolation_batch_size", "unlearning_guard_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if self.unlearning_stop_accuracy is not None and not 0 <= self.unlearning_stop_accuracy < 1:
             raise ValueError(
                 f"unlearning_stop_accuracy must be in [0, 1) or None, got {self.unlearning_stop_accuracy}."
             )
+        if self.unlearning_guard_drop is not None and not 0 < self.unlearning_guard_drop < 1:
+            raise ValueError(f"unlearning_guard_drop must be in (0, 1) or None, got {self.unlearning_guard_drop}.")
+        if self.unlearning_guard_backtracks < 0:
+            raise ValueError(f"unlearning_guard_backtracks must be >= 0, got {self.unlearning_guard_backtracks}.")
 
 
 def lga_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, per_example: bool = True) -> torch.Tensor:
@@ -214,6 +236,7 @@ class ABLDefense(Defense):
         self.isolation_epoch: int | None = None
         self.isolation: dict[str, Any] = {}
         self.unlearning: list[dict[str, Any]] = []
+        self.unlearning_guard: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self.epochs_seen = 0
         self.isolation_step: int | None = None
@@ -227,6 +250,8 @@ class ABLDefense(Defense):
         if dataset is None:
             raise ValueError("ABL needs the training set: pass `train_dataset` to the trainer.")
         self._key_kind = _key_kind(dataset)
+        if self.config.unlearning_guard_drop is not None and self.config.unlearning_epochs:
+            _guard_dataset(trainer)  # fail before training, not after it
         planned = getattr(trainer.state, "num_train_epochs", None) or trainer.args.num_train_epochs
         if planned <= self.config.isolation_epochs:
             logger.warning(
@@ -406,12 +431,17 @@ class ABLDefense(Defense):
                 "train_loss": train_loss,
             }
 
+        guard = _UnlearningGuard(trainer, model, cfg) if cfg.unlearning_guard_drop is not None else None
         self.unlearning = [measure(0, None)]
+        if guard is not None:
+            self.unlearning[0]["guard_accuracy"] = guard.baseline
+        stopped = False
         with torch.random.fork_rng(devices=[]):  # dropout draws must not shift the caller's random stream
             torch.manual_seed(cfg.seed)
             for epoch in range(1, cfg.unlearning_epochs + 1):
-                if cfg.unlearning_stop_accuracy is not None and (
-                    self.unlearning[-1]["isolated_accuracy"] <= cfg.unlearning_stop_accuracy
+                if stopped or (
+                    cfg.unlearning_stop_accuracy is not None
+                    and self.unlearning[-1]["isolated_accuracy"] <= cfg.unlearning_stop_accuracy
                 ):
                     break
                 model.train()
@@ -421,8 +451,8 @@ class ABLDefense(Defense):
                     if retained is not None
                     else None
                 )
-                for inputs, batch_labels in iterate_batches(
-                    trainer, subset, cfg.unlearning_batch_size, shuffle=True, seed=cfg.seed + epoch
+                for step, (inputs, batch_labels) in enumerate(
+                    iterate_batches(trainer, subset, cfg.unlearning_batch_size, shuffle=True, seed=cfg.seed + epoch)
                 ):
                     with trainer.accelerator.autocast():
                         logits = model(**inputs).logits.float()
@@ -438,13 +468,22 @@ class ABLDefense(Defense):
                         retained_loss = F.cross_entropy(retained_logits, retained_labels)
                         objective = objective + retained_loss
                         retained_losses.append(float(retained_loss.detach()))
+                    if guard is not None:
+                        guard.remember(params)
                     optimizer.zero_grad(set_to_none=True)
                     objective.backward()
                     optimizer.step()
                     losses.append(float(loss.detach()))
+                    if guard is not None and not guard.check(params, optimizer, epoch, step):
+                        stopped = True
+                        break
                 self.unlearning.append(measure(epoch, float(np.mean(losses))))
                 if retained_losses:
                     self.unlearning[-1]["retained_train_loss"] = float(np.mean(retained_losses))
+                if guard is not None:
+                    self.unlearning[-1]["guard_accuracy"] = guard.accuracy()
+        if guard is not None:
+            self.unlearning_guard = guard.report()
         model.train(was_training)
         optimizer.zero_grad(set_to_none=True)
 
@@ -484,8 +523,71 @@ class ABLDefense(Defense):
             "isolated_row_indices": self.isolated_indices,
             "isolation": self.isolation,
             "unlearning": self.unlearning,
+            "unlearning_guard": self.unlearning_guard,
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
+
+
+def _guard_dataset(trainer):
+    dataset = trainer.eval_dataset
+    if dataset is None or isinstance(dataset, dict):
+        raise ValueError(
+            "ABLConfig(unlearning_guard_drop=...) scores clean held-out rows after every unlearning step: pass one "
+            "`eval_dataset` (a clean validation split, not the test rows you report) to the trainer, or set "
+            f"unlearning_guard_drop=None. Got {type(dataset).__name__}."
+        )
+    if len(dataset) == 0:
+        raise ValueError("ABL's unlearning guard got an empty eval_dataset: pass clean held-out rows.")
+    return dataset
+
+
+class _UnlearningGuard:
+    """Undoes an unlearning step that costs the clean held-out rows more than ``unlearning_guard_drop`` of accuracy,
+    clears the optimizer's state (momentum that carried the step) and halves its learning rate."""
+
+    def __init__(self, trainer, model, config: ABLConfig):
+        dataset = _guard_dataset(trainer)
+        rows = np.random.default_rng(config.seed).permutation(len(dataset))[: config.unlearning_guard_rows]
+        self.trainer, self.model, self.config = trainer, model, config
+        self.dataset = model_dataset(trainer, dataset.select(np.sort(rows)))
+        self.labels = dataset_labels(self.dataset)
+        self.baseline = self.accuracy()
+        self.undone: list[dict[str, Any]] = []
+        self._saved: list[torch.Tensor] = []
+
+    def accuracy(self) -> float:
+        logits, _ = predict_logits(self.trainer, self.model, self.dataset, self.config.isolation_batch_size)
+        return float(np.mean(logits.argmax(axis=1) == self.labels))
+
+    def remember(self, params: list[torch.Tensor]) -> None:
+        self._saved = [p.detach().clone() for p in params]
+
+    def check(self, params: list[torch.Tensor], optimizer, epoch: int, step: int) -> bool:
+        """False once the unlearning must end."""
+        accuracy = self.accuracy()
+        if self.baseline - accuracy <= self.config.unlearning_guard_drop:
+            return True
+        with torch.no_grad():
+            for param, saved in zip(params, self._saved):
+                param.copy_(saved)
+        optimizer.state.clear()
+        for group in optimizer.param_groups:
+            group["lr"] *= 0.5
+        self.undone.append(
+            {"epoch": epoch, "step": step, "accuracy": accuracy, "learning_rate_after": optimizer.param_groups[0]["lr"]}
+        )
+        logger.info(
+            "ABL unlearning guard: epoch %d step %d took the held-out accuracy %.3f -> %.3f; undone, lr now %.2e.",
+            epoch,
+            step,
+            self.baseline,
+            accuracy,
+            optimizer.param_groups[0]["lr"],
+        )
+        return len(self.undone) < self.config.unlearning_guard_backtracks
+
+    def report(self) -> dict[str, Any]:
+        return {"rows": len(self.labels), "baseline_accuracy": self.baseline, "undone_steps": self.undone}
 
 
 def _endless_batches(trainer, dataset, batch_size: int, seed: int):
