@@ -519,6 +519,7 @@ def text_section(args, command, tmp, emit) -> None:
                 eval_dataset=task["validation"] if abl_config.unlearning_guard_drop is not None else None,
             )
             isolation = abl.trainer.defense_report["isolation"]
+            guard = abl.trainer.defense_report["unlearning_guard"]  # {} when the guard is off
             abl_extra = {
                 "asr_attack": attack.name,
                 "overhead": round(abl.wall_s / plain.wall_s, 3),
@@ -534,14 +535,12 @@ def text_section(args, command, tmp, emit) -> None:
                 "abl_unlearning_accuracy": json.dumps(
                     [round(h["isolated_accuracy"], 3) for h in abl.trainer.defense_report["unlearning"]]
                 ),
-                "abl_guard_undone_steps": len(abl.trainer.defense_report["unlearning_guard"].get("undone_steps", []))
-                if abl_config.unlearning_guard_drop is not None
-                else None,
+                "abl_guard_undone_steps": len(guard["undone_steps"]) if guard else None,
                 # the guard's held-out accuracy after each unlearning epoch (epoch 0: before unlearning)
                 "abl_guard_accuracy": json.dumps(
                     [round(h["guard_accuracy"], 3) for h in abl.trainer.defense_report["unlearning"]]
                 )
-                if abl_config.unlearning_guard_drop is not None
+                if guard
                 else None,
                 # part of the results key: ABL runs of other settings keep their own records
                 "abl_config": json.dumps(dataclasses.asdict(abl_config)),

@@ -481,7 +481,7 @@ class ABLDefense(Defense):
                 if retained_losses:
                     self.unlearning[-1]["retained_train_loss"] = float(np.mean(retained_losses))
                 if guard is not None:
-                    self.unlearning[-1]["guard_accuracy"] = guard.accuracy()
+                    self.unlearning[-1]["guard_accuracy"] = guard.current
         if guard is not None:
             self.unlearning_guard = guard.report()
         model.train(was_training)
@@ -552,6 +552,7 @@ class _UnlearningGuard:
         self.dataset = model_dataset(trainer, dataset.select(np.sort(rows)))
         self.labels = dataset_labels(self.dataset)
         self.baseline = self.accuracy()
+        self.current = self.baseline  # the accuracy of the weights as they stand after the last check
         self.undone: list[dict[str, Any]] = []
         self._saved: list[torch.Tensor] = []
 
@@ -560,12 +561,18 @@ class _UnlearningGuard:
         return float(np.mean(logits.argmax(axis=1) == self.labels))
 
     def remember(self, params: list[torch.Tensor]) -> None:
-        self._saved = [p.detach().clone() for p in params]
+        if not self._saved:
+            self._saved = [p.detach().clone() for p in params]
+            return
+        with torch.no_grad():  # reuse the buffers: this runs before every unlearning step
+            for saved, param in zip(self._saved, params):
+                saved.copy_(param)
 
     def check(self, params: list[torch.Tensor], optimizer, epoch: int, step: int) -> bool:
         """False once the unlearning must end."""
         accuracy = self.accuracy()
         if self.baseline - accuracy <= self.config.unlearning_guard_drop:
+            self.current = accuracy
             return True
         with torch.no_grad():
             for param, saved in zip(params, self._saved):
