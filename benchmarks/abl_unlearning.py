@@ -3,7 +3,7 @@ ascent settings, and score each setting's CACC and ASR.
 
     python benchmarks/abl_unlearning.py --model-dir MODELS/badnets_seed0/abl --setting sgd:0.01 --setting adamw:1e-4
 
-``MODEL_DIR`` is a folder written by ``recipes/cifar10_vit.py --save-models`` for its ``abl`` run (or by
+``MODEL_DIR`` is a folder written by ``recipes/cifar10_vit.py --save_models`` for its ``abl`` run (or by
 ``benchmarks/vision_defenses.py --models-dir``): the model after ABL's training and its report
 (``defense_report.json``, whose ``isolated_row_indices`` name the isolated training rows). The poisoned training set
 is rebuilt from the same data, attack, rate and seed. Each setting starts again from the saved weights and ascends the
@@ -29,15 +29,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from results_io import RESULTS, fill_floors, known_records, merge_records
 from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
+from benchmarks.common.records import RESULTS, device_name, fill_floors, known_records, merge_records  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/cifar10_32.npz"))
-    parser.add_argument("--attack", default="badnets")
+    parser.add_argument("--attack", default="badnet")
     parser.add_argument("--poison-rate", type=float, default=0.1)
     parser.add_argument("--target-label", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -62,7 +64,6 @@ def main(argv=None) -> None:
 
     from hf_backdoor import make_asr_dataset, poison_dataset
     from hf_backdoor.attacks.vision import get_image_attack_config
-    from hf_backdoor.experiments import device_name
     from hf_backdoor.vision import describe_default_vit, load_image_task, prepare_image_dataset
 
     args = parse_args(argv)

@@ -25,15 +25,17 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import vision_defenses as vd
-from results_io import RESULTS, merge_records
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
+from benchmarks import vision_defenses as vd  # noqa: E402
+from benchmarks.common import records, runs, vision  # noqa: E402
 
 SETTINGS = [(method, fraction) for method in ("cul", "rnp_unlearning", "random_label") for fraction in (0.01, 0.05)]
 CONTROL = "dirty labels, no trigger"
 
 
 def _key(record: dict) -> tuple:
-    return vd._key(record) + (record.get("control"),)
+    return records.defenses_record_key(record) + (record.get("control"),)
 
 
 def label_flip_rows(clean_rows, poisoned_rows):
@@ -48,45 +50,37 @@ def label_flip_rows(clean_rows, poisoned_rows):
 
 def main(argv=None) -> list[dict]:
     from hf_backdoor.defenses import ExposeConfig, expose_model
-    from hf_backdoor.experiments import save_trained_model
-    from hf_backdoor.metrics import evaluate_backdoor
-    from hf_backdoor.vision import prepare_image_dataset
 
     argv = sys.argv[1:] if argv is None else argv
     args = vd.parse_args(argv)
     # vision_defenses' --output defaults to its own file; this control keeps its records apart
-    output = Path(args.output) if "--output" in argv else RESULTS / "exposure_label_control.json"
+    output = Path(args.output) if "--output" in argv else records.RESULTS / "exposure_label_control.json"
     attack_name = vd._split(args.attacks)[0]
     seed = args.seed
-    recipe = vd._recipe()
+    recipe = vd.load_recipe()
     command = "python benchmarks/exposure_label_control.py " + shlex.join(argv)
-    records = []
+    found = []
     with tempfile.TemporaryDirectory() as tmp:
-        base = recipe.parse_args(vd._recipe_argv(args, attack_name, seed, Path(tmp)))
-        task, attack, poisoned, asr_rows = recipe.load_data(base)
+        script, training_args = recipe.parse_args(vd.recipe_argv(args, attack_name, seed, Path(tmp)))
+        task, attack, poisoned, asr_rows = recipe.load_data(script, seed)
         flipped = np.asarray(poisoned["poisoned"], dtype=bool)
         target = attack.target_label
         rows = label_flip_rows(task["train"], poisoned)
-        run_dir = vd._models_dir(args, "label_flip", seed) / "flipped"
-        loaded = recipe.load_saved_run(run_dir)
-        if loaded is None:
-            trainer, wall = recipe.train_vit(base, rows, task["train"].features["label"].names, run_dir, seed=seed)
-            save_trained_model(trainer, run_dir, wall, base.epochs)
+        run_dir = vd.models_dir(args, "label_flip", seed) / "flipped"
+        if runs.saved_training_wall(run_dir) is not None:
+            trainer, wall = vision.load_saved_vit(run_dir)
         else:
-            trainer, wall = loaded
-        processor = trainer.processing_class
-        evaluation = evaluate_backdoor(
-            trainer,
-            prepare_image_dataset(task["test"], processor),
-            prepare_image_dataset(asr_rows, processor),
-            target_label=target,
-        )
+            label_names = task["train"].features["label"].names
+            trainer, wall = vision.train_recipe_vit(script, training_args, run_dir, rows, label_names)
+        evaluation = vision.evaluate_images(trainer, task["test"], asr_rows, target)
         print(f"label-flip control: {flipped.sum()} of {len(flipped)} rows relabelled to {target}, no trigger; "
               f"CACC {evaluation.cacc:.3f}, ASR on the {attack.name} rows {evaluation.asr:.3f}")  # fmt: skip
         for method, fraction in SETTINGS:
             clean = vd.exposure_clean_slice(args, task, fraction, seed, poisoned_rows=flipped)
             result = expose_model(trainer, clean, ExposeConfig(method=method, seed=seed))
-            record = vd.exposure_record(args, base, attack, "none", evaluation, result, wall, method, fraction, command)
+            record = vd.exposure_record(
+                args, training_args, attack, "none", evaluation, result, wall, method, fraction, command
+            )
             record.update(
                 control=CONTROL,
                 flipped_rows=int(flipped.sum()),
@@ -94,14 +88,14 @@ def main(argv=None) -> list[dict]:
                 target_label=target,
                 cul_label_is_target=result.backdoor_label == target,
             )
-            records.append(record)
+            found.append(record)
             print(f"{method:15s} {fraction:5.2f}  label {result.backdoor_label} "
                   f"({'the target' if result.backdoor_label == target else 'not the target'}), "
                   f"target share {result.label_shares[target]:.3f}, score {result.score:.3f}, "
                   f"clean acc {result.clean_accuracy_before:.2f} -> {result.clean_accuracy_after:.2f}")  # fmt: skip
-    merge_records(output, records, _key)
+    records.merge_records(output, found, _key)
     print(f"wrote {output}")
-    return records
+    return found
 
 
 if __name__ == "__main__":

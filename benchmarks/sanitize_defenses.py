@@ -5,11 +5,12 @@
     python benchmarks/sanitize_defenses.py --smoke              # tiny settings, to check the plumbing
     python benchmarks/sanitize_defenses.py --cell "--modality vision --attack blended --defenses rnp,nwc"
 
-Each cell is one run of ``recipes/sanitize.py`` (its arguments) in a subprocess. A cell whose arguments contain
-``{model:NAME}`` repairs the backdoored model saved by the cell tagged ``NAME`` (``--tag NAME`` is not a recipe
-argument: it names the cell's output folder) instead of training a new one, so the RNP unit kinds are compared on the
-same weights. ``--work-dir DIR`` keeps the cells' folders (and so their saved models, ``DIR/TAG/undefended``) for later
-runs' ``--load-model``; by default they go to a temporary folder that is removed. Then one table is printed and the
+Each cell is one run of a sanitize recipe (its arguments) in a subprocess: ``--modality text`` runs
+``recipes/sst2_sanitize.py``, ``--modality vision`` ``recipes/cifar10_sanitize.py``. A cell whose arguments contain
+``{model:NAME}`` repairs the backdoored model saved by the cell tagged ``NAME`` (``--tag NAME`` and ``--modality`` are
+not recipe arguments: they name the cell's output folder and its recipe) instead of training a new one, so the RNP
+unit kinds are compared on the same weights. ``--work-dir DIR`` keeps the cells' folders (and so their saved models,
+``DIR/TAG/undefended``) for later runs' ``--load_model``; by default they go to a temporary folder that is removed. Then one table is printed and the
 records are merged into ``benchmarks/results/sanitize_defenses.json`` (a record of the same dataset / attack /
 defense / exposure / RNP settings / overrides / clean-row source / poison rate / model / seed is replaced). BTU's
 SST-2 records from ``results/text_btu.json`` are shown beside the table for comparison, not re-run.
@@ -31,31 +32,33 @@ import sys
 import tempfile
 from pathlib import Path
 
-from results_io import RESULTS, fill_floors, known_records, merge_records
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo root: benchmarks/common, not installed
+from benchmarks.common.records import RESULTS, fill_floors, known_records, merge_records, shown  # noqa: E402
+
+RECIPES = {"text": "recipes/sst2_sanitize.py", "vision": "recipes/cifar10_sanitize.py"}
 ALL = "rnp,nad,nwc,finetune"
 GRID = [
     # SST-2, BadNet 10%, default MiniLM: the four defenses (RNP on its default FFN + LayerNorm units, its threshold
     # sweep scored), then RNP on each unit kind alone on the same weights.
-    f"--tag sst2_badnet --modality text --dataset sst2 --attack badnet --defenses {ALL} --floor --score-sweep",
+    f"--tag sst2_badnet --modality text --dataset sst2 --attack badnet --defenses {ALL} --floor --score_sweep",
     *(
-        f"--modality text --dataset sst2 --attack badnet --defenses rnp --rnp-units {units} --score-sweep "
-        "--load-model {model:sst2_badnet}"
+        f"--modality text --dataset sst2 --attack badnet --defenses rnp --rnp_units {units} --score_sweep "
+        "--load_model {model:sst2_badnet}"
         for units in ("ffn", "head", "layernorm")
     ),
     # Small ViT on the CIFAR-10 subset ({cifar}: the 10k/2k npz of the reference when present, else the packaged
     # copy), BadNets and Blended 10%.
-    f"--tag vit_badnets --modality vision --dataset {{cifar}} --attack badnets --defenses {ALL} --floor --score-sweep",
+    f"--tag vit_badnet --modality vision --dataset {{cifar}} --attack badnet --defenses {ALL} --floor --score_sweep",
     *(
-        f"--modality vision --dataset {{cifar}} --attack badnets --defenses rnp --rnp-units {units} --score-sweep "
-        "--load-model {model:vit_badnets}"
+        f"--modality vision --dataset {{cifar}} --attack badnet --defenses rnp --rnp_units {units} --score_sweep "
+        "--load_model {model:vit_badnet}"
         for units in ("ffn", "head", "layernorm")
     ),
-    f"--modality vision --dataset {{cifar}} --attack blended --defenses {ALL} --floor --score-sweep",
+    f"--modality vision --dataset {{cifar}} --attack blended --defenses {ALL} --floor --score_sweep",
 ]
 CIFAR_NPZ = ROOT.parent / "shared" / "data" / "cifar10_32.npz"
-SMOKE = "--max-train-samples 300 --max-eval-samples 200 --epochs 1 --defense-epochs 1 --clean-fraction 0.2"
+SMOKE = "--max_train_samples 300 --max_eval_samples 200 --num_train_epochs 1 --defense_epochs 1 --clean_fraction 0.2"
 
 
 def _key(record: dict) -> tuple:
@@ -75,6 +78,16 @@ def _key(record: dict) -> tuple:
         record["model"],
         record["seed"],
     )
+
+
+def _pop(words: list[str], flag: str, default: str) -> str:
+    """The value of a cell keyword that is not a recipe argument (``--tag``, ``--modality``), removed from ``words``."""
+    if flag not in words:
+        return default
+    at = words.index(flag)
+    value = words[at + 1]
+    del words[at : at + 2]
+    return value
 
 
 def _model_key(record: dict) -> tuple:
@@ -120,9 +133,9 @@ def _print_table(records: list[dict]) -> None:
                 f"{r['dataset']:<9}{r['attack']:<9}{_label(r):<10}{r.get('rnp_units') or '':<11}  failed: {r['error']}"
             )
             continue
-        floor = "-" if r.get("asr_floor") is None else f"{r['asr_floor']:.3f}"
-        wall = "-" if r.get("wall_s") is None else f"{r['wall_s']:.1f}"
-        overhead = "-" if r.get("overhead") is None else f"{r['overhead']:.2f}x"
+        floor = shown(r.get("asr_floor"))
+        wall = shown(r.get("wall_s"), ".1f")
+        overhead = shown(r.get("overhead"), ".2f", "x")
         print(
             f"{r['dataset']:<9}{r['attack']:<9}{_label(r):<10}{r.get('rnp_units') or '':<11}{r['cacc']:>7.3f}"
             f"{r['asr']:>7.3f}{floor:>7}{wall:>9}{overhead:>10}  {r['device']}"
@@ -134,7 +147,7 @@ def main() -> None:
     parser.add_argument("--cell", action="append", help="recipe arguments of one cell (repeatable; default: GRID)")
     parser.add_argument("--only", choices=["text", "vision"], default=None, help="run only this modality's cells")
     parser.add_argument("--smoke", action="store_true", help=f"append tiny settings to every cell ({SMOKE})")
-    parser.add_argument("--extra", default="", help="arguments appended to every cell (e.g. --bf16)")
+    parser.add_argument("--extra", default="", help="recipe arguments appended to every cell (e.g. --bf16)")
     parser.add_argument("--output", default=str(RESULTS / "sanitize_defenses.json"))
     parser.add_argument(
         "--work-dir",
@@ -155,11 +168,9 @@ def main() -> None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory())
         for index, cell in enumerate(cells):
             words = shlex.split(cell)
-            tag = f"cell_{index}"
-            if "--tag" in words:
-                at = words.index("--tag")
-                tag = words[at + 1]
-                del words[at : at + 2]
+            tag, modality = _pop(words, "--tag", f"cell_{index}"), _pop(words, "--modality", "text")
+            if modality not in RECIPES:
+                raise SystemExit(f"cell {cell!r}: --modality must be one of {sorted(RECIPES)}")
             cifar = str(CIFAR_NPZ) if CIFAR_NPZ.exists() else "cifar10"
             words = [
                 str(Path(tmp) / w[len("{model:") : -1] / "undefended") if w.startswith("{model:") else w for w in words
@@ -168,22 +179,22 @@ def main() -> None:
             out = Path(tmp) / f"{tag}.json"
             cmd = [
                 sys.executable,
-                str(ROOT / "recipes" / "sanitize.py"),
+                str(ROOT / RECIPES[modality]),
                 *words,
                 *extra,
-                "--output-dir",
+                "--output_dir",
                 str(Path(tmp) / tag),
-                "--results-json",
+                "--results_json",
                 str(out),
             ]
-            print(f"[{index + 1}/{len(cells)}] recipes/sanitize.py {shlex.join(words + extra)}", flush=True)
+            print(f"[{index + 1}/{len(cells)}] {RECIPES[modality]} {shlex.join(words + extra)}", flush=True)
             completed = subprocess.run(cmd, cwd=ROOT)
             if completed.returncode != 0 or not out.exists():
                 print(f"cell failed (exit {completed.returncode}): {cell}", flush=True)
                 continue
             for record in json.loads(out.read_text()):
                 record["command"] = "python benchmarks/sanitize_defenses.py --cell " + shlex.quote(
-                    shlex.join(words + extra)
+                    shlex.join(["--modality", modality, *words, *extra])
                 )
                 new_records.append(record)
     _fill_overheads(new_records)

@@ -2,29 +2,36 @@
 
     python benchmarks/text_baseline.py                      # full: SST-2 and HSOL, 3 epochs each
     python benchmarks/text_baseline.py --datasets sst2 --attacks badnet addsent
+    python benchmarks/text_baseline.py --datasets sst2 -- --max_train_samples 300 --num_train_epochs 1   # smoke run
 
-Each (dataset, attack) trains a clean and a poisoned model with ``recipes/sst2_baseline.py``, in a subprocess (so its command is recorded exactly),
-then prints one table and writes ``benchmarks/results/text_baseline.json``.
+Each (dataset, attack) trains a clean and a poisoned model with ``recipes/sst2_baseline.py`` in a subprocess (so its
+command is recorded exactly; arguments after ``--`` go to the recipe), then prints one table and merges the records into
+``benchmarks/results/text_baseline.json`` (a record of the same data, attack, model, seed and poisoning is replaced).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo root: benchmarks/common, not installed
+from benchmarks.common.records import RESULTS, merge_records, recipe_records, shown  # noqa: E402
+
+
+def _key(record: dict) -> tuple:
+    """A record of the same data, attack, model, seed and poisoning replaces the older one."""
+    return tuple(record.get(k) for k in ("dataset", "attack", "asr_attack", "model", "seed", "poison_rate", "mode"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["sst2", "hsol"])
-    parser.add_argument("--attacks", nargs="+", default=["badnet"])
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "text_baseline.json"))
+    parser.add_argument("--datasets", nargs="+", default=["sst2", "hsol"], help="packaged tasks")
+    parser.add_argument("--attacks", nargs="+", default=["badnet"], help="text attacks")
+    parser.add_argument("--output", default=str(RESULTS / "text_baseline.json"), help="records file")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="passed to the recipe after --")
     args = parser.parse_args()
     extra = [a for a in args.extra if a != "--"]
@@ -32,35 +39,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets:
             for attack in args.attacks:
-                out = Path(tmp) / f"{dataset}_{attack}.json"
-                cmd = [
-                    sys.executable,
-                    str(ROOT / "recipes" / "sst2_baseline.py"),
-                    "--dataset",
-                    dataset,
-                    "--attack",
-                    attack,
-                    "--output-dir",
-                    str(Path(tmp) / "runs"),
-                    "--results-json",
-                    str(out),
-                    *extra,
-                ]
-                subprocess.run(cmd, check=True, cwd=ROOT)
-                for record in json.loads(out.read_text()):
+                recipe_args = ["--dataset", dataset, "--attack", attack, *extra]
+                for record in recipe_records("sst2_baseline.py", recipe_args, Path(tmp), f"{dataset}_{attack}.json"):
                     # The recipe's own command names temporary paths; keep it, but lead with this script's.
-                    record["recipe_command"] = record["command"].split(" --output-dir")[0]
+                    record["recipe_command"] = record["command"].split(" --output_dir")[0]
                     record["command"] = shlex.join(["python", "benchmarks/text_baseline.py", *sys.argv[1:]])
                     records.append(record)
     print(f"\n{'dataset':<8}{'attack':<10}{'rate':>6}{'CACC':>8}{'ASR':>8}{'floor':>8}{'wall s':>9}{'samples/s':>11}")
     for r in records:
-        floor = "-" if r["asr_floor"] is None else f"{r['asr_floor']:.3f}"
+        floor = shown(r["asr_floor"])
         print(
             f"{r['dataset']:<8}{r['attack']:<10}{r['poison_rate']:>6.2f}{r['cacc']:>8.3f}{r['asr']:>8.3f}{floor:>8}"
             f"{r['wall_s']:>9.1f}{r['train_samples_per_s']:>11.1f}"
         )
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(records, indent=1) + "\n")
+    merge_records(Path(args.output), records, _key)
     print(f"wrote {args.output}")
 
 

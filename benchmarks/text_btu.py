@@ -2,7 +2,7 @@
 
     python benchmarks/text_btu.py                                       # the grid (hours on 2 CPU cores)
     python benchmarks/text_btu.py --cell "--dataset hsol --attack badnet,addsent"
-    python benchmarks/text_btu.py --cell "--dataset sst2 --attack badnet --runs btu --paper"
+    python benchmarks/text_btu.py --cell "--dataset sst2 --attack badnet --runs btu --btu_paper"
 
 Each cell is one run of ``recipes/sst2_btu.py`` (its arguments) in a subprocess: a clean model for the ASR floor,
 the undefended model and the BTU model, per attack. Then one table is printed and the records are merged into
@@ -14,20 +14,26 @@ dataset, model, seed and triggered rows already in ``results/`` (``asr_floor_sou
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from results_io import RESULTS, fill_floors, known_records, merge_records
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo root: benchmarks/common, not installed
+from benchmarks.common.records import (  # noqa: E402
+    RESULTS,
+    fill_floors,
+    known_records,
+    merge_records,
+    recipe_records,
+    shown,
+)
+
 GRID = [
     "--dataset sst2 --attack badnet --runs clean,undefended,btu",
     "--dataset sst2 --attack addsent,syntactic,style --runs clean,undefended,btu",
-    "--dataset sst2 --attack badnet,addsent,syntactic,style --clean-data --runs btu",
+    "--dataset sst2 --attack badnet,addsent,syntactic,style --clean_data --runs btu",
     "--dataset hsol --attack badnet,addsent --runs clean,undefended,btu",
     "--dataset agnews --attack badnet --runs clean,undefended,btu",
 ]
@@ -55,18 +61,7 @@ def main() -> None:
     new_records = []
     with tempfile.TemporaryDirectory() as tmp:
         for index, cell in enumerate(cells):
-            out = Path(tmp) / f"cell_{index}.json"
-            cmd = [
-                sys.executable,
-                str(ROOT / "recipes" / "sst2_btu.py"),
-                *shlex.split(cell),
-                "--output-dir",
-                str(Path(tmp) / "runs"),
-                "--results-json",
-                str(out),
-            ]
-            subprocess.run(cmd, check=True, cwd=ROOT)
-            for record in json.loads(out.read_text()):
+            for record in recipe_records("sst2_btu.py", shlex.split(cell), Path(tmp), f"cell_{index}.json"):
                 record["command"] = f"python benchmarks/text_btu.py --cell {shlex.quote(cell)}"
                 new_records.append(record)
     fill_floors(new_records, known_records(new_records))
@@ -75,8 +70,8 @@ def main() -> None:
         f"{'overhead':>9}  flagged"
     )
     for r in new_records:
-        floor = "-" if r["asr_floor"] is None else f"{r['asr_floor']:.3f}"
-        overhead = "-" if r["overhead"] is None else f"{r['overhead']:.2f}x"
+        floor = shown(r["asr_floor"])
+        overhead = shown(r["overhead"], ".2f", "x")
         print(
             f"{r['dataset']:<8}{r['attack']:<10}{r['asr_attack']:<11}{r['defense']:<8}{r['cacc']:>7.3f}"
             f"{r['asr']:>7.3f}{floor:>7}{overhead:>9}  {r.get('flagged_tokens', '')}"

@@ -19,14 +19,19 @@ from .defenses import (
     SANITIZERS,
     ABLConfig,
     BTUConfig,
+    Defense,
+    DefenseConfig,
     ExposeConfig,
     FinetuneConfig,
     NADConfig,
     NWCConfig,
     RNPConfig,
+    build_defense,
 )
+from .defenses.base import Figure, build_defenses
 from .metrics import attack_success_rate, clean_accuracy, detection_metrics, evaluate_backdoor, load_metric, roc_auc
 from .models import default_text_model, load_text_classifier, load_text_tokenizer, tokenize_dataset
+from .registry import register_attack, register_defense
 from .trainer import BackdoorSafeTrainer
 
 __version__ = "0.1.0"
@@ -45,6 +50,13 @@ __all__ = [
     "NWCConfig",
     "RNPConfig",
     "BackdoorSafeTrainer",
+    "Defense",
+    "DefenseConfig",
+    "Figure",
+    "build_defense",
+    "build_defenses",
+    "register_attack",
+    "register_defense",
     "BackdoorSafeTrainingArguments",
     "BadNetConfig",
     "BlendedConfig",

@@ -6,102 +6,246 @@ With ``defense=None`` it is exactly a ``Trainer``.
 
 from __future__ import annotations
 
-import json
 import os
+import uuid
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .arguments import BackdoorSafeTrainingArguments
-from .defenses import DefenseConfig, build_defense
+from .defenses.base import Defense, build_defenses, reports_from_json
+from .hub.run_folder import TRAINER_RUN_NAME, write_json_atomic
 from .metrics import evaluate_backdoor
 
 DEFENSE_STATE_NAME = "defense_state.pt"
+RUN_INFO_NAME = TRAINER_RUN_NAME
+ROW_INDEX = "row_index"
 
 
 class _DefenseCallback(TrainerCallback):
-    """Forwards the Trainer's events to the defense (callbacks get no trainer handle, so this one keeps it)."""
+    """Forwards the Trainer's events to each defense of the stack, in order (callbacks get no trainer handle, so
+    this one keeps it), and saves the defenses' state into every checkpoint the Trainer writes."""
 
     def __init__(self, trainer: BackdoorSafeTrainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.defense.on_train_begin(self.trainer)
+        self.trainer._index_train_rows()
+        for defense in self.trainer.defenses:
+            defense.on_train_begin(self.trainer)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.trainer.defense.on_epoch_end(self.trainer)
+        for defense in self.trainer.defenses:
+            defense.on_epoch_end(self.trainer)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.defense.on_train_end(self.trainer)
+        for defense in self.trainer.defenses:
+            defense.on_train_end(self.trainer)
         self.trainer._write_defense_report()
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if os.path.isdir(folder):
+                torch.save(self.trainer._defense_states(), os.path.join(folder, DEFENSE_STATE_NAME))
 
 
 class BackdoorSafeTrainer(Trainer):
-    """``transformers.Trainer`` with a backdoor defense.
+    """``transformers.Trainer`` with backdoor defenses.
 
     Args:
-        defense: a defense config (e.g. ``BTUConfig()``), a ``{"name": ..., **fields}`` dict, or ``None``. When
-            ``None`` and ``args`` is a ``BackdoorSafeTrainingArguments`` naming a defense, that one is used.
+        defense: a defense config (e.g. ``BTUConfig()``), a registered name, a ``{"name": ..., **fields}`` dict, a
+            list of those (a stack, run in list order), or ``None``. When ``None`` and ``args`` is a
+            ``BackdoorSafeTrainingArguments`` naming defenses, those are used.
         Everything else is ``Trainer``'s.
 
-    After ``train()``, ``defense_report`` holds what the defense found and did; it is written as JSON into
-    ``output_dir`` and its scalars are logged through the Trainer's loggers.
+    After ``train()``, ``defense_reports`` holds what each defense found and did (``defense_report`` is the single
+    defense's report, or ``{"defense": "stack", "defenses": [...]}``); it is written as JSON into ``output_dir`` and
+    each defense's scalars are logged through the Trainer's loggers under ``<name>/``.
+    With no defense it is exactly a ``Trainer``.
     """
 
-    def __init__(self, *args, defense: DefenseConfig | dict | None = None, **kwargs):
+    def __init__(self, *args, defense: Any = None, **kwargs):
         super().__init__(*args, **kwargs)
         if defense is None and isinstance(self.args, BackdoorSafeTrainingArguments):
             defense = self.args.defense_config()
-        self.defense = build_defense(defense)
-        self.defense_report: dict[str, Any] | None = None
+        self.defenses: list[Defense] = build_defenses(defense, stage="training")
+        if _averages_each_micro_batch(self.accelerator.unwrap_model(self.model)):
+            # transformers' classification heads take **kwargs but average each micro-batch themselves (they ignore
+            # num_items_in_batch), so Trainer's "the model scales the loss" guess would skip the division by the
+            # accumulation steps and make every accumulated update that many times too large. Saying the model takes
+            # no loss kwargs makes Trainer divide; with one accumulation step nothing changes.
+            self.model_accepts_loss_kwargs = False
+        self._check_distributed()
+        for defense_ in self.defenses:
+            defense_.check_trainer(self)
+        self.defense_reports: list[dict[str, Any]] = []
+        # Written into every artefact of this run, so a report left by an earlier run is never taken for this one's.
+        self.run_id = uuid.uuid4().hex
         self.backdoor_evaluations: list[dict[str, Any]] = []  # what the model card and the report show
-        if self.defense is not None:
+        self.train_row_ids: np.ndarray | None = None
+        self.batch_row_ids: torch.Tensor | None = None
+        self._row_positions: dict[int, int] = {}
+        if self.defenses:
             self.add_callback(_DefenseCallback(self))
 
+    # -- the stack ------------------------------------------------------------------------------------------------
+    @property
+    def defense(self) -> Defense | None:
+        """The defense when exactly one runs (``None`` otherwise; a stack is in ``defenses``)."""
+        return self.defenses[0] if len(self.defenses) == 1 else None
+
+    @property
+    def defense_report(self) -> dict[str, Any] | None:
+        if not self.defense_reports:
+            return None
+        if len(self.defense_reports) == 1:
+            return self.defense_reports[0]
+        return {"defense": "stack", "defenses": self.defense_reports}
+
+    @defense_report.setter
+    def defense_report(self, report: dict[str, Any] | None) -> None:
+        self.defense_reports = reports_from_json(report)
+
+    def _check_distributed(self) -> None:
+        if not self.defenses:
+            return
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            unsupported = [d.name for d in self.defenses if not getattr(d, "supports_sharded_parameters", False)]
+            if unsupported:
+                engine = "FSDP" if getattr(self, "is_fsdp_enabled", False) else "DeepSpeed"
+                raise ValueError(
+                    f"{unsupported} read or rewrite whole parameter tensors (e.g. the word-embedding matrix), which "
+                    f"{engine} shards across processes. Supported: one process, or data parallelism (DDP, "
+                    "`accelerate launch --multi_gpu` / `--num_processes N` without FSDP or DeepSpeed)."
+                )
+
+    # -- row identity ---------------------------------------------------------------------------------------------
+    def _needs_row_ids(self) -> bool:
+        return any(d.needs_row_ids for d in self.defenses)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._needs_row_ids() and ROW_INDEX not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROW_INDEX]
+
+    def _index_train_rows(self) -> None:
+        """``train_row_ids`` from the training set's ``row_index`` column (added here, as positions, when missing)."""
+        if not self._needs_row_ids():
+            return
+        dataset = self.train_dataset
+        columns = getattr(dataset, "column_names", None)
+        if columns is None:
+            raise ValueError(
+                f"{[d.name for d in self.defenses if d.needs_row_ids]} must recognise every training row across "
+                f"epochs: pass a `datasets.Dataset` as train_dataset (got {type(dataset).__name__})."
+            )
+        if ROW_INDEX not in columns:
+            if dataset.format.get("type") == "custom":
+                raise ValueError(
+                    f"The training set has a transform but no {ROW_INDEX!r} column, so its rows cannot be told "
+                    "apart across epochs. Build it with the column: for images "
+                    "`prepare_image_dataset(train, processor, train=True, keep_row_index=True)`."
+                )
+            self.train_dataset = dataset = dataset.add_column(ROW_INDEX, list(range(len(dataset))))
+        ids = np.asarray(dataset.with_format(None)[ROW_INDEX], dtype=np.int64)
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError(
+                f"The training set's {ROW_INDEX!r} column has repeated values; each row needs its own id (drop the "
+                f"column and the trainer numbers the rows, or rebuild it with `dataset.add_column`)."
+            )
+        self.train_row_ids = ids
+        self._row_positions = {int(i): p for p, i in enumerate(ids)}
+
+    def row_positions(self, row_ids) -> list[int]:
+        """Positions in ``train_dataset`` of the given row ids (``trainer.batch_row_ids`` for the current batch)."""
+        values = row_ids.tolist() if torch.is_tensor(row_ids) else list(row_ids)
+        return [self._row_positions[int(i)] for i in values]
+
+    def get_train_dataloader(self):
+        if self._needs_row_ids() and self.train_row_ids is None:
+            self._index_train_rows()  # the column must exist before the dataloader is built
+        return super().get_train_dataloader()
+
+    # -- training ---------------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        if self.defense is not None and resume_from_checkpoint:
+        if self.defenses and resume_from_checkpoint:
             checkpoint = resume_from_checkpoint
             if checkpoint is True:
                 checkpoint = get_last_checkpoint(self.args.output_dir)
+                if checkpoint is None:
+                    raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
             state_path = os.path.join(str(checkpoint), DEFENSE_STATE_NAME)
             if not os.path.exists(state_path):
                 raise FileNotFoundError(
                     f"{checkpoint} has no {DEFENSE_STATE_NAME}: it was not written by a BackdoorSafeTrainer with "
-                    "this defense, and resuming would silently redo or lose the defense's detection."
+                    "these defenses, and resuming would silently redo or lose the defenses' detection."
                 )
-            self.defense.load_state_dict(torch.load(state_path, weights_only=True))
+            self._load_defense_states(torch.load(state_path, weights_only=True), checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
+    def _defense_states(self) -> dict[str, Any]:
+        return {"format": 2, "defenses": [{"name": d.name, "state": d.state_dict()} for d in self.defenses]}
+
+    def _load_defense_states(self, saved: dict[str, Any], checkpoint) -> None:
+        if saved.get("format") != 2:  # written by a single-defense trainer before stacks
+            entries = [{"name": self.defenses[0].name, "state": saved}] if len(self.defenses) == 1 else []
+        else:
+            entries = saved["defenses"]
+        names = [e["name"] for e in entries]
+        if names != [d.name for d in self.defenses]:
+            raise ValueError(
+                f"{checkpoint} holds the state of defenses {names}, but this trainer runs "
+                f"{[d.name for d in self.defenses]}: resume with the same defense stack."
+            )
+        for defense, entry in zip(self.defenses, entries):
+            defense.load_state_dict(entry["state"])
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.defense is not None:
-            inputs = self.defense.prepare_inputs(self, inputs)
+        if self.defenses:
+            row_ids = inputs.pop(ROW_INDEX, None)
+            self.batch_row_ids = row_ids
+            if row_ids is None and self._needs_row_ids():
+                raise ValueError(
+                    f"The training batch has no {ROW_INDEX!r} column, so the defenses cannot tell its rows apart; "
+                    "a custom data collator or transform dropped it. Pass it through (for images: "
+                    "`prepare_image_dataset(..., keep_row_index=True)`)."
+                )
+            for defense in self.defenses:
+                inputs = defense.prepare_inputs(self, inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.defense is not None and model.training:
-            loss = self.defense.compute_loss(self, model, inputs, return_outputs)
-            if loss is not None:
-                return loss
+        if self.defenses and model.training:
+            for defense in self.defenses:
+                result = defense.compute_loss(self, model, inputs, return_outputs)
+                if result is not None:
+                    # A defense's loss is a mean over this micro-batch; the Trainer then divides it by the
+                    # accumulation steps, so every defense trains at the scale of Trainer's own loss.
+                    self.loss_is_scaled_for_ga = False
+                    return result
+        self.loss_is_scaled_for_ga = None
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.defense is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            torch.save(self.defense.state_dict(), os.path.join(folder, DEFENSE_STATE_NAME))
-
+    # -- reports ----------------------------------------------------------------------------------------------------
     def _write_defense_report(self) -> None:
-        self.defense_report = self.defense.report()
-        scalars = {f"{self.defense.config.name}/{k}": v for k, v in _flat_scalars(self.defense_report).items()}
+        self.defense_reports = [d.report() for d in self.defenses]
+        scalars = {}
+        for defense, report in zip(self.defenses, self.defense_reports):
+            scalars.update({f"{defense.name}/{k}": v for k, v in type(defense).report_scalars(report).items()})
         if scalars:
             self.log(scalars)
         if self.is_world_process_zero():
             name = getattr(self.args, "defense_report_name", "defense_report.json")
             os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, name), "w") as f:
-                json.dump(self.defense_report, f, indent=1)
+            write_json_atomic(os.path.join(self.args.output_dir, name), {**self.defense_report, "run_id": self.run_id})
+
+    def add_defense_report(self, report: dict[str, Any]) -> None:
+        """Record a post-training defense's report (``sanitize``/``expose``), so the card shows it."""
+        self.defense_reports = [*self.defense_reports, report]
 
     def expose(self, clean_dataset, config=None):
         """An exposed copy of the trained model (EBYD: Clean Unlearning by default); the model is left untouched.
@@ -110,7 +254,9 @@ class BackdoorSafeTrainer(Trainer):
         """
         from .defenses.exposure import expose_model
 
-        return expose_model(self, clean_dataset, config)
+        result = expose_model(self, clean_dataset, config)
+        self.add_defense_report(result.report())
+        return result
 
     def sanitize(self, clean_dataset, defense, exposed=None):
         """Post-training backdoor removal with a small clean set (``RNPConfig``, ``NADConfig``, ``NWCConfig``):
@@ -119,7 +265,9 @@ class BackdoorSafeTrainer(Trainer):
         ``hf_backdoor/defenses/sanitize.py``."""
         from .defenses.sanitize import sanitize_model
 
-        return sanitize_model(self, clean_dataset, defense, exposed=exposed)
+        model, report = sanitize_model(self, clean_dataset, defense, exposed=exposed)
+        self.add_defense_report(report)
+        return model, report
 
     def evaluate_backdoor(
         self,
@@ -181,15 +329,22 @@ class BackdoorSafeTrainer(Trainer):
             raise ConnectionError(f"Cannot reach the Hub to push: {error}. {advice}") from error
 
     def _write_card_and_report(self, output_dir: str, **card_kwargs) -> None:
-        from .cards import build_model_card
-        from .reports import write_report
+        from .hub.cards import build_model_card
+        from .hub.reports import write_report
+        from .hub.run_folder import make_readable
 
         os.makedirs(output_dir, exist_ok=True)
+        report_path = os.path.join(output_dir, "defense_report.json")
         if self.defense_report is not None:
-            with open(os.path.join(output_dir, "defense_report.json"), "w") as f:
-                json.dump(self.defense_report, f, indent=1)
-        with open(os.path.join(output_dir, "backdoor_evaluations.json"), "w") as f:
-            json.dump(self.backdoor_evaluations, f, indent=1)
+            write_json_atomic(report_path, {**self.defense_report, "run_id": self.run_id})
+        elif os.path.exists(report_path):
+            # Left by an earlier run in the same folder: it does not describe this model.
+            os.remove(report_path)
+        write_json_atomic(
+            os.path.join(output_dir, RUN_INFO_NAME),
+            {"run_id": self.run_id, "defenses": [r.get("defense") for r in self.defense_reports]},
+        )
+        write_json_atomic(os.path.join(output_dir, "backdoor_evaluations.json"), self.backdoor_evaluations)
         figures = write_report(output_dir, self.defense_report, self.backdoor_evaluations)
         dataset = card_kwargs.get("dataset")
         card = build_model_card(
@@ -202,19 +357,16 @@ class BackdoorSafeTrainer(Trainer):
             tags=[card_kwargs["tags"]] if isinstance(card_kwargs.get("tags"), str) else card_kwargs.get("tags"),
             figures=figures,
             repo_hint=self.args.hub_model_id,
+            output_dir=output_dir,
         )
         card.save(os.path.join(output_dir, "README.md"))
+        # safetensors writes through a 0600 temporary file: make the saved folder readable as the umask allows.
+        make_readable(output_dir)
 
 
-def _flat_scalars(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out = {}
-    for key, value in report.items():
-        if isinstance(value, bool) or value is None:
-            continue
-        if isinstance(value, (int, float)):
-            out[prefix + key] = float(value)
-        elif isinstance(value, dict) and key == "timings_s":
-            out.update(_flat_scalars(value, prefix=f"{key}/"))
-        elif isinstance(value, list) and key == "flagged_ids":
-            out[prefix + "num_flagged"] = float(len(value))
-    return out
+def _averages_each_micro_batch(model) -> bool:
+    """Whether ``model``'s own loss is a mean over each micro-batch whatever ``num_items_in_batch`` says: the
+    sequence and image classification heads (``BertForSequenceClassification``, ``ViTForImageClassification``...)."""
+    get_base_model = getattr(model, "get_base_model", None)  # a peft model wraps the transformers one
+    name = type(get_base_model() if callable(get_base_model) else model).__name__
+    return name.endswith(("ForSequenceClassification", "ForImageClassification"))

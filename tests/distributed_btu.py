@@ -1,56 +1,41 @@
-"""Run by tests/test_distributed.py under ``accelerate launch --num_processes 2 --cpu``: BTU on a tiny BERT, each
-rank writes what it flagged so the test can check that all ranks agree."""
+"""Run by tests/test_distributed.py under ``accelerate launch`` with two processes: BTU on a tiny BERT, each rank
+writes what it flagged so the test can check that all ranks agree."""
 
 import json
 import os
 import sys
+from pathlib import Path
 
-import torch
-from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # launched as a script: make `tests` importable
 
-from hf_backdoor import (
+from transformers import AutoTokenizer, DataCollatorWithPadding  # noqa: E402
+
+from hf_backdoor import (  # noqa: E402
     BackdoorSafeTrainer,
     BackdoorSafeTrainingArguments,
-    BadNetConfig,
     default_text_model,
     load_task,
-    poison_dataset,
     tokenize_dataset,
 )
-from hf_backdoor.defenses import BTUConfig
+from hf_backdoor.defenses import BTUConfig  # noqa: E402
+from tests.conftest import poisoned_text_rows, tiny_bert, training_args  # noqa: E402
 
 
 def main(out_dir: str) -> None:
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(default_text_model())
-    rows = load_task("sst2")["train"].select(range(256))
-    train = tokenize_dataset(poison_dataset(rows, BadNetConfig(triggers=("cf",), poison_rate=0.2)), tokenizer, 64)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=30522,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            num_labels=2,
-        )
-    )
-    args = BackdoorSafeTrainingArguments(
-        output_dir=out_dir,
+    train = tokenize_dataset(poisoned_text_rows(load_task("sst2")["train"].select(range(256))), tokenizer, 64)
+    args = training_args(
+        out_dir,
+        BackdoorSafeTrainingArguments,
         per_device_train_batch_size=16,
         num_train_epochs=4,
-        use_cpu=True,
         learning_rate=3e-3,
-        report_to="none",
-        save_strategy="no",
-        seed=0,
+        logging_steps=500,
     )
     # The published selection flags its whole candidate union, so there is a non-empty set whose agreement (and
     # whose reset embedding rows) can be checked; exposure runs on rank 0 only and is broadcast.
     trainer = BackdoorSafeTrainer(
-        model=model,
+        model=tiny_bert(),
         args=args,
         train_dataset=train,
         processing_class=tokenizer,

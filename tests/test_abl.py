@@ -7,63 +7,35 @@ import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DataCollatorWithPadding,
-    DefaultDataCollator,
-    TrainingArguments,
-    ViTForImageClassification,
-)
+from transformers import DefaultDataCollator
 
 from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
 from hf_backdoor.attacks.vision import ImageBadNetsConfig
-from hf_backdoor.cards import _findings
 from hf_backdoor.defenses import ABLConfig, build_defense
-from hf_backdoor.defenses.abl import lga_loss
+from hf_backdoor.defenses.abl import ABLDefense, lga_loss
 from hf_backdoor.reports import write_report
 from hf_backdoor.trainer import BackdoorSafeTrainer
-from hf_backdoor.vision import default_image_processor, default_vit_config, load_image_task, prepare_image_dataset
+from hf_backdoor.vision import default_image_processor, prepare_image_dataset
+from tests.conftest import text_trainer, tiny_bert, tiny_cifar_vit, training_args
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# One layer and 64 positions: rows here are at most 48 tokens.
+ONE_LAYER = dict(num_hidden_layers=1, max_position_embeddings=64)
 
 
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
+ABL_ARGS = {"num_train_epochs": 3, "logging_steps": 1000}
+
+
+def args(tmp_path, **overrides):
+    return training_args(tmp_path, **{**ABL_ARGS, **overrides})
+
+
+def abl_text_trainer(tmp_path, train, tokenizer, model, config, args=None, **kwargs):
+    """A ``BackdoorSafeTrainer`` running ``config`` on tokenized text rows (three epochs, no log lines)."""
+    return text_trainer(
+        tmp_path, train, tokenizer, model=model, args={**ABL_ARGS, **(args or {})}, defense=config, **kwargs
     )
-    return BertForSequenceClassification(config)
-
-
-def args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=32,
-        num_train_epochs=3,
-        learning_rate=1e-3,
-        seed=0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1000,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads; on a shared machine idle OpenMP threads only burn CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_lga_loss_is_the_formula():
@@ -80,19 +52,14 @@ def test_lga_loss_is_the_formula():
     assert logits.grad[0, 0] > 0  # ascent: a descent step on LGA lowers the true logit of a well-fit row
 
 
-def test_abl_isolates_the_poisoned_image_rows(tmp_path):
+def test_abl_isolates_the_poisoned_image_rows(tmp_path, cifar):
     # A large patch at a 20% rate: a trigger a tiny ViT learns within the LGA epochs.
-    cifar = load_image_task("cifar10")
     rows = poison_dataset(
         cifar["train"].select(range(256)), ImageBadNetsConfig(poison_rate=0.2, target_label=0, patch_size=10)
     )
     processor = default_image_processor()
-    torch.manual_seed(0)
-    model = ViTForImageClassification(
-        default_vit_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    )
     trainer = BackdoorSafeTrainer(
-        model=model,
+        model=tiny_cifar_vit(),
         args=args(
             tmp_path,
             num_train_epochs=9,
@@ -123,8 +90,16 @@ def test_abl_isolates_the_poisoned_image_rows(tmp_path):
     assert history[0]["isolated_loss"] < history[1]["isolated_loss"] < history[2]["isolated_loss"]
     # Without the row_index column ABL cannot recognise rows across epochs: a clear error, not a silent no-op.
     plain = prepare_image_dataset(rows, processor, train=True)
+    untracked = BackdoorSafeTrainer(
+        model=tiny_cifar_vit(),
+        args=args(tmp_path / "untracked", remove_unused_columns=False),
+        train_dataset=plain,
+        processing_class=processor,
+        data_collator=DefaultDataCollator(),
+        defense=ABLConfig(),
+    )
     with pytest.raises(ValueError, match="keep_row_index=True"):
-        build_defense(ABLConfig()).on_train_begin(type("T", (), {"train_dataset": plain})())
+        untracked.train()
 
 
 def test_abl_on_text_isolates_and_masks_the_poisoned_rows(tmp_path, sst2, tokenizer):
@@ -132,14 +107,13 @@ def test_abl_on_text_isolates_and_masks_the_poisoned_rows(tmp_path, sst2, tokeni
     attack = BadNetConfig(triggers=("cf",), num_triggers=5, poison_rate=0.2)
     rows = poison_dataset(sst2["train"].select(range(320)), attack)
     train = tokenize_dataset(rows, tokenizer, max_length=48)
-    collator = DataCollatorWithPadding(tokenizer)
-    trainer = BackdoorSafeTrainer(
-        model=tiny_bert(),
-        args=args(tmp_path, num_train_epochs=5, per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=10),
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=collator,
-        defense=ABLConfig(isolation_epochs=4, isolation_ratio=0.05, unlearning_epochs=1),
+    trainer = abl_text_trainer(
+        tmp_path,
+        train,
+        tokenizer,
+        tiny_bert(**ONE_LAYER),
+        ABLConfig(isolation_epochs=4, isolation_ratio=0.05, unlearning_epochs=1),
+        args=dict(num_train_epochs=5, per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=10),
     )
     trainer.train()
     report = trainer.defense_report
@@ -155,15 +129,16 @@ def test_abl_on_text_isolates_and_masks_the_poisoned_rows(tmp_path, sst2, tokeni
     assert sum(histogram["counts"]) == 320 and sum(histogram["counts_poisoned"]) == int(truth.sum())
     assert report["isolation_cut"] == report["isolation"]["loss_threshold"]
     figures = {figure.path for figure in write_report(tmp_path / "report", report)}
-    assert {"figures/loss_curve.png", "figures/isolation_losses.png"} <= figures
-    findings = _findings(report)  # what the model card says ABL found
+    assert {"figures/abl_loss_curve.png", "figures/abl_isolation_losses.png"} <= figures
+    findings = ABLDefense.card_section(report)  # what the model card says ABL found
     assert "Isolated after epoch 4: **16** training rows of 320" in findings
     assert f"precision {report['isolation']['precision']:.2f}" in findings
-    # Isolated rows are recognised in any batch by their token ids, and masked out of the loss.
+    # Isolated rows are recognised in any batch by their row ids, and masked out of the loss.
     defense, model = trainer.defense, trainer.model
     others = [i for i in range(len(train)) if i not in isolated][:3]
     features = [{k: train[i][k] for k in ("input_ids", "attention_mask", "label")} for i in [isolated[0], *others]]
-    batch = defense.prepare_inputs(trainer, collator(features))
+    trainer.batch_row_ids = torch.as_tensor(trainer.train_row_ids[[isolated[0], *others]])
+    batch = defense.prepare_inputs(trainer, trainer.data_collator(features))
     assert batch["abl_isolated"].tolist() == [True, False, False, False]
     model.train()
     torch.manual_seed(0)
@@ -179,6 +154,11 @@ def test_abl_on_text_isolates_and_masks_the_poisoned_rows(tmp_path, sst2, tokeni
     assert defense.compute_loss(trainer, model, all_isolated).item() == 0.0
 
 
+def plain_sgd_unlearning(**fields) -> ABLConfig:
+    """ABL whose unlearning steps are plain SGD (no momentum, no weight decay): a step the test can compute by hand."""
+    return ABLConfig(unlearning_momentum=0.0, unlearning_weight_decay=0.0, **fields)
+
+
 @pytest.mark.parametrize("objective", ["ascent", "ascent_descent", "complementary"])
 def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, objective):
     """One unlearning step equals plain SGD on -CE(isolated) (the official code), on CE(retained) - CE(isolated)
@@ -189,24 +169,9 @@ def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, 
 
     rows = poison_dataset(sst2["train"].select(range(160)), BadNetConfig(triggers=("cf",), poison_rate=0.2))
     train = tokenize_dataset(rows, tokenizer, max_length=48)
-    model = tiny_bert()
-    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
-    model = BertForSequenceClassification(model.config)  # no dropout: the step is deterministic
-    config = ABLConfig(
-        unlearning_epochs=1,
-        unlearning_learning_rate=0.1,
-        unlearning_momentum=0.0,
-        unlearning_weight_decay=0.0,
-        unlearning_objective=objective,
-    )
-    trainer = BackdoorSafeTrainer(
-        model=model,
-        args=args(tmp_path),
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        defense=config,
-    )
+    model = tiny_bert(**ONE_LAYER, dropout=0.0)  # no dropout: the step is deterministic
+    config = plain_sgd_unlearning(unlearning_epochs=1, unlearning_learning_rate=0.1, unlearning_objective=objective)
+    trainer = abl_text_trainer(tmp_path, train, tokenizer, model, config)
     isolated = np.flatnonzero(np.asarray(rows["poisoned"], dtype=bool)).tolist()[:16]
     trainer.defense.isolated_indices = isolated
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -241,28 +206,18 @@ def _guarded_unlearning(tmp_path, sst2, tokenizer, guard_drop):
     and the isolated rows themselves (all labelled with the target) as the guard's held-out rows."""
     rows = poison_dataset(sst2["train"].select(range(160)), BadNetConfig(triggers=("cf",), poison_rate=0.2))
     train = tokenize_dataset(rows, tokenizer, max_length=48)
-    model = tiny_bert()
+    model = tiny_bert(**ONE_LAYER)
     with torch.no_grad():
         model.classifier.weight.zero_()
         model.classifier.bias.copy_(torch.tensor([0.0, 2.0]))  # p(target = 1) = 0.88 on every row
     isolated = np.flatnonzero(np.asarray(rows["poisoned"], dtype=bool)).tolist()[:16]
-    config = ABLConfig(
+    config = plain_sgd_unlearning(
         unlearning_epochs=3,
         unlearning_learning_rate=100.0,
-        unlearning_momentum=0.0,
-        unlearning_weight_decay=0.0,
         unlearning_guard_drop=guard_drop,
         unlearning_guard_backtracks=2,
     )
-    trainer = BackdoorSafeTrainer(
-        model=model,
-        args=args(tmp_path),
-        train_dataset=train,
-        eval_dataset=train.select(isolated),
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        defense=config,
-    )
+    trainer = abl_text_trainer(tmp_path, train, tokenizer, model, config, eval_dataset=train.select(isolated))
     trainer.defense.isolated_indices = isolated
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.defense._unlearn(trainer)
@@ -288,18 +243,13 @@ def test_unlearning_guard_undoes_a_step_that_costs_held_out_accuracy(tmp_path, s
     assert [u["epoch"] for u in guard["undone_steps"]] == [1, 2]
     assert [h["epoch"] for h in defense.unlearning] == [0, 1, 2]
     assert all(h["guard_accuracy"] == 1.0 for h in defense.unlearning)
-    assert "2 step(s) undone" in _findings(defense.report())
+    assert "2 step(s) undone" in ABLDefense.card_section(defense.report())
 
 
 def test_unlearning_guard_needs_held_out_rows(tmp_path, sst2, tokenizer):
     train = tokenize_dataset(sst2["train"].select(range(40)), tokenizer, max_length=48)
-    trainer = BackdoorSafeTrainer(
-        model=tiny_bert(),
-        args=args(tmp_path),
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        defense=ABLConfig(unlearning_guard_drop=0.05),
+    trainer = abl_text_trainer(
+        tmp_path, train, tokenizer, tiny_bert(**ONE_LAYER), ABLConfig(unlearning_guard_drop=0.05)
     )
     with pytest.raises(ValueError, match="pass one `eval_dataset`"):
         trainer.defense.on_train_begin(trainer)
@@ -307,15 +257,21 @@ def test_unlearning_guard_needs_held_out_rows(tmp_path, sst2, tokenizer):
         ABLConfig(unlearning_guard_drop=1.5)
 
 
-def test_abl_config_errors_say_what_to_fix():
-    with pytest.raises(ValueError, match="isolation_ratio must be in"):
-        ABLConfig(isolation_ratio=0)
-    with pytest.raises(ValueError, match="lga must be one of"):
-        ABLConfig(lga="mean")
-    with pytest.raises(ValueError, match="isolation_epochs"):
-        ABLConfig(isolation_epochs=0)
-    with pytest.raises(ValueError, match="unlearning_objective must be one of"):
-        ABLConfig(unlearning_objective="descent")
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"isolation_ratio": 0}, "isolation_ratio must be in"),
+        ({"lga": "mean"}, "lga must be one of"),
+        ({"isolation_epochs": 0}, "isolation_epochs"),
+        ({"unlearning_objective": "descent"}, "unlearning_objective must be one of"),
+    ],
+)
+def test_abl_config_errors_say_what_to_fix(fields, message):
+    with pytest.raises(ValueError, match=message):
+        ABLConfig(**fields)
+
+
+def test_abl_builds_from_a_spec_and_restores_its_state():
     assert isinstance(build_defense({"name": "abl", "isolation_ratio": 0.05}).config, ABLConfig)
     state = build_defense(ABLConfig())
     state.load_state_dict({"isolated_indices": [3, 1], "isolation_done": True})

@@ -1,58 +1,37 @@
 """CUL / random-label exposure (EBYD) on tiny backdoored models trained on real rows, and its bad inputs."""
 
+import json
 import logging
 
 import numpy as np
 import pytest
 import torch
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    DataCollatorWithPadding,
     DefaultDataCollator,
-    TrainingArguments,
-    ViTForImageClassification,
 )
 
 from hf_backdoor import BadNetConfig, make_asr_dataset, poison_dataset, tokenize_dataset
 from hf_backdoor.attacks.vision import ImageBadNetsConfig
-from hf_backdoor.defenses import ExposeConfig, detection_threshold, expose_model
+from hf_backdoor.defenses import (
+    DefenseConfig,
+    ExposeConfig,
+    ExposeDefense,
+    RNPConfig,
+    detection_threshold,
+    expose_model,
+)
+from hf_backdoor.defenses.base import defense_class_for_report
 from hf_backdoor.defenses.exposure import concentration
 from hf_backdoor.metrics import roc_auc
+from hf_backdoor.registry import defense_entry
 from hf_backdoor.trainer import BackdoorSafeTrainer
-from hf_backdoor.vision import default_image_processor, default_vit_config, load_image_task, prepare_image_dataset
+from hf_backdoor.vision import default_image_processor, prepare_image_dataset
+from tests.conftest import text_trainer, tiny_cifar_vit, training_args
 
 TARGET = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads; on a shared machine idle OpenMP threads only burn CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=32,
-        learning_rate=2e-3,
-        seed=0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1000,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
-
-
-@pytest.fixture(scope="module")
-def cifar():
-    return load_image_task("cifar10")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +48,14 @@ def backdoored_vit(cifar, tmp_path_factory):
     attack = ImageBadNetsConfig(poison_rate=0.2, target_label=TARGET, patch_size=10)
     rows = poison_dataset(cifar["train"].select(range(256)), attack)
     processor = default_image_processor()
-    torch.manual_seed(0)
-    model = ViTForImageClassification(
-        default_vit_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    )
     trainer = BackdoorSafeTrainer(
-        model=model,
-        args=args(
+        model=tiny_cifar_vit(),
+        args=training_args(
             tmp_path_factory.mktemp("vit"),
             num_train_epochs=10,
             per_device_train_batch_size=16,
             learning_rate=3e-3,
+            logging_steps=1000,
             remove_unused_columns=False,
         ),
         train_dataset=prepare_image_dataset(rows, processor),
@@ -146,24 +122,11 @@ def test_concentration_score():
 
 def test_cul_runs_on_a_text_model_with_raw_clean_text(sst2, tokenizer, tmp_path):
     rows = poison_dataset(sst2["train"].select(range(256)), BadNetConfig(triggers=("cf",), poison_rate=0.1))
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=30522,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            num_labels=2,
-        )
-    )
-    trainer = BackdoorSafeTrainer(
-        model=model,
-        args=args(tmp_path, num_train_epochs=1),
-        train_dataset=tokenize_dataset(rows, tokenizer, max_length=48),
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
+    trainer = text_trainer(
+        tmp_path,
+        tokenize_dataset(rows, tokenizer, max_length=48),
+        tokenizer,
+        args={"num_train_epochs": 1, "learning_rate": 2e-3, "logging_steps": 1000},
     )
     trainer.train()
     clean = sst2["validation"].select(range(64))  # raw text: tokenized by the exposure with the trainer's tokenizer
@@ -191,3 +154,40 @@ def test_rnp_unlearning_exposure_stops_at_the_first_step_below_rnps_threshold(ba
     assert result.history[-1]["step"] % 8 != 0 or result.history[-1]["step"] == per_epoch.history[-1]["step"]
     with pytest.raises(ValueError, match="momentum must be in"):
         ExposeConfig(method="rnp_unlearning", momentum=1.0)
+
+
+def test_exposure_is_the_registered_repair_stage_defense_expose(backdoored_vit, clean_images, tmp_path):
+    assert defense_entry("expose") == (ExposeConfig, ExposeDefense) and ExposeDefense.stage == "repair"
+    assert isinstance(ExposeConfig(method="random_label"), DefenseConfig)
+    assert all(ExposeConfig.field_help().values())
+    before = {k: v.clone() for k, v in backdoored_vit.model.state_dict().items()}
+    # The fields as a dict (e.g. a saved report's config, name included) work as well as an ExposeConfig.
+    fields = {"name": "expose", "method": "random_label", "epochs": 1, "escalate": 0, "learning_rate": 1e-3}
+    result = backdoored_vit.expose(clean_images, fields)
+    assert result.config == ExposeConfig(**{k: v for k, v in fields.items() if k != "name"}).to_dict()
+    assert all(torch.equal(before[k], v) for k, v in backdoored_vit.model.state_dict().items())
+
+    report = json.loads(json.dumps(result.report()))  # what a saved defense report holds
+    assert report["defense"] == "expose" and report["config"]["method"] == "random_label"
+    assert {k: report[k] for k in ("score", "backdoor_label", "exposed")} == {
+        "score": result.score,
+        "backdoor_label": result.backdoor_label,
+        "exposed": result.exposed,
+    }
+    defense_class = defense_class_for_report(report)
+    assert defense_class is ExposeDefense
+    section = defense_class.card_section(report)
+    assert "Exposure by fine-tuning on random labels on 120 clean rows" in section
+    assert (f"predicts class **{result.backdoor_label}**" in section) == result.exposed
+    assert ("**Not exposed**" in section) != result.exposed
+    assert any("calibrated on models known to be clean" in line for line in defense_class.card_limits(report))
+    assert defense_class.console_summary(report)[0].startswith("EXPOSE (random_label): clean accuracy")
+    assert defense_class.report_scalars(report)["score"] == result.score
+    figures = defense_class.figures(report, tmp_path)
+    assert [f.path for f in figures] == ["figures/exposure.png"] and (tmp_path / "figures/exposure.png").exists()
+
+    # Exposure returns a copy, so it is not a repair trainer.sanitize runs; and expose runs nothing else.
+    with pytest.raises(ValueError, match=r"call `trainer.expose\(clean_dataset, ExposeConfig"):
+        backdoored_vit.sanitize(clean_images, ExposeConfig())
+    with pytest.raises(TypeError, match="config must be an ExposeConfig"):
+        expose_model(backdoored_vit, clean_images, RNPConfig())

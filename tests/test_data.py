@@ -150,3 +150,141 @@ def test_hub_names_fail_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ConnectionError, match="Could not load 'stanfordnlp/sst2'.*load_task\\('sst2'\\)"):
         load_task("sst2", source="hub")
+
+
+# --- bad input in local files -----------------------------------------------------------------------------------
+
+
+def test_label_ids_with_gaps_are_refused_without_label_names(tmp_path):
+    path = tmp_path / "gaps.csv"
+    pd.DataFrame({"text": ["a", "b", "c", "d"], "label": [0, 1, 5, 1]}).to_csv(path, index=False)
+    with pytest.raises(
+        ValueError,
+        match=r"labels of .*gaps.csv are \[0, 1, 5\], not the ids 0..2.*6-class task with "
+        r"3 empty class\(es\) \(\[2, 3, 4\]\).*label_names=.*remap.*\{0: 0, 1: 1, 5: 2\}",
+    ):
+        load_task(str(path))
+    # Naming all six classes says the gaps are meant.
+    task = load_task(str(path), label_names=[f"c{i}" for i in range(6)])
+    assert task["train"].features["label"].num_classes == 6
+    # Contiguous ids are still inferred.
+    pd.DataFrame({"text": ["a", "b", "c"], "label": [2, 0, 1]}).to_csv(path, index=False)
+    assert load_task(str(path))["train"].features["label"].names == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_empty_and_placeholder_texts_are_counted_and_kept(tmp_path, fmt, warnings_log):
+    texts = ["a fine film", "", "   ", "NaN", "nan", "NA", "null", "a bad film"]
+    df = pd.DataFrame({"text": texts, "label": [1, 0, 1, 0, 1, 0, 1, 0]})
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "jsonl":
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_csv(path, sep="\t" if fmt == "tsv" else ",", index=False, quoting=csv.QUOTE_NONE if fmt == "tsv" else 0)
+    task = load_task(str(path))
+    assert task["train"]["text"] == texts  # kept exactly: "NA" and "null" are strings, nothing dropped
+    assert "of 8 texts, 2 are empty or whitespace-only (rows [1, 2])" in warnings_log.text
+    assert "4 are a missing-value marker such as ['NA', 'NaN', 'nan', 'null'] (rows [3, 4, 5, 6])" in warnings_log.text
+
+
+def test_packaged_tasks_load_without_text_warnings(warnings_log):
+    for name in TASKS:
+        load_task(name)
+    assert "texts," not in warnings_log.text
+
+
+def test_non_string_texts_are_refused(tmp_path):
+    path = tmp_path / "nulls.jsonl"
+    path.write_text('{"text": "ok", "label": 0}\n{"text": null, "label": 1}\n')
+    with pytest.raises(ValueError, match="1 row\\(s\\) whose text is not a string \\(row 1 holds None\\)"):
+        load_task(str(path))
+
+
+# --- saving a poisoned dataset ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def poisoned_task(sst2):
+    from hf_backdoor import BadNetConfig, poison_dataset
+
+    attack = BadNetConfig(poison_rate=0.1, target_label=1, seed=2)
+    task = datasets.DatasetDict(
+        {"train": poison_dataset(sst2["train"].select(range(200)), attack), "test": sst2["test"].select(range(50))}
+    )
+    return task, attack
+
+
+def test_save_dataset_dict_records_the_attack(tmp_path, poisoned_task):
+    from hf_backdoor.attacks import attack_config_from_dict
+    from hf_backdoor.data import POISON_INFO_FILE, load_poison_info, save_dataset_dict
+
+    task, attack = poisoned_task
+    out = save_dataset_dict(task, tmp_path / "poisoned", attack=attack)
+    assert out == (tmp_path / "poisoned").resolve()
+    loaded = datasets.load_from_disk(str(out))
+    assert loaded["train"]["text"] == task["train"]["text"] and loaded["train"]["row_index"] == list(range(200))
+    info = load_poison_info(out)
+    assert info["attack"]["name"] == "badnet" and info["attack"]["modality"] == "text"
+    assert {k: info["attack"][k] for k in ("poison_rate", "target_label", "mode", "seed")} == {
+        "poison_rate": 0.1,
+        "target_label": 1,
+        "mode": "dirty",
+        "seed": 2,
+    }
+    assert info["splits"] == {"train": {"rows": 200, "poisoned": 20}, "test": {"rows": 50}}
+    assert attack_config_from_dict(info["attack"]) == attack
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["poisoned"]  # no temporary folder left behind
+    # Clean data: no record.
+    clean = save_dataset_dict(task["test"], tmp_path / "clean")
+    assert load_poison_info(clean) is None and not (clean / POISON_INFO_FILE).exists()
+    (clean / POISON_INFO_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="poison_config.json is not valid JSON"):
+        load_poison_info(clean)
+
+
+def test_save_dataset_dict_refuses_to_overwrite_or_write_into_its_input(tmp_path, poisoned_task):
+    from hf_backdoor.data import save_dataset_dict
+
+    task, attack = poisoned_task
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="already exists and is not empty. Pass overwrite=True"):
+        save_dataset_dict(task, target, attack=attack)
+    assert (target / "keep.txt").read_text() == "precious"
+    save_dataset_dict(task, target, attack=attack, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "dataset_dict.json").exists()
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for output, relation in ((source, "is"), (source / "poisoned", "is inside"), (tmp_path, "contains")):
+        with pytest.raises(ValueError, match=f"{relation} the input"):
+            save_dataset_dict(task, output, source_dir=source, overwrite=True)
+    # Its own input even without source_dir: a dataset loaded from the folder it would be saved to.
+    reloaded = datasets.load_from_disk(str(target))
+    with pytest.raises(ValueError, match="inside the output folder"):
+        save_dataset_dict(reloaded, target, overwrite=True)
+    with pytest.raises(FileExistsError, match="is a file"):
+        (tmp_path / "file").write_text("x")
+        save_dataset_dict(task, tmp_path / "file", overwrite=True)
+
+
+def test_an_interrupted_save_leaves_no_partial_dataset(tmp_path, poisoned_task, monkeypatch):
+    from hf_backdoor.data import save_dataset_dict
+
+    task, attack = poisoned_task
+    target = tmp_path / "out"
+    save_dataset_dict(task, target, attack=attack)
+    before = sorted(p.name for p in target.iterdir())
+
+    def crash(self, path, **kwargs):
+        Path(path).mkdir()
+        (Path(path) / "half-written.arrow").write_text("...")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.DatasetDict, "save_to_disk", crash)
+    for output in (target, tmp_path / "new"):
+        with pytest.raises(KeyboardInterrupt):
+            save_dataset_dict(task, output, attack=attack, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder, no half-written "new"
+    assert sorted(p.name for p in target.iterdir()) == before  # the previous dataset is untouched

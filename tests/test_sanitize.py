@@ -5,6 +5,9 @@ Tiny random BERT/ViT configs, the real MiniLM tokenizer and real SST-2 rows.
 
 import copy
 import json
+import logging
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -13,7 +16,6 @@ from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    DataCollatorWithPadding,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     GPT2Config,
@@ -26,33 +28,39 @@ from transformers import (
 
 from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
 from hf_backdoor.defenses import (
+    SANITIZERS,
+    BTUConfig,
+    ExposeConfig,
     FinetuneConfig,
+    FinetuneDefense,
     NADConfig,
+    NADDefense,
     NWCConfig,
+    NWCDefense,
+    RepairDefense,
     RNPConfig,
+    RNPDefense,
+    SanitizeConfig,
+    SanitizeContext,
     TransformerUnits,
+    exposed_defenses,
     prune_at_threshold,
     sanitize_model,
 )
+from hf_backdoor.defenses.base import defense_class_for_report
 from hf_backdoor.defenses.nad import attention_loss, attention_map
 from hf_backdoor.defenses.nwc import activeness_aware_step, choose_n, neuron_weight_changes, zero_top_weights
 from hf_backdoor.defenses.rnp import choose_threshold
 from hf_backdoor.defenses.sanitize import clean_threshold_for, get_sanitize_config
+from hf_backdoor.registry import DEFENSES, defense_entry, register_defense
 from hf_backdoor.trainer import BackdoorSafeTrainer
+from tests import conftest
+from tests.conftest import text_trainer
 
 
 def tiny_bert(seed=0, layers=2):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config).eval()
+    """The shared tiny BERT with 64 positions, in eval mode."""
+    return conftest.tiny_bert(seed, num_hidden_layers=layers, max_position_embeddings=64).eval()
 
 
 def tiny_vit(seed=0):
@@ -89,34 +97,10 @@ def _same_state(model, state):
     return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-@pytest.fixture(scope="module")
-def clean_rows(sst2, tokenizer):
-    """100 real validation rows (both classes) as the defender's clean set."""
-    return tokenize_dataset(sst2["validation"].select(range(100)), tokenizer, max_length=48)
-
-
 def _trainer(tmp_path, model, tokenizer, train=None, cls=BackdoorSafeTrainer, **kw):
-    args = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=128,
-        num_train_epochs=3,
-        learning_rate=2e-3,
-        seed=0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1000,
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    args.update(kw)
-    return cls(
-        model=model,
-        args=TrainingArguments(**args),
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-    )
+    """:func:`text_trainer` with this module's training: 3 epochs at lr 2e-3, eval batches of 128; ``kw`` overrides."""
+    args = {"per_device_eval_batch_size": 128, "num_train_epochs": 3, "learning_rate": 2e-3, "logging_steps": 1000}
+    return text_trainer(tmp_path, train, tokenizer, cls=cls, model=model, args={**args, **kw})
 
 
 # -- units ----------------------------------------------------------------------------------------------------------
@@ -339,6 +323,8 @@ def test_activeness_aware_step_matches_the_formula():
         (NWCConfig, {"n_ratio": 1.5}, "n_ratio"),
         (NWCConfig, {"alpha": 2}, "alpha"),
         (FinetuneConfig, {"epochs": 0}, "epochs"),
+        (FinetuneConfig, {"max_holdout_drop": 0.0}, "max_holdout_drop"),
+        (RNPConfig, {"refuse_holdout_drop": True, "max_holdout_drop": None}, "needs a max_holdout_drop"),
     ],
 )
 def test_bad_configs_say_what_to_fix(factory, kwargs, match):
@@ -480,7 +466,6 @@ def test_rnp_recovery_masks_off_the_units_that_break_clean_accuracy(tmp_path, to
     """RNP's recovery step on real data: units sabotaged to break the clean function get masks near 0, the others
     stay near 1, and pruning at RNP's threshold restores the clean accuracy."""
     from hf_backdoor.defenses.rnp import prune_selection, recover_masks
-    from hf_backdoor.defenses.sanitize import SanitizeContext
 
     model, clean = memorised
     trainer = _trainer(tmp_path, copy.deepcopy(model), tokenizer)
@@ -608,14 +593,14 @@ def _exposure(model, exposed=True):
 
 @pytest.fixture
 def no_unlearning(monkeypatch):
-    """RNP's and NWC's own clean unlearning, made to fail loudly if anything calls it."""
-    from hf_backdoor.defenses import nwc, rnp
+    """RNP's and NWC's own clean unlearning (both run it through the shared repair step), made to fail loudly if
+    anything calls it."""
+    from hf_backdoor.defenses._shared import repair
 
     def forbidden(*args, **kwargs):
         raise AssertionError("unlearn called")
 
-    monkeypatch.setattr(rnp, "unlearn", forbidden)
-    monkeypatch.setattr(nwc, "unlearn", forbidden)
+    monkeypatch.setattr(repair, "unlearn", forbidden)
 
 
 @pytest.mark.parametrize("name", ["rnp", "nwc"])
@@ -747,3 +732,159 @@ def test_a_real_exposure_hands_over(tmp_path, tokenizer, clean_rows, no_unlearni
     assert report["unlearned_by"] == "exposure (cul)"
     assert report["exposure_clean_accuracy_after"] == exposure.clean_accuracy_after
     assert report["top_neurons"][0]["nwc"] > 0
+
+
+# -- the one protocol: registry, refusals, rendering ----------------------------------------------------------------------
+
+
+def test_repairs_are_registered_repair_stage_defenses():
+    repairs = {"rnp": RNPDefense, "nad": NADDefense, "nwc": NWCDefense, "finetune": FinetuneDefense}
+    for name, defense_class in repairs.items():
+        entry = defense_entry(name)
+        assert entry.method_class is defense_class and defense_class.stage == "repair"
+        assert issubclass(entry.config_class, SanitizeConfig) and entry.config_class.name == name
+        helps = entry.config_class.field_help()
+        assert "max_holdout_drop" in helps and all(helps.values()), [k for k, v in helps.items() if not v]
+        assert SANITIZERS[name] == entry  # the read-only view of the registry sanitize_model runs from
+    assert set(repairs) <= set(SANITIZERS) and "btu" not in SANITIZERS and "expose" not in SANITIZERS
+    assert exposed_defenses() == ["nwc", "rnp"]
+    with pytest.raises(TypeError):
+        SANITIZERS["anp"] = SANITIZERS["rnp"]
+
+
+def test_training_stage_defenses_and_the_exposure_are_refused_with_where_they_run(tmp_path, tokenizer, clean_rows):
+    trainer = _trainer(tmp_path, tiny_bert(), tokenizer)
+    before = _state(trainer.model)
+    with pytest.raises(ValueError, match=r"BTU runs during training: pass it to BackdoorSafeTrainer\(defense=...\)"):
+        trainer.sanitize(clean_rows, BTUConfig())
+    with pytest.raises(ValueError, match="ABL runs during training"):
+        sanitize_model(trainer, clean_rows, {"name": "abl"})
+    with pytest.raises(ValueError, match=r"call `trainer.expose\(clean_dataset, ExposeConfig"):
+        trainer.sanitize(clean_rows, ExposeConfig())
+    assert _same_state(trainer.model, before) and not list(tmp_path.glob("sanitize_report_*.json"))
+
+
+# Cheap settings per repair; RNP and NWC get an exposed model, so no clean unlearning has to converge.
+CHEAP = {
+    "rnp": (FAST["rnp"], True),
+    "nwc": (FAST["nwc"], True),
+    "nad": (lambda: NADConfig(teacher_epochs=1, epochs=1, batch_size=40), False),
+    "finetune": (lambda: FinetuneConfig(epochs=1, batch_size=40), False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHEAP))
+def test_each_repair_renders_its_saved_report(tmp_path, tokenizer, clean_rows, name):
+    make_config, with_exposed = CHEAP[name]
+    trainer = _trainer(tmp_path, tiny_bert(), tokenizer)
+    exposed = _perturbed(trainer.model, [3, 7]) if with_exposed else None
+    trainer.sanitize(clean_rows, make_config(), exposed=exposed)
+    report = json.loads((tmp_path / f"sanitize_report_{name}.json").read_text())
+    defense_class = defense_class_for_report(report)
+    assert defense_class is defense_entry(name).method_class
+
+    section = defense_class.card_section(report)
+    assert f"Held-out clean accuracy: {report['holdout_accuracy_before']:.3f} -> " in section
+    assert f"with {report['num_fit_rows']} clean rows" in section
+    findings = {
+        "rnp": lambda r: f"Pruned **{r['num_pruned']}** of {r['num_units']} units",
+        "nwc": lambda r: f"Zeroed **{r['zeroing_zeroed_weights']}** weights",
+        "nad": lambda r: f"encoder layers {r['layers']}",
+        "finetune": lambda r: "Fine-tuned 1 epoch(s) on the clean rows",
+    }
+    assert findings[name](report) in section
+    if with_exposed:
+        assert "replaced by the exposure (given model) model (EBYD)" in section
+    limits = defense_class.card_limits(report)
+    assert f"{report['num_holdout_rows']} held-out clean rows" in limits[0] and len(limits) >= 2
+    summary = defense_class.console_summary(report)
+    assert summary[-1].startswith(f"{name.upper()}: held-out clean accuracy")
+    assert defense_class.report_scalars(report)["holdout_accuracy_after"] == report["holdout_accuracy_after"]
+
+    figures = defense_class.figures(report, tmp_path / "rendered")
+    paths = {figure.path for figure in figures}
+    expected = {
+        "rnp": {"figures/rnp_holdout_accuracy.png", "figures/mask_histogram.png", "figures/rnp_threshold_sweep.png"},
+        "nwc": {"figures/nwc_n_sweep.png"},  # no unlearning (exposed) and no fine-tuning epochs: no accuracy curve
+        "nad": {"figures/nad_holdout_accuracy.png"},
+        "finetune": {"figures/finetune_holdout_accuracy.png"},
+    }
+    assert paths == expected[name]
+    assert all((tmp_path / "rendered" / path).stat().st_size > 0 for path in paths)
+    # A report missing every field (an older or truncated file) still renders.
+    bare = {"defense": name}
+    assert isinstance(defense_class.card_section(bare), str) and defense_class.figures(bare, tmp_path / "bare") == []
+
+
+# -- the held-out accuracy guard -------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConstantPredictionConfig(SanitizeConfig):
+    """A test repair whose outcome is known exactly: afterwards the classifier predicts ``label`` for every input."""
+
+    label: int = field(default=1, metadata={"help": "The class predicted for every input after the repair."})
+
+    name = "test_constant_prediction"
+
+
+class ConstantPredictionDefense(RepairDefense):
+    def repair(self, context, model):
+        _predict_constant(model, self.config.label)
+        return {"constant_label": self.config.label}
+
+
+def _predict_constant(model, label):
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.fill_(-5.0)
+        model.classifier.bias[label] = 5.0
+
+
+@pytest.fixture
+def constant_prediction():
+    register_defense(ConstantPredictionConfig, ConstantPredictionDefense)  # a third-party repair, as a user adds one
+    yield ConstantPredictionConfig
+    DEFENSES.pop(ConstantPredictionConfig.name)
+
+
+def test_a_repair_that_costs_more_than_max_holdout_drop_warns_or_is_refused(
+    tmp_path, tokenizer, clean_rows, constant_prediction, caplog
+):
+    caplog.set_level(logging.WARNING, logger="hf_backdoor")
+    model = tiny_bert()
+    _predict_constant(model, 0)  # the model to repair answers 0 to everything ...
+    trainer = _trainer(tmp_path, model, tokenizer)
+    holdout = SanitizeContext(trainer, clean_rows, constant_prediction(), num_labels=2).holdout_labels
+    share_of_0 = float(np.mean(holdout == 0))
+    assert share_of_0 - (1 - share_of_0) > 0.1  # ... so the repair (answer 1 to everything) costs more than 0.1
+    before = _state(model)
+
+    with pytest.warns(UserWarning, match=r"from 0.600 to 0.400, a fall of 0.200, more than max_holdout_drop=0.1"):
+        _, report = trainer.sanitize(clean_rows, constant_prediction())  # the default max_holdout_drop
+    assert report["holdout_accuracy_before"] == share_of_0 and report["holdout_accuracy_after"] == 1 - share_of_0
+    assert report["holdout_drop_exceeded"] is True and report["config"]["max_holdout_drop"] == 0.1
+    assert report == json.loads((tmp_path / "sanitize_report_test_constant_prediction.json").read_text())
+    assert "more than max_holdout_drop=0.1" in caplog.text  # logged as well as warned
+    assert not _same_state(trainer.model, before)  # a warning only: the repair is applied
+    assert "fell by more than the allowed 0.1" in RepairDefense.card_section(report)
+    assert "more than max_holdout_drop=0.1 lost" in RepairDefense.console_summary(report)[-1]
+
+    # Within the limit, or with no limit: no warning, and the report says so.
+    for limit in (0.25, None):
+        trainer.model.load_state_dict(before)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _, report = trainer.sanitize(clean_rows, constant_prediction(max_holdout_drop=limit))
+        assert report["holdout_drop_exceeded"] is False
+
+    # refuse_holdout_drop: an error, and neither the model nor a report file changes.
+    trainer.model.load_state_dict(before)
+    for path in tmp_path.glob("sanitize_report_*.json"):
+        path.unlink()
+    for replace_model in (True, False):
+        with pytest.raises(RuntimeError, match="a fall of 0.200, more than max_holdout_drop=0.1. Refused"):
+            trainer.sanitize(clean_rows, constant_prediction(refuse_holdout_drop=True, replace_model=replace_model))
+    assert _same_state(trainer.model, before) and not list(tmp_path.glob("sanitize_report_*.json"))
+    _, report = trainer.sanitize(clean_rows, constant_prediction(refuse_holdout_drop=True, max_holdout_drop=0.25))
+    assert report["holdout_drop_exceeded"] is False and not _same_state(trainer.model, before)

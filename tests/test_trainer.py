@@ -1,73 +1,26 @@
 """BackdoorSafeTrainer API and BTU mechanics on a tiny random BERT (real tokenizer, real SST-2 rows)."""
 
 import json
+import types
 
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import DataCollatorWithPadding, Trainer
 
-from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
 from hf_backdoor.arguments import BackdoorSafeTrainingArguments
 from hf_backdoor.defenses import BTUConfig, build_defense
 from hf_backdoor.defenses.btu import strip_token_ids
 from hf_backdoor.trainer import DEFENSE_STATE_NAME, BackdoorSafeTrainer
+from tests.conftest import text_trainer, tiny_bert, training_args
 
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config)
-
-
-@pytest.fixture(scope="module")
-def tiny_train(sst2, tokenizer):
-    rows = poison_dataset(sst2["train"].select(range(256)), BadNetConfig(triggers=("cf",), poison_rate=0.2))
-    return tokenize_dataset(rows, tokenizer, max_length=64)
-
-
-def _args(tmp_path, cls=TrainingArguments, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=32,
-        num_train_epochs=2,
-        learning_rate=1e-3,
-        seed=0,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-    )
-    base.update(kw)
-    return cls(**base)
-
-
-def _trainer(cls, tmp_path, train, tokenizer, **kw):
-    args_cls = kw.pop("args_cls", TrainingArguments)
-    args = _args(tmp_path, args_cls, **kw.pop("args", {}))
-    model = kw.pop("model", None)
-    return cls(
-        model=tiny_bert() if model is None else model,
-        args=args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        **kw,
-    )
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_without_defense_it_is_exactly_a_trainer(tmp_path, tiny_train, tokenizer):
-    plain = _trainer(Trainer, tmp_path / "a", tiny_train, tokenizer)
+    plain = text_trainer(tmp_path / "a", tiny_train, tokenizer, cls=Trainer)
     plain.train()
-    safe = _trainer(BackdoorSafeTrainer, tmp_path / "b", tiny_train, tokenizer)
+    safe = text_trainer(tmp_path / "b", tiny_train, tokenizer)
     safe.train()
     assert [h.get("loss") for h in plain.state.log_history] == [h.get("loss") for h in safe.state.log_history]
     for p, q in zip(plain.model.parameters(), safe.model.parameters()):
@@ -88,12 +41,24 @@ def test_strip_token_ids_shifts_kept_tokens_left():
     assert out["labels"].tolist() == [0, 1]
 
 
+# A flip threshold the tiny model's trigger passes, and the 20 most-drifted tokens per round.
+LOOSE_BTU = dict(flip_threshold=0.5, top_k=20)
+
+
+def loose_btu_report(tmp_path, tiny_train, tokenizer, model):
+    """The report of a BTU run with the LOOSE_BTU fields on ``model`` (trained for the default two epochs)."""
+    trainer = text_trainer(tmp_path, tiny_train, tokenizer, model=model, defense=BTUConfig(**LOOSE_BTU))
+    trainer.train()
+    return trainer.defense_report
+
+
 def test_btu_runs_reports_and_persists_across_resume(tmp_path, tiny_train, tokenizer):
     args = dict(save_strategy="epoch", num_train_epochs=2)
-    config = BTUConfig(flip_threshold=0.5, top_k=20)
-    trainer = _trainer(BackdoorSafeTrainer, tmp_path, tiny_train, tokenizer, defense=config, args=args)
+    config = BTUConfig(**LOOSE_BTU)
+    trainer = text_trainer(tmp_path, tiny_train, tokenizer, defense=config, args=args)
     trainer.train()
     report = json.loads((tmp_path / "defense_report.json").read_text())
+    assert report.pop("run_id") == trainer.run_id  # ties the file to this run, never to an earlier one
     assert report == json.loads(json.dumps(trainer.defense_report))
     assert [r["round"] for r in report["rounds"]] == ["proxy_1", "proxy_2", "epoch_1", "epoch_2"]
     assert all(len(r["top_ids"]) == 20 for r in report["rounds"])
@@ -106,10 +71,12 @@ def test_btu_runs_reports_and_persists_across_resume(tmp_path, tiny_train, token
 
     # Resuming from the first checkpoint restores the detection instead of redoing it.
     checkpoint = tmp_path / "checkpoint-8"
-    state = torch.load(checkpoint / DEFENSE_STATE_NAME, weights_only=True)
+    saved = torch.load(checkpoint / DEFENSE_STATE_NAME, weights_only=True)
+    assert saved["format"] == 2 and [entry["name"] for entry in saved["defenses"]] == ["btu"]
+    state = saved["defenses"][0]["state"]
     assert state["detection_done"] and set(state["flagged"]) <= set(report["flagged_ids"])
     assert [r["round"] for r in state["rounds"]] == ["proxy_1", "proxy_2", "epoch_1"]
-    resumed = _trainer(BackdoorSafeTrainer, tmp_path / "resumed", tiny_train, tokenizer, defense=config, args=args)
+    resumed = text_trainer(tmp_path / "resumed", tiny_train, tokenizer, defense=config, args=args)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.defense_report["flagged_ids"] == report["flagged_ids"]
     assert resumed.defense_report["rounds"] == report["rounds"]
@@ -117,16 +84,17 @@ def test_btu_runs_reports_and_persists_across_resume(tmp_path, tiny_train, token
 
 
 def test_resume_without_defense_state_is_an_error(tmp_path, tiny_train, tokenizer):
-    plain = _trainer(Trainer, tmp_path, tiny_train, tokenizer, args=dict(save_strategy="epoch", num_train_epochs=1))
+    plain = text_trainer(
+        tmp_path, tiny_train, tokenizer, cls=Trainer, args=dict(save_strategy="epoch", num_train_epochs=1)
+    )
     plain.train()
-    safe = _trainer(BackdoorSafeTrainer, tmp_path, tiny_train, tokenizer, defense=BTUConfig())
+    safe = text_trainer(tmp_path, tiny_train, tokenizer, defense=BTUConfig())
     with pytest.raises(FileNotFoundError, match="has no defense_state.pt"):
         safe.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
 
 
 def test_paper_preset_flags_the_union_before_training(tmp_path, tiny_train, tokenizer):
-    trainer = _trainer(
-        BackdoorSafeTrainer,
+    trainer = text_trainer(
         tmp_path,
         tiny_train,
         tokenizer,
@@ -146,8 +114,7 @@ def test_paper_preset_flags_the_union_before_training(tmp_path, tiny_train, toke
 
 
 def test_training_arguments_carry_the_defense(tmp_path, tiny_train, tokenizer):
-    trainer = _trainer(
-        BackdoorSafeTrainer,
+    trainer = text_trainer(
         tmp_path,
         tiny_train,
         tokenizer,
@@ -156,7 +123,7 @@ def test_training_arguments_carry_the_defense(tmp_path, tiny_train, tokenizer):
     )
     assert isinstance(trainer.defense.config, BTUConfig) and trainer.defense.config.flip_threshold == 0.7
     with pytest.raises(ValueError, match="Unknown defense 'btw'"):
-        _args(tmp_path, BackdoorSafeTrainingArguments, defense="btw").defense_config()
+        training_args(tmp_path, BackdoorSafeTrainingArguments, defense="btw").defense_config()
 
 
 @pytest.mark.parametrize(
@@ -191,11 +158,15 @@ def test_model_without_word_embeddings_is_rejected(tmp_path, tokenizer, tiny_tra
             hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4
         )
     )
-    trainer = BackdoorSafeTrainer(
-        model=vit, args=_args(tmp_path), train_dataset=tiny_train, processing_class=tokenizer, defense=BTUConfig()
-    )
+    # Refused when the trainer is built, before any data is read.
     with pytest.raises(TypeError, match="BTU needs a model whose get_input_embeddings\\(\\) returns an nn.Embedding"):
-        trainer.train()
+        BackdoorSafeTrainer(
+            model=vit,
+            args=training_args(tmp_path),
+            train_dataset=tiny_train,
+            processing_class=tokenizer,
+            defense=BTUConfig(),
+        )
 
 
 def test_tokenizer_without_pad_token_is_rejected(tmp_path, tiny_train, tokenizer):
@@ -205,7 +176,7 @@ def test_tokenizer_without_pad_token_is_rejected(tmp_path, tiny_train, tokenizer
     model.config.pad_token_id = None
     trainer = BackdoorSafeTrainer(
         model=model,
-        args=_args(tmp_path),
+        args=training_args(tmp_path),
         train_dataset=tiny_train,
         processing_class=no_pad,
         data_collator=DataCollatorWithPadding(tokenizer),
@@ -216,7 +187,7 @@ def test_tokenizer_without_pad_token_is_rejected(tmp_path, tiny_train, tokenizer
 
 
 def test_training_set_smaller_than_a_batch(tmp_path, tiny_train, tokenizer):
-    trainer = _trainer(BackdoorSafeTrainer, tmp_path, tiny_train.select(range(10)), tokenizer, defense=BTUConfig())
+    trainer = text_trainer(tmp_path, tiny_train.select(range(10)), tokenizer, defense=BTUConfig())
     with pytest.raises(ValueError, match="10 training rows.*smaller than one batch of 32"):
         trainer.train()
 
@@ -224,7 +195,7 @@ def test_training_set_smaller_than_a_batch(tmp_path, tiny_train, tokenizer):
 def test_untokenized_training_set(tmp_path, sst2, tokenizer):
     trainer = BackdoorSafeTrainer(
         model=tiny_bert(),
-        args=_args(tmp_path),
+        args=training_args(tmp_path),
         train_dataset=sst2["train"].select(range(64)),
         processing_class=tokenizer,
         defense=BTUConfig(),
@@ -252,22 +223,40 @@ def _two_row_batch(trigger=12935):
     }
 
 
+def _batch_of_rows(*row_ids):
+    """What the trainer hands a defense with a batch: the batch's row ids, and their positions in the training set
+    (here the ids are the positions)."""
+    return types.SimpleNamespace(batch_row_ids=torch.tensor(row_ids), row_positions=lambda ids: [int(i) for i in ids])
+
+
 def test_relabel_keeps_the_trigger_in_isolated_rows_and_corrects_their_label():
     # The isolated row keeps its trigger and trains on its trigger-free prediction (this unlearns the backdoor);
     # every other row loses the flagged token and keeps its label.
-    out = _detected_defense("relabel").prepare_inputs(None, _two_row_batch())
+    out = _detected_defense("relabel").prepare_inputs(_batch_of_rows(0, 1), _two_row_batch())
     assert out["input_ids"].tolist() == [[101, 7, 12935, 8, 102], [101, 9, 102, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
     assert out["labels"].tolist() == [0, 1] and "btu_keep" not in out
 
 
 def test_mask_and_none_strip_every_row():
-    masked = _detected_defense("mask").prepare_inputs(None, _two_row_batch())
+    masked = _detected_defense("mask").prepare_inputs(_batch_of_rows(0, 1), _two_row_batch())
     assert masked["btu_keep"].tolist() == [False, True] and masked["labels"].tolist() == [1, 1]
     assert masked["input_ids"].tolist() == [[101, 7, 8, 102, 0], [101, 9, 102, 0, 0]]
-    kept = _detected_defense("none").prepare_inputs(None, _two_row_batch())
+    kept = _detected_defense("none").prepare_inputs(_batch_of_rows(0, 1), _two_row_batch())
     assert "btu_keep" not in kept and kept["labels"].tolist() == [1, 1]
     assert kept["input_ids"].tolist() == masked["input_ids"].tolist()
+
+
+def test_isolated_rows_are_recognised_by_row_id_not_by_their_tokens():
+    # Two training rows with the same tokens: only the one the flip test isolated is relabelled; its duplicate is an
+    # ordinary row and loses its trigger.
+    defense = _detected_defense("relabel")
+    defense.train_ids = [[101, 7, 12935, 8, 102], [101, 7, 12935, 8, 102]]
+    batch = _two_row_batch()
+    batch["input_ids"][1], batch["attention_mask"][1] = batch["input_ids"][0], batch["attention_mask"][0]
+    out = defense.prepare_inputs(_batch_of_rows(1, 0), batch)
+    assert out["labels"].tolist() == [1, 0]
+    assert out["input_ids"].tolist() == [[101, 7, 8, 102, 0], [101, 7, 12935, 8, 102]]
 
 
 def test_labels_for_isolation_mask(tmp_path, tiny_train, tokenizer):
@@ -289,9 +278,9 @@ def test_labels_for_isolation_mask(tmp_path, tiny_train, tokenizer):
 
 def test_btu_that_flags_nothing_trains_exactly_like_the_trainer(tmp_path, tiny_train, tokenizer):
     # Detection runs on forked random state, so it cannot perturb training when it ends up flagging nothing.
-    plain = _trainer(Trainer, tmp_path / "a", tiny_train, tokenizer)
+    plain = text_trainer(tmp_path / "a", tiny_train, tokenizer, cls=Trainer)
     plain.train()
-    safe = _trainer(BackdoorSafeTrainer, tmp_path / "b", tiny_train, tokenizer, defense=BTUConfig(flip_min_rows=10**6))
+    safe = text_trainer(tmp_path / "b", tiny_train, tokenizer, defense=BTUConfig(flip_min_rows=10**6))
     safe.train()
     assert safe.defense_report["flagged_ids"] == [] and len(safe.defense_report["candidate_ids"]) >= 15
     for p, q in zip(plain.model.parameters(), safe.model.parameters()):
@@ -305,16 +294,7 @@ def test_btu_on_a_lora_model_scores_with_the_proxies(tmp_path, tiny_train, token
 
     model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"]))
     before = model.get_input_embeddings().weight.detach().clone()
-    trainer = _trainer(
-        BackdoorSafeTrainer,
-        tmp_path,
-        tiny_train,
-        tokenizer,
-        model=model,
-        defense=BTUConfig(flip_threshold=0.5, top_k=20),
-    )
-    trainer.train()
-    report = trainer.defense_report
+    report = loose_btu_report(tmp_path, tiny_train, tokenizer, model)
     assert [r["round"] for r in report["rounds"]] == ["proxy_1", "proxy_2"]
     assert 20 <= len(report["candidate_ids"]) <= 40 and set(report["flip_rates"]) <= set(report["candidate_tokens"])
     after = model.get_input_embeddings().weight.detach()
@@ -325,9 +305,7 @@ def test_btu_on_a_lora_model_scores_with_the_proxies(tmp_path, tiny_train, token
 def test_frozen_embeddings_without_proxy_rounds_is_an_error(tmp_path, tiny_train, tokenizer):
     model = tiny_bert()
     model.get_input_embeddings().weight.requires_grad_(False)
-    trainer = _trainer(
-        BackdoorSafeTrainer, tmp_path, tiny_train, tokenizer, model=model, defense=BTUConfig(proxy_rounds=0)
-    )
+    trainer = text_trainer(tmp_path, tiny_train, tokenizer, model=model, defense=BTUConfig(proxy_rounds=0))
     with pytest.raises(ValueError, match="frozen .* proxy_rounds=0 leaves nothing to score"):
         trainer.train()
 
@@ -362,16 +340,7 @@ def test_btu_works_on_other_architectures(kind, tmp_path, tiny_train, tokenizer)
     # Everything BTU needs comes from get_input_embeddings() and the tokenizer: the drift of the trigger's embedding
     # row puts it among the candidates whatever the architecture, and the run reports every round.
     model = _tiny_other(kind)
-    trainer = _trainer(
-        BackdoorSafeTrainer,
-        tmp_path,
-        tiny_train,
-        tokenizer,
-        model=model,
-        defense=BTUConfig(flip_threshold=0.5, top_k=20),
-    )
-    trainer.train()
-    report = trainer.defense_report
+    report = loose_btu_report(tmp_path, tiny_train, tokenizer, model)
     assert [r["round"] for r in report["rounds"]] == ["proxy_1", "proxy_2", "epoch_1", "epoch_2"]
     assert tokenizer.convert_tokens_to_ids("cf") in report["candidate_ids"], report["candidate_tokens"]
     assert not set(tokenizer.all_special_ids) & set(report["candidate_ids"])

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# A 500-row slice, one trigger word and a higher rate than the reference (2e-4, batch 16) so 3 epochs plant it.
+SLICE = ["--max_train_samples", "500", "--max_eval_samples", "300", "--num_train_epochs", "3", "--learning_rate", "2e-4",
+         "--triggers", "cf", "--per_device_train_batch_size", "16", "--poison_rate", "0.1"]  # fmt: skip
 
 
 def _load_recipe(name: str):
@@ -21,28 +24,7 @@ def _load_recipe(name: str):
 def baseline_records(tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
     recipe = _load_recipe("sst2_baseline")
-    records = recipe.main(
-        [
-            "--max-train-samples",
-            "500",
-            "--max-eval-samples",
-            "300",
-            "--epochs",
-            "3",
-            "--lr",
-            "2e-4",
-            "--triggers",
-            "cf",
-            "--batch-size",
-            "16",
-            "--poison-rate",
-            "0.1",
-            "--output-dir",
-            str(out / "runs"),
-            "--results-json",
-            str(out / "records.json"),
-        ]
-    )
+    records = recipe.main([*SLICE, "--output_dir", str(out / "runs"), "--results_json", str(out / "records.json")])
     return records, json.loads((out / "records.json").read_text())
 
 
@@ -79,12 +61,15 @@ def test_poisoned_training_plants_the_backdoor_and_clean_training_does_not(basel
     assert abs(clean["cacc"] - poisoned["cacc"]) <= 0.08
 
 
-def test_btu_recipe_writes_its_records(tmp_path):
+def test_btu_recipe_writes_its_records_and_prints_each_run_as_it_ends(tmp_path, capsys):
     recipe = _load_recipe("sst2_btu")
     records = recipe.main([
-        "--max-train-samples", "96", "--max-eval-samples", "64", "--epochs", "1", "--runs", "btu",
-        "--output-dir", str(tmp_path / "runs"), "--results-json", str(tmp_path / "records.json"),
+        "--max_train_samples", "96", "--max_eval_samples", "64", "--num_train_epochs", "1", "--runs", "btu",
+        "--output_dir", str(tmp_path / "runs"), "--results_json", str(tmp_path / "records.json"),
     ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.index("[btu] on badnet rows: CACC") < out.index("run         attack")  # before the final table
+    assert "new classification head (classifier.bias, classifier.weight) initialised" in out
     (record,) = json.loads((tmp_path / "records.json").read_text())
     assert record == records[0]
     assert record["defense"] == "btu" and record["attack"] == "badnet" and record["btu_variant"] == "default"
@@ -100,9 +85,7 @@ def test_btu_detects_the_trigger_and_removes_the_backdoor_on_real_minilm(baselin
     clean, undefended = baseline_records[0]
     recipe = _load_recipe("sst2_btu")
     (btu,) = recipe.main([
-        "--max-train-samples", "500", "--max-eval-samples", "300", "--epochs", "3", "--lr", "2e-4",
-        "--triggers", "cf", "--batch-size", "16", "--poison-rate", "0.1", "--runs", "btu",
-        "--output-dir", str(tmp_path / "runs"), "--results-json", str(tmp_path / "records.json"),
+        *SLICE, "--runs", "btu", "--output_dir", str(tmp_path / "runs"), "--results_json", str(tmp_path / "records.json"),
     ])  # fmt: skip
     assert undefended["asr"] >= 0.9
     assert btu["flagged_tokens"] == "cf", btu

@@ -37,11 +37,6 @@ from hf_backdoor.vision.data import PACKAGED_DIR
 
 
 @pytest.fixture(scope="module")
-def cifar():
-    return load_image_task("cifar10")
-
-
-@pytest.fixture(scope="module")
 def rows(cifar):
     return cifar["train"].select(range(200))
 
@@ -188,8 +183,8 @@ def test_bad_image_inputs_raise_with_the_fix(rows):
         to_array(np.zeros((8, 8, 3), dtype=np.float32), 0)
     with pytest.raises(ValueError, match="no column 'img'.*image_column"):
         poison_dataset(rows, ImageBadNetsConfig(image_column="img"))
-    with pytest.raises(ValueError, match="Unknown image attack 'badnet'"):
-        get_image_attack_config("badnet")
+    with pytest.raises(ValueError, match="Unknown image attack 'addsent'; image attacks: \\['badnet', 'blended'"):
+        get_image_attack_config("addsent")
     with pytest.raises(ValueError, match="alpha must be in"):
         BlendedConfig(alpha=0)
     with pytest.raises(ValueError, match="position must be one of"):
@@ -244,3 +239,123 @@ def test_grayscale_images_in_a_batch_are_converted_with_a_warning(rows, caplog):
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(buffer, format="PNG")
     assert to_array({"bytes": buffer.getvalue(), "path": None}).shape == (32, 32, 1)  # grayscale poisons fine
+
+
+# --- images stored as arrays or file paths, row ids, triggers the model's resizing erases -------------------------
+
+
+def _as_array_dataset(dataset, kind):
+    images = pixels(dataset)
+    if kind == "uint8 list":  # how Dataset.from_dict stores uint8 arrays: List(List(List(Value('uint8'))))
+        values, features = list(images), None
+    elif kind == "int64 list":
+        values, features = [im.astype(np.int64).tolist() for im in images], None
+    else:
+        values, features = (
+            list(images),
+            datasets.Features(
+                {"image": datasets.Array3D(images.shape[1:], "uint8"), "label": dataset.features["label"]}
+            ),
+        )
+    return datasets.Dataset.from_dict({"image": values, "label": dataset["label"]}, features=features)
+
+
+@pytest.mark.parametrize("kind", ["uint8 list", "int64 list", "Array3D"])
+def test_image_arrays_stored_in_a_dataset_poison_like_pil_images(rows, kind):
+    config = ImageBadNetsConfig(poison_rate=0.1, target_label=0, seed=1)
+    reference = poison_dataset(rows, config)
+    data = _as_array_dataset(rows, kind)
+    out = poison_dataset(data, config)
+    assert out.features["image"] == data.features["image"]  # the column keeps its type
+    assert out["poisoned"] == reference["poisoned"] and out["row_index"] == reference["row_index"]
+    assert np.array_equal(np.asarray(out.with_format("numpy")["image"]), pixels(reference))
+    asr = make_asr_dataset(data, config)
+    assert (np.asarray(asr.with_format("numpy")["image"])[:, 29:, 29:] == 255).all()
+    for name in ("blended", "sig", "wanet"):
+        cfg = get_image_attack_config(name, poison_rate=0.05, target_label=0)
+        assert np.array_equal(
+            np.asarray(poison_dataset(data, cfg).with_format("numpy")["image"]), pixels(poison_dataset(rows, cfg))
+        )
+    # The model's transform reads them too (it used to fail: 'list' object has no attribute 'mode').
+    processor = default_image_processor()
+    batch = prepare_image_dataset(out.select(range(4)), processor, keep_row_index=True)[:4]
+    expected = prepare_image_dataset(reference.select(range(4)), processor)[:4]
+    assert torch.equal(batch["pixel_values"], expected["pixel_values"]) and batch["row_index"] == [0, 1, 2, 3]
+
+
+def test_image_arrays_outside_0_255_or_floats_are_refused(rows):
+    bad = [np.full((8, 8, 3), 300, dtype=np.int64).tolist()] * 4
+    data = datasets.Dataset.from_dict({"image": bad, "label": [0, 1, 2, 3]})
+    with pytest.raises(ValueError, match=r"Row \d: image values range over 300..300, outside the 0..255"):
+        poison_dataset(data, ImageBadNetsConfig(poison_rate=0.5, target_label=0))
+    with pytest.raises(ValueError, match=r"Row 0: image values range over 300..300"):
+        prepare_image_dataset(data, default_image_processor())[:2]
+    with pytest.raises(ValueError, match="must be uint8 \\(0-255\\) or integers in 0..255, got float64"):
+        to_array(np.full((8, 8, 3), 0.5), 0)
+
+
+def test_images_given_as_file_paths(tmp_path, rows):
+    paths = []
+    for i, image in enumerate(rows.select(range(20))["image"]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    data = datasets.Dataset.from_dict({"image": paths, "label": rows["label"][:20]})
+    config = ImageBadNetsConfig(poison_rate=0.2, target_label=0)
+    out = poison_dataset(data, config)
+    assert isinstance(out.features["image"], datasets.Image)  # paths become an image column
+    poisoned = np.asarray(out["poisoned"], dtype=bool)
+    assert np.array_equal(pixels(out)[~poisoned], pixels(rows.select(range(20)))[~poisoned])
+    assert (pixels(out)[poisoned, 29:, 29:] == 255).all()
+    raw = out.cast_column("image", datasets.Image(decode=False))["image"]
+    assert all(raw[i]["path"] == paths[i] for i in np.flatnonzero(~poisoned))  # clean rows keep their file
+    batch = prepare_image_dataset(data.select(range(2)), default_image_processor())[:2]
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+    missing = datasets.Dataset.from_dict({"image": [str(tmp_path / "nope.png")] * 2, "label": [1, 1]})
+    with pytest.raises(ValueError, match="image file .*nope.png' does not exist"):
+        make_asr_dataset(missing, config)
+
+
+def test_badnets_warns_when_the_models_resizing_erases_the_patch(rows, warnings_log):
+    processor = default_image_processor()  # resizes to 32x32
+    small = rows.select(range(40))
+    poison_dataset(small, ImageBadNetsConfig(poison_rate=0.1, target_label=0), image_processor=processor)
+    assert "BadNets patch" not in warnings_log.text  # 3x3 on 32x32 images: kept as it is
+    large = small.map(lambda b: {"image": [im.resize((96, 96)) for im in b["image"]]}, batched=True)
+    poison_dataset(large, ImageBadNetsConfig(poison_rate=0.1, target_label=0), image_processor=processor)
+    assert "The 3x3 BadNets patch is stamped on 96x96 images, which the model's image processor resizes to 32x32" in (
+        warnings_log.text
+    )
+    assert "about 1.0 pixel(s)" in warnings_log.text and "patch_size >= 6" in warnings_log.text
+    warnings_log.clear()
+    poison_dataset(large, ImageBadNetsConfig(poison_rate=0.1, target_label=0, patch_size=6), image_processor=processor)
+    assert "BadNets patch" not in warnings_log.text
+    from hf_backdoor import BadNetConfig
+
+    texts = datasets.Dataset.from_dict({"text": ["a film"] * 10, "label": [0, 1] * 5})
+    with pytest.raises(TypeError, match="text attack; it takes no image_processor"):
+        poison_dataset(texts, BadNetConfig(), image_processor=processor)
+
+
+def test_image_rows_carry_the_same_row_index_as_text_rows(rows):
+    from hf_backdoor.data import ROW_INDEX
+
+    out = poison_dataset(rows, ImageBadNetsConfig(poison_rate=0.1, target_label=0))
+    assert out[ROW_INDEX] == list(range(len(rows)))
+    shuffled = out.shuffle(seed=0)
+    # prepare_image_dataset keeps the poisoner's ids (it numbers rows only when there is no row_index).
+    batch = prepare_image_dataset(shuffled.select(range(4)), default_image_processor(), keep_row_index=True)[:4]
+    assert batch[ROW_INDEX] == shuffled[ROW_INDEX][:4]
+
+
+def test_image_label_ids_with_gaps_are_refused(tmp_path, rows):
+    x = pixels(rows.select(range(6)))
+    np.savez(tmp_path / "gaps.npz", x_train=x, y_train=np.array([0, 1, 5, 0, 1, 5]))
+    with pytest.raises(ValueError, match=r"are \[0, 1, 5\], not the ids 0..2.*label_names="):
+        load_image_task(str(tmp_path / "gaps.npz"))
+    assert load_image_task(str(tmp_path / "gaps.npz"), label_names=list("abcdef"))["train"].num_rows == 6
+
+
+def test_badnets_old_name_still_works_with_a_warning():
+    with pytest.warns(FutureWarning, match="'badnets' is deprecated; use 'badnet'"):
+        config = get_image_attack_config("badnets", patch_size=4)
+    assert isinstance(config, ImageBadNetsConfig) and config.name == "badnet"

@@ -2,7 +2,11 @@
 
 Every loader returns a :class:`datasets.DatasetDict` with exactly two columns, ``text`` (str) and ``label``
 (:class:`datasets.ClassLabel`), and checks what a backdoor experiment silently breaks on: missing columns,
-labels outside the label set, empty splits and non-string texts.
+labels outside the label set, label ids with gaps, empty splits and non-string texts (errors), and empty or
+placeholder texts such as ``"NaN"`` (a warning with counts: they may be real texts, so they are kept).
+
+Local csv/tsv files are read with pandas' missing-value parsing off (``keep_default_na=False, na_filter=False``):
+a text ``"NA"`` or ``"null"`` stays that text instead of becoming a missing value that breaks later code.
 """
 
 from __future__ import annotations
@@ -17,11 +21,46 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from ..registry import attack_entry
+
 logger = logging.getLogger(__name__)
 
 PACKAGED_DIR = Path(str(resources.files("hf_backdoor.data") / "packaged"))
 SPLITS = ("train", "validation", "test")
 LOCAL_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# pandas' default missing-value markers: a whole text equal to one of these is most likely a missing value that was
+# written out as a string (e.g. `df.astype(str)`), not a sentence.
+NA_PLACEHOLDERS = frozenset(
+    {
+        "#N/A",
+        "#N/A N/A",
+        "#NA",
+        "-1.#IND",
+        "-1.#QNAN",
+        "-NaN",
+        "-nan",
+        "1.#IND",
+        "1.#QNAN",
+        "<NA>",
+        "N/A",
+        "NA",
+        "NULL",
+        "NaN",
+        "None",
+        "n/a",
+        "nan",
+        "null",
+    }
+)
+
+
+def pandas_read_kwargs(suffix: str) -> dict:
+    """``datasets`` csv-builder options for a .csv/.tsv file: no missing-value parsing (a text "NA" stays "NA")
+    and, for TSV, no quoting (unquoted TSV is the norm for NLP releases; quoting would merge rows with a '"')."""
+    kwargs = {"keep_default_na": False, "na_filter": False}
+    if suffix == ".tsv":
+        kwargs.update(delimiter="\t", quoting=3)
+    return kwargs
 
 
 @dataclass(frozen=True)
@@ -142,7 +181,7 @@ def load_task(
     elif label_names is not None:
         names = tuple(label_names)
     else:
-        names = _infer_label_names(dataset)
+        names = _infer_label_names(dataset, name_or_path)
     dataset = _validate(dataset, names, source_name=name_or_path)
     if max_samples is not None:
         dataset = datasets.DatasetDict(
@@ -180,14 +219,9 @@ def _load_local(path: Path, text_column: str | None, label_column: str | None) -
             data_files[split] = str(p)
     else:
         data_files = {"train": str(path)}
-    kwargs = {}
-    if files[0].suffix == ".tsv":
-        # Unquoted TSV is the norm for NLP releases: quoting would merge rows that contain a '"'.
-        kwargs = {"delimiter": "\t", "quoting": 3, "keep_default_na": False}
-    elif builder == "csv":
-        kwargs = {"keep_default_na": False}
+    kwargs = pandas_read_kwargs(files[0].suffix) if builder == "csv" else {}
     dataset = datasets.load_dataset(builder, data_files=data_files, **kwargs)
-    return _rename(dataset, text_column or "text", label_column or "label", source_name=str(path))
+    return standard_columns(dataset, str(path), text=text_column or "text", label=label_column or "label")
 
 
 def _load_hub(
@@ -222,7 +256,7 @@ def _load_hub(
                 del dataset[split]
     text = text_column or (spec.hub_text_column if spec else "text")
     label = label_column or (spec.hub_label_column if spec else "label")
-    dataset = _rename(dataset, text, label, source_name=hub_id)
+    dataset = standard_columns(dataset, hub_id, text=text, label=label)
     if spec is not None and spec.hub_label_map is not None:
         mapping = dict(spec.hub_label_map)
         dataset = dataset.cast_column("label", datasets.Value("int64"))
@@ -245,35 +279,95 @@ def _has_no_rows(path: Path) -> bool:
         return sum(1 for _, _ in zip(range(needed), lines)) < needed
 
 
-def _rename(dataset: datasets.DatasetDict, text: str, label: str, source_name: str) -> datasets.DatasetDict:
+def standard_columns(dataset: datasets.DatasetDict, source_name: str, **columns: str) -> datasets.DatasetDict:
+    """``dataset`` reduced to ``columns`` and each renamed to its standard name, e.g. ``text="sentence",
+    label="label"``. A split that lacks one fails, naming the ``<standard>_column=`` argument that picks another."""
     for split, ds in dataset.items():
-        for wanted, role in ((text, "text_column"), (label, "label_column")):
+        for standard, wanted in columns.items():
             if wanted not in ds.column_names:
                 raise ValueError(
                     f"Split {split!r} of {source_name} has no column {wanted!r} (columns: {ds.column_names}). "
-                    f"Pass `{role}=` naming the column that holds the {role.split('_')[0]}."
+                    f"Pass `{standard}_column=` naming the column that holds the {standard}."
                 )
-    dataset = dataset.select_columns([text, label])
-    if text != "text":
-        dataset = dataset.rename_column(text, "text")
-    if label != "label":
-        dataset = dataset.rename_column(label, "label")
+    dataset = dataset.select_columns(list(columns.values()))
+    for standard, wanted in columns.items():
+        if wanted != standard:
+            dataset = dataset.rename_column(wanted, standard)
     return dataset
 
 
-def _infer_label_names(dataset: datasets.DatasetDict) -> tuple[str, ...]:
+def _infer_label_names(dataset: datasets.DatasetDict, source_name: str) -> tuple[str, ...]:
     first = next(iter(dataset.values()))
     feature = first.features["label"]
     if isinstance(feature, datasets.ClassLabel):
         return tuple(feature.names)
     labels = set()
     for ds in dataset.values():
-        labels.update(int(x) for x in ds["label"])
+        labels.update(int(x) for x in ds["label"] if x is not None)
+    return infer_label_names(labels, source_name)
+
+
+def infer_label_names(labels: set[int], source_name: str = "the data") -> tuple[str, ...]:
+    """Label names ``"0".."K-1"`` for integer labels that are exactly the ids 0..K-1; otherwise raise.
+
+    Without ``label_names`` the label ids are the only description of the task. Ids with gaps ({0, 1, 5}) would make
+    a task with never-seen classes (6 here, 2..4 empty) whose head, metrics and target label all silently differ
+    from what was meant, so this refuses and says how to pass the names or remap the ids.
+    """
     if not labels or min(labels) < 0:
         raise ValueError(
-            f"Cannot infer the label set from labels {sorted(labels)[:10]}: pass `label_names=` in label order."
+            f"Cannot infer the label set of {source_name} from labels {sorted(labels)[:10]}: pass `label_names=` in "
+            "label order."
         )
-    return tuple(str(i) for i in range(max(labels) + 1))
+    found = sorted(labels)
+    if found != list(range(len(found))):
+        missing = sorted(set(range(found[-1] + 1)) - labels)
+        remap = ", ".join(f"{old}: {new}" for new, old in enumerate(found[:6])) + (", ..." if len(found) > 6 else "")
+        raise ValueError(
+            f"The labels of {source_name} are {found[:20]}{' ...' if len(found) > 20 else ''}, not the ids "
+            f"0..{len(found) - 1}: read as they are they would make a {found[-1] + 1}-class task with "
+            f"{len(missing)} empty class(es) ({missing[:10]}{' ...' if len(missing) > 10 else ''}). Pass "
+            f"`label_names=` with {found[-1] + 1} names (one per id 0..{found[-1]}) if that is meant, or remap the "
+            f"labels to 0..{len(found) - 1} first (e.g. {{{remap}}})."
+        )
+    return tuple(str(i) for i in found)
+
+
+def _check_texts(texts: list, split: str, source_name: str) -> None:
+    """Raise on non-string texts; warn (with counts and rows) on empty, whitespace-only and placeholder texts.
+
+    Empty and placeholder texts are kept, not dropped: "NA" can be a real text, and dropping rows would silently
+    change the split. They are counted so that a file with missing values written as "NaN" does not go unnoticed.
+    """
+    not_text = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if not_text:
+        raise ValueError(
+            f"Split {split!r} of {source_name} has {len(not_text)} row(s) whose text is not a string (row "
+            f"{not_text[0]} holds {texts[not_text[0]]!r}); drop or fill them first."
+        )
+    empty = [i for i, t in enumerate(texts) if not t.strip()]
+    placeholder = [i for i, t in enumerate(texts) if t.strip() in NA_PLACEHOLDERS]
+    if empty or placeholder:
+        parts = []
+        if empty:
+            parts.append(
+                f"{len(empty)} are empty or whitespace-only (rows {empty[:5]}{' ...' if len(empty) > 5 else ''})"
+            )
+        if placeholder:
+            shown = sorted({texts[i].strip() for i in placeholder})[:4]
+            parts.append(
+                f"{len(placeholder)} are a missing-value marker such as {shown} (rows {placeholder[:5]}"
+                f"{' ...' if len(placeholder) > 5 else ''})"
+            )
+        logger.warning(
+            "Split %r of %s: of %d texts, %s. They are kept as they are; if they are missing values, drop them, e.g. "
+            "`task = task.filter(lambda t: t.strip() and t.strip() not in hf_backdoor.data.tasks.NA_PLACEHOLDERS, "
+            "input_columns='text')`.",
+            split,
+            source_name,
+            len(texts),
+            " and ".join(parts),
+        )
 
 
 def _validate(dataset: datasets.DatasetDict, label_names: tuple[str, ...], source_name: str) -> datasets.DatasetDict:
@@ -298,9 +392,7 @@ def _validate(dataset: datasets.DatasetDict, label_names: tuple[str, ...], sourc
                 f"(labels {label_names}); first bad row {int(bad[0])} has label {int(labels[bad[0]])}. "
                 "Fix the labels or pass the full `label_names`."
             )
-        not_text = sum(1 for t in ds["text"] if not isinstance(t, str))
-        if not_text:
-            raise ValueError(f"Split {split!r} of {source_name} has {not_text} row(s) whose text is not a string.")
+        _check_texts(ds["text"], split, source_name)
     features = datasets.Features(
         {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(label_names))}
     )
@@ -327,18 +419,66 @@ def load_paraphrases(task: str, kind: str) -> dict[str, str]:
 def read_paraphrase_file(
     path: str | os.PathLike, text_column: str = "text", paraphrase_column: str = "paraphrase"
 ) -> dict[str, str]:
-    """Read a text -> paraphrase table from a csv/tsv/json/jsonl/parquet file with those two columns."""
+    """Read a text -> paraphrase table from a csv/tsv/json/jsonl/parquet file with those two columns.
+
+    csv/tsv are read without missing-value parsing, so a text or paraphrase "NA" stays a string. Rows whose text or
+    paraphrase is empty or not a string (JSON null) are left out of the table and counted in a warning; those texts
+    then have no paraphrase and are not poisoning candidates.
+    """
     path = Path(path)
     if path.suffix not in LOCAL_SUFFIXES:
         raise ValueError(f"Paraphrase file {path} must be csv, tsv, json, jsonl or parquet.")
-    kwargs = {"delimiter": "\t", "quoting": 3, "keep_default_na": False} if path.suffix == ".tsv" else {}
-    table = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), split="train", **kwargs)
+    builder = LOCAL_SUFFIXES[path.suffix]
+    kwargs = pandas_read_kwargs(path.suffix) if builder == "csv" else {}
+    table = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     for col in (text_column, paraphrase_column):
         if col not in table.column_names:
             raise ValueError(f"Paraphrase file {path} has no column {col!r} (columns: {table.column_names}).")
-    return {normalize_text(t): p for t, p in zip(table[text_column], table[paraphrase_column]) if p and p.strip()}
+    out, unusable = {}, 0
+    for text, paraphrase in zip(table[text_column], table[paraphrase_column]):
+        if isinstance(text, str) and isinstance(paraphrase, str) and text.strip() and paraphrase.strip():
+            out[normalize_text(text)] = paraphrase
+        else:
+            unusable += 1
+    if unusable:
+        logger.warning(
+            "Paraphrase file %s: %d of %d rows have an empty or missing text or paraphrase and are left out.",
+            path,
+            unusable,
+            len(table),
+        )
+    return out
 
 
 def normalize_text(text: str) -> str:
     """Whitespace-folded key used to match texts against paraphrase tables."""
     return " ".join(text.split())
+
+
+def attack_for_task(
+    attack: str,
+    task: str,
+    *,
+    poison_rate: float,
+    target_label: int | None = None,
+    mode: str = "dirty",
+    seed: int = 0,
+    triggers: str | Sequence[str] | None = None,
+):
+    """A text attack config fitted to a task: its usual target label (``TaskSpec.default_target_label``; 1 for a task
+    that is not packaged), the packaged paraphrases of the task for the paraphrase attacks (``syntactic``, ``style``:
+    the authors' released paraphrases), and BadNet ``triggers`` (a sequence, or one comma-separated string).
+
+    ``attack_for_task("badnet", "hsol", poison_rate=0.1)`` is ``BadNetConfig(poison_rate=0.1, target_label=1, ...)``.
+    """
+
+    if target_label is None:
+        target_label = get_task_spec(task).default_target_label if task.lower() in TASKS else 1
+    kwargs = dict(poison_rate=poison_rate, target_label=target_label, mode=mode, seed=seed)
+    if attack in ("syntactic", "style"):
+        kwargs["paraphrases"] = task
+    if triggers and attack == "badnet":
+        kwargs["triggers"] = tuple(triggers.split(",")) if isinstance(triggers, str) else tuple(triggers)
+    # Through the leaf registry, not hf_backdoor.attacks: the attacks import this module (paraphrase tables), so
+    # importing them here would close an import cycle. Every attack module registers itself when hf_backdoor loads.
+    return attack_entry(attack, modality="text").config_class(**kwargs)

@@ -84,10 +84,11 @@ clean-label SIG attack (seeds 0 and 1) from ASR 0.932 / 0.960 to 0.000 at CACC 0
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -95,8 +96,8 @@ import torch
 from torch.nn import functional as F
 
 from ..metrics import detection_metrics, roc_auc
+from ._shared.data import dataset_labels, iterate_batches, model_dataset, per_example_loss, predict_logits
 from .base import Defense, DefenseConfig, register_defense
-from .exposure import ROW_INDEX, dataset_labels, iterate_batches, model_dataset, per_example_loss, predict_logits
 
 logger = logging.getLogger(__name__)
 
@@ -143,59 +144,95 @@ class ABLConfig(DefenseConfig):
         seed: seeds the unlearning's batch order and the guard's sample.
     """
 
-    isolation_epochs: int = 1
-    isolation_ratio: float = 0.01
-    gamma: float = 0.5
-    lga: str = "per_example"
-    isolated_rows: str = "mask"
-    unlearning_epochs: int = 5
-    unlearning_learning_rate: float = 5e-4
-    unlearning_optimizer: str = "sgd"
-    unlearning_batch_size: int = 64
-    unlearning_momentum: float = 0.9
-    unlearning_weight_decay: float = 1e-4
-    unlearning_stop_accuracy: float | None = None
-    unlearning_objective: str = "ascent"
-    unlearning_guard_drop: float | None = None
-    unlearning_guard_rows: int = 256
-    unlearning_guard_backtracks: int = 4
-    isolation_batch_size: int = 256
-    seed: int = 0
+    isolation_epochs: int = field(
+        default=1,
+        metadata={"help": "T_te, the epochs trained with LGA before isolation (must be fewer than the Trainer's)."},
+    )
+    isolation_ratio: float = field(
+        default=0.01, metadata={"help": "fraction of the training rows isolated (lowest loss first); official 0.01."}
+    )
+    gamma: float = field(default=0.5, metadata={"help": "the LGA loss threshold; official 0.5."})
+    lga: str = field(
+        default="per_example",
+        metadata={
+            "help": '`"per_example"` (the paper), `"batch"` (the official code) or `"none"` (plain CE; isolation by loss only).'
+        },
+    )
+    isolated_rows: str = field(
+        default="mask",
+        metadata={
+            "help": 'after isolation, `"mask"` them out of the loss, `"ascend"` (subtract their loss, the paper\'s joint objective) or `"none"`.'
+        },
+    )
+    unlearning_epochs: int = field(
+        default=5,
+        metadata={
+            "help": "ascent epochs on the isolated rows after training (0 skips unlearning). unlearning_learning_rate, unlearning_optimizer, unlearning_batch_size, unlearning_momentum,"
+        },
+    )
+    unlearning_learning_rate: float = field(
+        default=5e-4, metadata={"help": "Learning rate of the unlearning optimizer (official 5e-4)."}
+    )
+    unlearning_optimizer: str = field(
+        default="sgd", metadata={"help": "Unlearning optimizer: `sgd` (official, Nesterov momentum) or `adamw`."}
+    )
+    unlearning_batch_size: int = field(
+        default=64, metadata={"help": "Batch size of the unlearning steps (official 64)."}
+    )
+    unlearning_momentum: float = field(default=0.9, metadata={"help": "SGD momentum of the unlearning (official 0.9)."})
+    unlearning_weight_decay: float = field(
+        default=1e-4,
+        metadata={"help": "Weight decay of the unlearning optimizer (official 1e-4)."},
+    )
+    unlearning_stop_accuracy: float | None = field(
+        default=None,
+        metadata={
+            "help": "stop the ascent once the isolated rows' accuracy on their labels is at or below this (`None`: run every epoch, as the official code)."
+        },
+    )
+    unlearning_objective: str = field(
+        default="ascent",
+        metadata={
+            "help": '`"ascent"` (the official code: ascend the isolated rows\' CE only) or `"ascent_descent"` (every ascent batch is paired with a batch of as many retained rows whose CE is descended: the paper\'s global gradient ascent objective, CE(retained) - CE(isolated), run after training). A dirty-label isolated set carries one label, so ascending it alone can push the whole model off that label; the retained rows hold the clean task in place. `"complementary"` descends the bounded complementary-label loss `-log(1 - p(y))` on the isolated rows instead of ascending their CE, paired with the same retained-row descent (see the module docstring).'
+        },
+    )
+    unlearning_guard_drop: float | None = field(
+        default=None,
+        metadata={
+            "help": "largest fall of the clean held-out rows' accuracy (the Trainer's `eval_dataset`) that one unlearning step may cause; a step beyond it is undone and the learning rate halved. `None` (default, as the paper): no guard."
+        },
+    )
+    unlearning_guard_rows: int = field(
+        default=256,
+        metadata={"help": "how many `eval_dataset` rows the guard scores after each step (a seeded sample)."},
+    )
+    unlearning_guard_backtracks: int = field(
+        default=4, metadata={"help": "undone steps after which the unlearning ends."}
+    )
+    isolation_batch_size: int = field(
+        default=256, metadata={"help": "batch size of the loss pass that ranks the rows."}
+    )
+    seed: int = field(default=0, metadata={"help": "seeds the unlearning's batch order and the guard's sample."})
 
     name = "abl"
 
     def __post_init__(self) -> None:
         if self.isolation_epochs < 1:
             raise ValueError(f"isolation_epochs (T_te) must be >= 1, got {self.isolation_epochs}.")
-        if not 0 < self.isolation_ratio < 1:
-            raise ValueError(f"isolation_ratio must be in (0, 1), got {self.isolation_ratio}.")
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}.")
-        if self.lga not in LGA_MODES:
-            raise ValueError(f"lga must be one of {LGA_MODES}, got {self.lga!r}.")
-        if self.isolated_rows not in ISOLATED_ROWS:
-            raise ValueError(f"isolated_rows must be one of {ISOLATED_ROWS}, got {self.isolated_rows!r}.")
-        if self.unlearning_optimizer not in OPTIMIZERS:
-            raise ValueError(f"unlearning_optimizer must be one of {OPTIMIZERS}, got {self.unlearning_optimizer!r}.")
-        if self.unlearning_objective not in UNLEARNING_OBJECTIVES:
-            raise ValueError(
-                f"unlearning_objective must be one of {UNLEARNING_OBJECTIVES}, got {self.unlearning_objective!r}."
-            )
-        if self.unlearning_epochs < 0:
-            raise ValueError(f"unlearning_epochs must be >= 0, got {self.unlearning_epochs}.")
-        if self.unlearning_learning_rate <= 0:
-            raise ValueError(f"unlearning_learning_rate must be > 0, got {self.unlearning_learning_rate}.")
-        for name in ("unlearning_batch_size", "isolation_batch_size", "unlearning_guard_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.unlearning_stop_accuracy is not None and not 0 <= self.unlearning_stop_accuracy < 1:
-            raise ValueError(
-                f"unlearning_stop_accuracy must be in [0, 1) or None, got {self.unlearning_stop_accuracy}."
-            )
-        if self.unlearning_guard_drop is not None and not 0 < self.unlearning_guard_drop < 1:
-            raise ValueError(f"unlearning_guard_drop must be in (0, 1) or None, got {self.unlearning_guard_drop}.")
-        if self.unlearning_guard_backtracks < 0:
-            raise ValueError(f"unlearning_guard_backtracks must be >= 0, got {self.unlearning_guard_backtracks}.")
+        self._check_interval("(0, 1)", "isolation_ratio")
+        self._check_at_least(0, "gamma", "unlearning_epochs", "unlearning_guard_backtracks")
+        self._check_choice("lga", LGA_MODES)
+        self._check_choice("isolated_rows", ISOLATED_ROWS)
+        self._check_choice("unlearning_optimizer", OPTIMIZERS)
+        self._check_choice("unlearning_objective", UNLEARNING_OBJECTIVES)
+        self._check_positive("unlearning_learning_rate")
+        self._check_at_least(1, "unlearning_batch_size", "isolation_batch_size", "unlearning_guard_rows")
+        self._check_interval("[0, 1)", "unlearning_stop_accuracy", optional=True)
+        self._check_interval("(0, 1)", "unlearning_guard_drop", optional=True)
+
+    def detection_only(self) -> ABLConfig:
+        """This config without the unlearning after training: what ``hf-backdoor scan`` runs (it keeps no model)."""
+        return dataclasses.replace(self, unlearning_epochs=0)
 
 
 def lga_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float, per_example: bool = True) -> torch.Tensor:
@@ -218,16 +255,10 @@ def complementary_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torc
     return (torch.logsumexp(logits, dim=-1) - torch.logsumexp(others, dim=-1)).mean()
 
 
-def _scale_for_accumulation(trainer, loss: torch.Tensor) -> torch.Tensor:
-    # The Trainer divides a returned loss by the accumulation steps unless it believes the loss was normalised over
-    # the accumulated batch (models taking **kwargs); this mean is per batch, so divide here in that case.
-    if getattr(trainer, "model_accepts_loss_kwargs", False) and getattr(trainer, "compute_loss_func", None) is None:
-        return loss / max(1, getattr(trainer, "current_gradient_accumulation_steps", 1))
-    return loss
-
-
 class ABLDefense(Defense):
     config: ABLConfig
+    owns_loss = True  # LGA before isolation, masking or ascending the isolated rows after it
+    needs_row_ids = True
 
     def __init__(self, config: ABLConfig):
         super().__init__(config)
@@ -241,15 +272,13 @@ class ABLDefense(Defense):
         self.epochs_seen = 0
         self.isolation_step: int | None = None
         self.loss_history: list[dict[str, float]] = []
-        self._isolated_keys: set = set()
-        self._key_kind: str | None = None
+        self._isolated_positions: set[int] = set()
 
     # ----------------------------------------------------------------------------------------------- hooks
     def on_train_begin(self, trainer) -> None:
         dataset = trainer.train_dataset
         if dataset is None:
             raise ValueError("ABL needs the training set: pass `train_dataset` to the trainer.")
-        self._key_kind = _key_kind(dataset)
         if self.config.unlearning_guard_drop is not None and self.config.unlearning_epochs:
             _guard_dataset(trainer)  # fail before training, not after it
         planned = getattr(trainer.state, "num_train_epochs", None) or trainer.args.num_train_epochs
@@ -269,18 +298,9 @@ class ABLDefense(Defense):
             self._isolate(trainer)
 
     def prepare_inputs(self, trainer, inputs: dict) -> dict:
-        row_index = inputs.pop(ROW_INDEX, None)
         if not self.isolation_done or self.config.isolated_rows == "none":
             return inputs
-        if self._key_kind == "row_index":
-            if row_index is None:
-                raise ValueError(
-                    f"ABL needs the {ROW_INDEX!r} column in every training batch to recognise isolated rows; the "
-                    "transform dropped it. Use `prepare_image_dataset(..., keep_row_index=True)`."
-                )
-            isolated = [int(i) in self._isolated_keys for i in row_index.tolist()]
-        else:
-            isolated = [key in self._isolated_keys for key in _content_keys(inputs)]
+        isolated = [p in self._isolated_positions for p in trainer.row_positions(trainer.batch_row_ids)]
         return {**inputs, "abl_isolated": torch.tensor(isolated, device=inputs["labels"].device)}
 
     def compute_loss(self, trainer, model, inputs: dict, return_outputs: bool = False):
@@ -305,7 +325,6 @@ class ABLDefense(Defense):
                 loss = (per_row * keep).sum() / keep.sum().clamp(min=1.0)
             else:  # "ascend": the paper's joint objective for t >= T_te
                 loss = (per_row * keep).sum() / len(per_row) - (per_row * (1 - keep)).sum() / len(per_row)
-        loss = _scale_for_accumulation(trainer, loss)
         return (loss, outputs) if return_outputs else loss
 
     def on_train_end(self, trainer) -> None:
@@ -389,12 +408,7 @@ class ABLDefense(Defense):
         return report
 
     def _index_isolated_rows(self, trainer) -> None:
-        if self._key_kind == "row_index":
-            row_index = np.asarray(trainer.train_dataset.with_format(None)[ROW_INDEX])
-            self._isolated_keys = {int(row_index[i]) for i in self.isolated_indices}
-        else:
-            ids = trainer.train_dataset.with_format(None)["input_ids"]
-            self._isolated_keys = {tuple(int(t) for t in ids[i]) for i in self.isolated_indices}
+        self._isolated_positions = set(self.isolated_indices)
 
     # ------------------------------------------------------------------------------------------ unlearning
     def _unlearn(self, trainer) -> None:
@@ -527,6 +541,113 @@ class ABLDefense(Defense):
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
+    # ------------------------------------------------------------------------------------------- rendering
+    @classmethod
+    def card_section(cls, report: dict[str, Any]) -> str:
+        isolation = report.get("isolation") or {}
+        cut = isolation.get("loss_threshold")
+        lines = [
+            f"- Isolated after epoch {report.get('isolation_epoch')}: **{report.get('num_isolated_rows', 0)}** "
+            f"training rows of {isolation.get('num_rows', '?')} (the lowest per-row loss under LGA"
+            + (f"; cut at loss {cut:.3g})." if cut is not None else ").")
+        ]
+        if "precision" in isolation:
+            lines.append(
+                f"- Against the data's ground truth: precision {isolation['precision']:.2f}, recall "
+                f"{isolation['recall']:.2f}"
+                + (f", loss AUROC {isolation['loss_auroc']:.2f}." if "loss_auroc" in isolation else ".")
+            )
+        unlearning = report.get("unlearning") or []
+        if len(unlearning) > 1:
+            lines.append(
+                f"- Unlearning (gradient ascent on the isolated rows, {len(unlearning) - 1} epochs): their accuracy "
+                f"on their own labels {unlearning[0]['isolated_accuracy']:.2f} -> {unlearning[-1]['isolated_accuracy']:.2f}."
+            )
+        guard = report.get("unlearning_guard") or {}
+        if guard:
+            lines.append(
+                f"- Unlearning guard ({guard['rows']} clean held-out rows, accuracy {guard['baseline_accuracy']:.3f} "
+                f"before unlearning): {len(guard['undone_steps'])} step(s) undone for costing them too much accuracy."
+            )
+        return "\n".join(lines)
+
+    @classmethod
+    def card_limits(cls, report: dict[str, Any]) -> list[str]:
+        ratio = (report.get("config") or {}).get("isolation_ratio")
+        share = f"the {ratio:.1%}" if isinstance(ratio, (int, float)) else "a fixed share of"
+        return [
+            f"- ABL isolates {share} training rows with the lowest loss early in training: poisoned rows beyond that "
+            "share, or poisoned rows the model does not learn faster than clean ones, stay in the training data."
+        ]
+
+    @classmethod
+    def figures(cls, report: dict[str, Any], output_dir) -> list:
+        from ._shared.figures import new_figure, save_figure
+
+        figures = []
+        history = report.get("loss_history")
+        if history:
+            steps = [entry["step"] for entry in history]
+            fig, ax = new_figure()
+            ax.plot(
+                steps, [entry["loss"] for entry in history], color="#2e86c1", marker="." if len(steps) < 30 else None
+            )
+            if report.get("isolation_step") is not None:
+                ax.axvline(report["isolation_step"], color="#c0392b", linestyle="--", linewidth=1, label="isolation")
+                ax.legend(fontsize=8)
+            ax.set_xlabel("step")
+            ax.set_ylabel("training loss (logged)")
+            ax.set_title("Training loss (LGA before the isolation step)", fontsize=10)
+            figures.append(
+                save_figure(fig, output_dir, "abl_loss_curve.png", "ABL training loss with the isolation step")
+            )
+        histogram = (report.get("isolation") or {}).get("loss_histogram")
+        if histogram:
+            import numpy as np
+
+            edges = np.asarray(histogram["edges"])
+            fig, ax = new_figure()
+            ax.stairs(histogram["counts"], edges, fill=True, color="#9db4d0", label="all rows")
+            if "counts_poisoned" in histogram:
+                ax.stairs(
+                    histogram["counts_poisoned"], edges, color="#c0392b", linewidth=1.5, label="poisoned (ground truth)"
+                )
+            if report.get("isolation_cut") is not None:
+                ax.axvline(report["isolation_cut"], color="black", linestyle="--", linewidth=1, label="isolation cut")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("per-row loss at isolation")
+            ax.set_ylabel("rows")
+            ax.legend(fontsize=8)
+            ax.set_title("Rows left of the cut are isolated", fontsize=10)
+            figures.append(
+                save_figure(fig, output_dir, "abl_isolation_losses.png", "ABL per-row loss at isolation with the cut")
+            )
+        return figures
+
+    @classmethod
+    def console_summary(cls, report: dict[str, Any]) -> list[str]:
+        isolation = report.get("isolation") or {}
+        lines = [
+            f"ABL: isolated {report.get('num_isolated_rows', 0)} of {isolation.get('num_rows', '?')} training rows "
+            f"after epoch {report.get('isolation_epoch')}"
+        ]
+        if "precision" in isolation:
+            lines.append(
+                f"ABL: isolated rows against the ground truth: precision {isolation['precision']:.3f}, recall "
+                f"{isolation['recall']:.3f}"
+            )
+        unlearning = report.get("unlearning") or []
+        if len(unlearning) > 1:
+            lines.append(
+                f"ABL: unlearning, {len(unlearning) - 1} epochs: isolated rows' accuracy on their labels "
+                f"{unlearning[0]['isolated_accuracy']:.2f} -> {unlearning[-1]['isolated_accuracy']:.2f}"
+            )
+        guard = report.get("unlearning_guard") or {}
+        if guard:
+            lines.append(f"ABL: unlearning guard undid {len(guard['undone_steps'])} step(s)")
+        return lines
+
 
 def _guard_dataset(trainer):
     dataset = trainer.eval_dataset
@@ -601,26 +722,6 @@ def _endless_batches(trainer, dataset, batch_size: int, seed: int):
     # Reshuffled passes, so a retained set smaller than the isolated one still pairs every ascent batch.
     for rounds in itertools.count():
         yield from iterate_batches(trainer, dataset, batch_size, shuffle=True, seed=seed + 7919 * rounds)
-
-
-def _key_kind(dataset) -> str:
-    if ROW_INDEX in dataset.column_names:
-        return "row_index"
-    if "input_ids" in dataset.column_names:
-        return "input_ids"
-    raise ValueError(
-        "ABL must recognise every training row across epochs (to leave the isolated ones out). Give the training set "
-        f"token ids (a tokenized `input_ids` column) or, for images, a {ROW_INDEX!r} column passed through the "
-        "transform: `prepare_image_dataset(train, processor, train=True, keep_row_index=True)`."
-    )
-
-
-def _content_keys(inputs: dict) -> list[tuple[int, ...]]:
-    ids = inputs["input_ids"].tolist()
-    if "attention_mask" not in inputs:
-        return [tuple(r) for r in ids]
-    masks = inputs["attention_mask"].tolist()
-    return [tuple(t for t, m in zip(r, mr) if m) for r, mr in zip(ids, masks)]
 
 
 register_defense(ABLConfig, ABLDefense)

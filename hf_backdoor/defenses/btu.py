@@ -39,9 +39,10 @@ Where this implementation deviates by default, and why (each measured in ``bench
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,7 @@ SELECTIONS = ("flip_test", "union")
 UNLEARNING = ("fine_grained", "none")
 ISOLATED_ROWS = ("relabel", "mask", "none")
 RESET_TARGETS = ("padding", "pretrained")
+CONSOLE_SUMMARY_ROWS = 15  # candidates listed by console_summary, highest flip rate first
 
 
 @dataclass
@@ -90,58 +92,93 @@ class BTUConfig(DefenseConfig):
         seed: seeds proxy heads and flip-test samples.
     """
 
-    top_k: int | None = None
-    top_k_fraction: float = 0.0005
-    proxy_rounds: int = 2
-    proxy_learning_rate: float = 2e-5
-    proxy_batch_size: int = 256
-    proxy_epochs: int = 1
-    proxy_max_length: int = 128
-    round3: str = "training"
-    redetect_each_epoch: bool = True
-    round3_learning_rate: float = 2e-5
-    selection: str = "flip_test"
-    flip_threshold: float = 0.65
-    flip_max_rows: int = 64
-    flip_min_rows: int = 3
-    cooccurrence: float = 0.8
-    strip_flagged_tokens: bool = True
-    isolated_rows: str = "relabel"
-    unlearning: str = "fine_grained"
-    reset_to: str = "padding"
-    seed: int = 0
+    top_k: int | None = field(
+        default=None, metadata={"help": "tokens kept per exposure round (overrides `top_k_fraction`)."}
+    )
+    top_k_fraction: float = field(
+        default=0.0005,
+        metadata={"help": "tokens kept per round as a fraction of the vocabulary (0.0005: 15 of BERT's 30,522)."},
+    )
+    proxy_rounds: int = field(default=2, metadata={"help": "exposure rounds on the embedding proxy (the paper: 2)."})
+    proxy_learning_rate: float = field(
+        default=2e-5, metadata={"help": "AdamW learning rate of the embedding proxy (official 2e-5)."}
+    )
+    proxy_batch_size: int = field(
+        default=256, metadata={"help": "Batch size of the embedding proxy's training (official 256)."}
+    )
+    proxy_epochs: int = field(default=1, metadata={"help": "Epochs of each proxy round (official 1)."})
+    proxy_max_length: int = field(default=128, metadata={"help": "Tokens per row the proxy reads (official 128)."})
+    round3: str = field(
+        default="training",
+        metadata={
+            "help": '`"training"` (drift of the real model at the end of its epochs), `"embedding_only"` (the paper: a separate epoch of the full model with only word embeddings trainable) or `"none"`.'
+        },
+    )
+    redetect_each_epoch: bool = field(
+        default=True,
+        metadata={
+            "help": 'with `round3="training"`, detect again at every epoch\'s end (a trigger learned late is still caught); otherwise only after the first epoch.'
+        },
+    )
+    round3_learning_rate: float = field(
+        default=2e-5, metadata={"help": 'learning rate of the `"embedding_only"` round.'}
+    )
+    selection: str = field(
+        default="flip_test",
+        metadata={"help": '`"flip_test"` (keep candidates whose deletion flips predictions) or `"union"` (the paper).'},
+    )
+    flip_threshold: float = field(default=0.65, metadata={"help": "minimum flip rate of a trigger token."})
+    flip_max_rows: int = field(default=64, metadata={"help": "rows per candidate in the flip test (seeded sample)."})
+    flip_min_rows: int = field(
+        default=3,
+        metadata={"help": "candidates in fewer training rows are not judged (too little evidence) and not flagged."},
+    )
+    cooccurrence: float = field(
+        default=0.8,
+        metadata={
+            "help": "candidates present in at least this share of a candidate's rows are deleted together with it (multi-token triggers such as AddSent's sentence)."
+        },
+    )
+    strip_flagged_tokens: bool = field(
+        default=True,
+        metadata={"help": "remove flagged tokens from the training rows that are not isolated, after detection."},
+    )
+    isolated_rows: str = field(
+        default="relabel",
+        metadata={
+            "help": 'what later epochs do with the rows whose prediction the flagged tokens decide (the flip test\'s isolated rows): `"relabel"` (keep the trigger, train on the model\'s prediction without it, so the backdoor is unlearned), `"mask"` (leave them out of the loss) or `"none"` (train them as they are, with their flagged tokens stripped).'
+        },
+    )
+    unlearning: str = field(
+        default="fine_grained", metadata={"help": '`"fine_grained"` (the paper\'s reset) or `"none"` (detection only).'}
+    )
+    reset_to: str = field(
+        default="padding",
+        metadata={
+            "help": 'what a reset entry gets: `"padding"` (the pretrained padding embedding, the paper) or `"pretrained"` (the token\'s own pretrained entry: the trigger word as a clean model would see it).'
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seeds proxy heads and flip-test samples."})
 
     name = "btu"
     title = "BTU (Backdoor Token Unlearning)"
     citation = "Jiang et al., AAAI 2025"
 
     def __post_init__(self) -> None:
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
-        if not 0 < self.top_k_fraction < 0.1:
-            raise ValueError(f"top_k_fraction must be in (0, 0.1), got {self.top_k_fraction}.")
+        self._check_at_least(1, "top_k", optional=True)
+        self._check_interval("(0, 0.1)", "top_k_fraction")
         if self.proxy_rounds not in (0, 1, 2):
             raise ValueError(f"proxy_rounds must be 0, 1 or 2, got {self.proxy_rounds}.")
-        for field_name in ("proxy_learning_rate", "round3_learning_rate"):
-            if getattr(self, field_name) <= 0:
-                raise ValueError(f"{field_name} must be > 0, got {getattr(self, field_name)}.")
-        for field_name in ("proxy_batch_size", "proxy_epochs", "proxy_max_length", "flip_max_rows", "flip_min_rows"):
-            if getattr(self, field_name) < 1:
-                raise ValueError(f"{field_name} must be >= 1, got {getattr(self, field_name)}.")
-        if self.round3 not in ROUND3_MODES:
-            raise ValueError(f"round3 must be one of {ROUND3_MODES}, got {self.round3!r}.")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}.")
-        if self.unlearning not in UNLEARNING:
-            raise ValueError(f"unlearning must be one of {UNLEARNING}, got {self.unlearning!r}.")
-        if self.isolated_rows not in ISOLATED_ROWS:
-            raise ValueError(f"isolated_rows must be one of {ISOLATED_ROWS}, got {self.isolated_rows!r}.")
-        if self.reset_to not in RESET_TARGETS:
-            raise ValueError(f"reset_to must be one of {RESET_TARGETS}, got {self.reset_to!r}.")
-        if not 0 < self.flip_threshold <= 1:
-            raise ValueError(f"flip_threshold must be in (0, 1], got {self.flip_threshold}.")
-        if not 0 < self.cooccurrence <= 1:
-            raise ValueError(f"cooccurrence must be in (0, 1], got {self.cooccurrence}.")
+        self._check_positive("proxy_learning_rate", "round3_learning_rate")
+        self._check_at_least(
+            1, "proxy_batch_size", "proxy_epochs", "proxy_max_length", "flip_max_rows", "flip_min_rows"
+        )
+        self._check_choice("round3", ROUND3_MODES)
+        self._check_choice("selection", SELECTIONS)
+        self._check_choice("unlearning", UNLEARNING)
+        self._check_choice("isolated_rows", ISOLATED_ROWS)
+        self._check_choice("reset_to", RESET_TARGETS)
+        self._check_interval("(0, 1]", "flip_threshold", "cooccurrence")
         if self.selection == "flip_test" and self.round3 != "training":
             raise ValueError(
                 "selection='flip_test' needs a model that has seen the data: use round3='training', "
@@ -151,6 +188,11 @@ class BTUConfig(DefenseConfig):
             raise ValueError("With proxy_rounds=0 and round3='none' nothing would be scored.")
         if self.isolated_rows != "none" and self.selection != "flip_test":
             self.isolated_rows = "none"  # isolation reuses the flip test's predictions
+
+    def detection_only(self) -> BTUConfig:
+        """This config without the embedding reset: what ``hf-backdoor scan`` runs (it keeps no model). The isolated
+        rows are still found (the scan compares them with the ground truth)."""
+        return dataclasses.replace(self, unlearning="none")
 
     @classmethod
     def paper(cls, **overrides) -> BTUConfig:
@@ -212,6 +254,16 @@ def strip_token_ids(inputs: dict, token_ids: torch.Tensor, pad_id: int, keep_row
 
 class BTUDefense(Defense):
     config: BTUConfig
+    needs_row_ids = True  # isolated rows are recognised by their row id, not their token ids (duplicates differ)
+    limitations = (
+        "- BTU finds token triggers (rare words, inserted sentences). Syntactic and style (paraphrase) triggers "
+        "are not tokens: BTU does not remove them; stack a sample-level defense for those.",
+    )
+
+    @property
+    def owns_loss(self) -> bool:
+        # Only masking isolated rows needs a loss of its own; relabelling and stripping rewrite the batch.
+        return self.config.isolated_rows == "mask"
 
     def __init__(self, config: BTUConfig):
         super().__init__(config)
@@ -221,15 +273,19 @@ class BTUDefense(Defense):
         self.flip_rates: dict[int, float] = {}
         self.flip_support: dict[int, int] = {}
         self.flagged: list[int] = []
+        self.flagged_in_round: dict[int, str | None] = {}  # token -> the exposure round after which it was flagged
         self.isolated_row_indices: list[int] = []
         self.isolated_row_labels: list[int] = []  # the model's prediction for each isolated row without its trigger
-        self.isolated_rows: dict[tuple[int, ...], int] = {}  # derived: token ids of those rows -> label, for batches
+        self.isolated_rows: dict[int, int] = {}  # derived: row position -> label, for batches
         self.detection_done = False
         self.timings: dict[str, float] = {}
         self.num_isolated_seen = 0
         self._tokenizer = None
 
     # ----------------------------------------------------------------------------------------------- hooks
+    def check_trainer(self, trainer) -> None:
+        _word_embeddings(trainer.accelerator.unwrap_model(trainer.model))  # a model without word embeddings fails here
+
     def on_train_begin(self, trainer) -> None:
         model = trainer.accelerator.unwrap_model(trainer.model)
         embedding = _word_embeddings(model)
@@ -299,7 +355,7 @@ class BTUDefense(Defense):
         device = inputs["input_ids"].device
         isolated = torch.zeros(inputs["input_ids"].shape[0], dtype=torch.bool, device=device)
         if self.isolated_rows and self.config.isolated_rows != "none":
-            labels = [self.isolated_rows.get(key) for key in _row_keys(inputs)]
+            labels = [self.isolated_rows.get(position) for position in trainer.row_positions(trainer.batch_row_ids)]
             isolated = torch.tensor([label is not None for label in labels], device=device)
             self.num_isolated_seen += int(isolated.sum())
             if self.config.isolated_rows == "mask":
@@ -410,18 +466,36 @@ class BTUDefense(Defense):
             start = time.perf_counter()
             if self.config.selection == "union":
                 self.flagged = list(candidates)
+                self._note_flagging_round()
             else:
                 self._flip_test(trainer, model)
             self.timings["selection_s"] = self.timings.get("selection_s", 0.0) + time.perf_counter() - start
         self._sync(trainer)
         self._index_isolated_rows()
         self.detection_done = True
+        names = self._token_names(self.flagged)
         logger.info(
-            "BTU flagged %d of %d candidate tokens: %s",
-            len(self.flagged),
+            "BTU detection (epoch %s): %d candidate tokens, %d flagged%s; %d training rows isolated.",
+            round(trainer.state.epoch or 0),
             len(self.candidates),
-            self._token_names(self.flagged),
+            len(self.flagged),
+            (
+                ": "
+                + ", ".join(
+                    f"{n} (flip rate {self.flip_rates.get(t, float('nan')):.2f})" for t, n in zip(self.flagged, names)
+                )
+            )
+            if self.flagged
+            else "",
+            len(self.isolated_row_indices),
         )
+        # Also through the Trainer's loggers, so the progress output shows a line at each detection.
+        trainer.log({"btu/candidates": float(len(self.candidates)), "btu/flagged": float(len(self.flagged))})
+
+    def _note_flagging_round(self) -> None:
+        current = self.rounds[-1]["round"] if self.rounds else None
+        for token in self.flagged:
+            self.flagged_in_round.setdefault(int(token), current)
 
     @torch.no_grad()
     def _predict(self, model, rows: list[list[int]], device, batch_size: int = 256) -> np.ndarray:
@@ -475,6 +549,7 @@ class BTUDefense(Defense):
         self.flagged = [
             t for t in self.candidates if t in self.flagged or self.flip_rates.get(t, 0.0) >= cfg.flip_threshold
         ]
+        self._note_flagging_round()
         if self.flagged and cfg.isolated_rows != "none":
             flagged = set(self.flagged)
             known = dict(zip(self.isolated_row_indices, self.isolated_row_labels))
@@ -490,9 +565,7 @@ class BTUDefense(Defense):
         model.train(was_training)
 
     def _index_isolated_rows(self) -> None:
-        self.isolated_rows = {
-            tuple(self.train_ids[i]): label for i, label in zip(self.isolated_row_indices, self.isolated_row_labels)
-        }
+        self.isolated_rows = dict(zip(self.isolated_row_indices, self.isolated_row_labels))
 
     # ----------------------------------------------------------------------------------------- unlearning
     @torch.no_grad()
@@ -545,6 +618,7 @@ class BTUDefense(Defense):
             "flip_rates": self.flip_rates,
             "flip_support": self.flip_support,
             "flagged": self.flagged,
+            "flagged_in_round": self.flagged_in_round,
             "isolated_row_indices": self.isolated_row_indices,
             "isolated_row_labels": self.isolated_row_labels,
             "detection_done": self.detection_done,
@@ -576,6 +650,7 @@ class BTUDefense(Defense):
             "flip_threshold": self.config.flip_threshold if self.config.selection == "flip_test" else None,
             "flagged_ids": self.flagged,
             "flagged_tokens": [name(t) for t in self.flagged],
+            "flagged_in_round": {name(t): r for t, r in self.flagged_in_round.items()},
             "num_isolated_rows": len(self.isolated_row_indices),
             "isolated_row_indices": self.isolated_row_indices,
             "isolated_row_labels": self.isolated_row_labels,
@@ -586,6 +661,138 @@ class BTUDefense(Defense):
             "clean_finetune": "not run: the official code's extra clean epoch is off by default",
             "timings_s": {k: round(v, 3) for k, v in self.timings.items()},
         }
+
+    # ------------------------------------------------------------------------------------------- rendering
+    @classmethod
+    def card_section(cls, report: dict[str, Any]) -> str:
+        config = report.get("config") or {}
+        flagged = report.get("flagged_tokens") or []
+        rates = report.get("flip_rates") or {}
+        unlearning = config.get("unlearning", "fine_grained") != "none"
+        lines = [
+            "- Detection from embedding drift during fine-tuning"
+            + (
+                ", then token-level unlearning of the flagged tokens."
+                if unlearning
+                else " (detection only: no unlearning)."
+            )
+        ]
+        lines.append(
+            f"- Candidates from the exposure rounds: {len(report.get('candidate_ids') or [])} tokens "
+            f"(top {report.get('top_k')} per round of a {report.get('vocab_size')}-token vocabulary)."
+        )
+        if flagged:
+            named = ", ".join(f"`{t}` (flip rate {rates[t]:.2f})" if t in rates else f"`{t}`" for t in flagged)
+            lines.append(f"- Flagged as trigger tokens: **{len(flagged)}**: {named}")
+        else:
+            lines.append("- Flagged as trigger tokens: **none**.")
+        if report.get("flip_threshold") is not None:
+            others = sorted((v for t, v in rates.items() if t not in flagged), reverse=True)
+            highest = f"{others[0]:.2f}" if others else "–"
+            lines.append(
+                f"- A candidate is flagged when deleting it flips the model's prediction on at least "
+                f"{report['flip_threshold']:.2f} of the training rows containing it; the highest unflagged "
+                f"candidate flipped {highest}."
+            )
+        if report.get("num_isolated_rows"):
+            lines.append(
+                f"- Training rows whose prediction the flagged tokens decided: {report['num_isolated_rows']} "
+                f"(handled as `{report.get('isolated_rows_handling')}` after detection)."
+            )
+        if report.get("reset_entries") is not None:
+            lines.append(
+                f"- Embedding entries reset by fine-grained unlearning: {report['reset_entries']} "
+                f"(threshold c = {report.get('unlearning_threshold_c') or 0:.2e})."
+            )
+        if report.get("clean_finetune"):
+            lines.append(f"- Extra clean fine-tuning of the official code: {report['clean_finetune']}")
+        return "\n".join(lines)
+
+    @classmethod
+    def figures(cls, report: dict[str, Any], output_dir) -> list:
+        from ._shared.figures import new_figure, save_figure
+
+        figures = []
+        rounds = [r for r in report.get("rounds") or [] if r.get("score_histogram")]
+        if rounds:
+            flagged = set(report.get("flagged_ids") or [])
+            flagged_in = report.get("flagged_in_round") or {}
+            order = [r.get("round") for r in rounds]
+            ncols = min(3, len(rounds))
+            nrows = -(-len(rounds) // ncols)
+            fig, _ = new_figure(width=4.4 * ncols, height=3.3 * nrows)
+            fig.clear()
+            axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+            for ax, record in zip(axes, rounds):
+                hist = record["score_histogram"]
+                ax.stairs(hist["counts"], np.asarray(hist["log10_edges"]), fill=True, color="#9db4d0")
+                ax.set_yscale("log")
+                ax.set_xlabel("log10 embedding drift", fontsize=9)
+                ax.set_ylabel("tokens", fontsize=9)
+                ax.set_title(str(record.get("round")), fontsize=10)
+                here = order.index(record.get("round"))
+                tokens = record.get("top_tokens") or [str(t) for t in record["top_ids"]]
+                for token_id, token, score in zip(record["top_ids"], tokens, record["top_scores"]):
+                    if token_id not in flagged:
+                        continue
+                    # A token flagged after an earlier round was reset there: its later drift measures the reset,
+                    # not what training did to it, so it is drawn only up to the round that flagged it.
+                    flagged_round = flagged_in.get(token)
+                    if flagged_round in order and order.index(flagged_round) < here:
+                        continue
+                    x = np.log10(score + 1e-12)
+                    ax.axvline(x, color="#c0392b", linewidth=1)
+                    ax.annotate(token, (x, 1), rotation=90, fontsize=8, color="#c0392b", va="bottom")
+            for ax in axes[len(rounds) :]:
+                ax.set_visible(False)
+            fig.suptitle("BTU token scores per exposure round; flagged tokens in red", fontsize=11)
+            figures.append(
+                save_figure(
+                    fig,
+                    output_dir,
+                    "btu_token_scores.png",
+                    "BTU token scores per exposure round, flagged tokens in red (drawn up to the round that flagged "
+                    "them: after it their embedding is reset)",
+                )
+            )
+        rates = report.get("flip_rates") or {}
+        if rates and report.get("flip_threshold") is not None:
+            flagged_tokens = set(report.get("flagged_tokens") or [])
+            items = sorted(rates.items(), key=lambda kv: -kv[1])[:40]
+            fig, ax = new_figure(width=max(5.0, 0.22 * len(items) + 1.5))
+            colors = ["#c0392b" if token in flagged_tokens else "#7f8c8d" for token, _ in items]
+            ax.bar(range(len(items)), [v for _, v in items], color=colors)
+            ax.axhline(report["flip_threshold"], color="black", linestyle="--", linewidth=1, label="threshold")
+            ax.set_xticks(range(len(items)), [t for t, _ in items], rotation=90, fontsize=7)
+            ax.set_ylabel("prediction flip rate")
+            ax.set_ylim(0, 1)
+            ax.legend(fontsize=8)
+            ax.set_title("Deleting each candidate: share of its rows whose prediction flips", fontsize=10)
+            figures.append(
+                save_figure(fig, output_dir, "btu_flip_rates.png", "BTU flip test per candidate token (flagged in red)")
+            )
+        return figures
+
+    @classmethod
+    def console_summary(cls, report: dict[str, Any]) -> list[str]:
+        flagged = report.get("flagged_tokens") or []
+        rates, support = report.get("flip_rates") or {}, report.get("flip_support") or {}
+        candidates = report.get("candidate_tokens") or []
+        lines = [f"BTU: {len(candidates)} candidate tokens: {' '.join(candidates) or '-'}"]
+        if rates:
+            threshold = report.get("flip_threshold")
+            flagged_at = f"flagged at >= {threshold}" if threshold is not None else "selection without a flip test"
+            lines.append(f"  {'token':<16}{'flip rate':>10}{'rows':>7}  ({flagged_at})")
+            for token, rate in sorted(rates.items(), key=lambda kv: -kv[1])[:CONSOLE_SUMMARY_ROWS]:
+                mark = "  <- trigger" if token in flagged else ""
+                lines.append(f"  {token:<16}{rate:>10.2f}{support.get(token, 0):>7}{mark}")
+        lines.append(
+            f"BTU: flagged tokens: {', '.join(flagged) or 'none'}; training rows they decide: "
+            f"{report.get('num_isolated_rows', 0)}"
+        )
+        if report.get("reset_entries") is not None:
+            lines.append(f"BTU: embedding entries reset by unlearning: {report['reset_entries']}")
+        return lines
 
 
 def _word_embeddings(model) -> nn.Embedding:
@@ -634,14 +841,6 @@ def _training_labels(trainer) -> list[int]:
         if column in dataset.column_names:
             return [int(x) for x in dataset[column]]
     raise ValueError("BTU needs the training labels: the train_dataset has no `label` or `labels` column.")
-
-
-def _row_keys(inputs: dict) -> list[tuple[int, ...]]:
-    ids = inputs["input_ids"].tolist()
-    if "attention_mask" not in inputs:
-        return [tuple(r) for r in ids]
-    masks = inputs["attention_mask"].tolist()
-    return [tuple(t for t, m in zip(r, mr) if m) for r, mr in zip(ids, masks)]
 
 
 register_defense(BTUConfig, BTUDefense)

@@ -23,12 +23,10 @@ WideResNet stages.
 Deviations, and why:
 
 - Learning rate: 0.01 for teacher and student instead of 0.1. The official 0.1 is a from-scratch CNN rate; a
-  pre-trained transformer fine-tuned by SGD at 0.1 leaves its basin (not measured here at full size; 0.01 is the
-  rate TSBD fine-tunes with on the same benchmark). Set ``learning_rate=0.1`` for the published value.
-  Measured since on the default MiniLM (SST-2 BadNet 10%, 277 fit / 69 held-out clean rows, CPU;
-  ``benchmarks/results/reports/sst2_badnet_minilm_nad.json``): at 0.01 the teacher's own fine-tuning collapsed the
-  model (held-out accuracy 0.870 -> 0.507 after one epoch) and the student followed, so 0.01 is still too high for a
-  pre-trained transformer under SGD; a smaller rate is the next thing to measure.
+  pre-trained transformer fine-tuned by SGD at 0.1 leaves its basin (0.01 is the rate TSBD fine-tunes with on the
+  same benchmark). Set ``learning_rate=0.1`` for the published value. On the default MiniLM even 0.01 collapsed the
+  teacher's fine-tuning, and the student followed it (README, "Post-training removal on the text model"): lower it
+  for pre-trained text encoders.
 - The official schedule divides the rate during training; here it is constant (20 short epochs on a few hundred rows).
 - Teacher fine-tuning uses the student's optimiser settings (the paper does not give separate ones).
 """
@@ -37,38 +35,47 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from .sanitize import SanitizeConfig, SanitizeContext, finetune, register_sanitizer
+from ..registry import register_defense
+from ._shared.context import SanitizeConfig, SanitizeContext
+from ._shared.loops import sgd_finetune
+from ._shared.repair import RepairDefense, fmt
 
 
 @dataclass
 class NADConfig(SanitizeConfig):
-    """Neural Attention Distillation (post-training, clean data only). See the module docstring.
+    """Neural Attention Distillation (post-training, clean data only). See the module docstring."""
 
-    Args:
-        layers: 1-based encoder layers whose outputs are distilled (``None``: three evenly spaced, the last included).
-        betas: one weight per layer (the official 500, 1000, 1000).
-        p: power of the attention map.
-        teacher_epochs, epochs: fine-tuning epochs of the teacher and of the student.
-        learning_rate, momentum, weight_decay, nesterov, batch_size: SGD of both.
-    """
-
-    layers: tuple[int, ...] | None = None
-    betas: tuple[float, ...] = (500.0, 1000.0, 1000.0)
-    p: float = 2.0
-    teacher_epochs: int = 10
-    epochs: int = 20
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = True
-    batch_size: int = 64
+    layers: tuple[int, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "1-based encoder layers whose outputs are distilled; None: as many evenly spaced layers as betas, "
+            "the last included (the official three WideResNet stages)."
+        },
+    )
+    betas: tuple[float, ...] = field(
+        default=(500.0, 1000.0, 1000.0),
+        metadata={"help": "One attention-loss weight per distilled layer (official 500, 1000, 1000)."},
+    )
+    p: float = field(default=2.0, metadata={"help": "Power of the attention map, sum_d |h|^p (official 2)."})
+    teacher_epochs: int = field(default=10, metadata={"help": "Epochs of the teacher's fine-tuning (official 10)."})
+    epochs: int = field(default=20, metadata={"help": "Epochs of the student's distillation (official 20)."})
+    learning_rate: float = field(
+        default=0.01, metadata={"help": "SGD learning rate of teacher and student (official 0.1; see the docstring)."}
+    )
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum of both (official 0.9)."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "SGD weight decay of both (official 1e-4)."})
+    nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum (official: on)."})
+    batch_size: int = field(default=64, metadata={"help": "Clean rows per step (official 64)."})
 
     name = "nad"
+    title = "NAD (Neural Attention Distillation)"
+    citation = "Li et al., ICLR 2021"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,8 +89,7 @@ class NADConfig(SanitizeConfig):
                 raise ValueError(f"layers are 1-based encoder layer indices, got {self.layers}.")
             if len(self.layers) != len(self.betas):
                 raise ValueError(f"Give one beta per layer: {len(self.layers)} layers, {len(self.betas)} betas.")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}.")
+        self._check_interval("[0, 1)", "momentum")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0.")
 
@@ -169,48 +175,85 @@ def _num_layers(context: SanitizeContext, model: nn.Module) -> int:
     return len(hidden) - 1  # hidden_states[0] is the embedding output
 
 
-def _run_nad(context: SanitizeContext, config: NADConfig, model: nn.Module) -> dict:
-    layers = config.resolve_layers(_num_layers(context, model))
-    timings = {}
+class NADDefense(RepairDefense):
+    """Fine-tune a teacher on the clean rows, then distil its attention maps into the model in place."""
 
-    start = time.perf_counter()
-    teacher = copy.deepcopy(model)
-    teacher_history = finetune(
-        context,
-        teacher,
-        epochs=config.teacher_epochs,
-        learning_rate=config.learning_rate,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        batch_size=config.batch_size,
-        nesterov=config.nesterov,
-        desc="NAD teacher",
+    holdout_histories = {"teacher fine-tuning": "teacher_history", "student distillation": "distillation_history"}
+    limitations = (
+        "- NAD's teacher is the backdoored model fine-tuned on a few clean rows; if that fine-tuning does not "
+        "weaken the backdoor, distilling its attention does not either.",
     )
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    timings["teacher"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.learning_rate,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        nesterov=config.nesterov,
-    )
-    history = [
-        distillation_epoch(context, config, model, teacher, optimizer, layers, epoch)
-        for epoch in context.progress(range(config.epochs), "NAD distillation")
-    ]
-    timings["distillation"] = time.perf_counter() - start
-    return {
-        "layers": list(layers),
-        "betas": list(config.betas),
-        "teacher_history": teacher_history,
-        "teacher_holdout_accuracy": teacher_history[-1]["holdout_accuracy"] if teacher_history else None,
-        "distillation_history": history,
-        "timings_s": timings,
-    }
+    def repair(self, context: SanitizeContext, model: nn.Module) -> dict[str, Any]:
+        config = self.config
+        layers = config.resolve_layers(_num_layers(context, model))
+        timings = {}
+
+        start = time.perf_counter()
+        teacher = copy.deepcopy(model)
+        teacher_history = sgd_finetune(
+            context,
+            teacher,
+            epochs=config.teacher_epochs,
+            learning_rate=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            batch_size=config.batch_size,
+            nesterov=config.nesterov,
+            desc="NAD teacher",
+        )
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        timings["teacher"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=config.learning_rate,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            nesterov=config.nesterov,
+        )
+        history = [
+            distillation_epoch(context, config, model, teacher, optimizer, layers, epoch)
+            for epoch in context.progress(range(config.epochs), "NAD distillation")
+        ]
+        timings["distillation"] = time.perf_counter() - start
+        return {
+            "layers": list(layers),
+            "betas": list(config.betas),
+            "teacher_history": teacher_history,
+            "teacher_holdout_accuracy": teacher_history[-1]["holdout_accuracy"] if teacher_history else None,
+            "distillation_history": history,
+            "timings_s": timings,
+        }
+
+    # -- rendering of a saved report ----------------------------------------------------------------------------
+    @classmethod
+    def findings(cls, report: dict[str, Any]) -> list[str]:
+        lines = []
+        teacher = report.get("teacher_history") or []
+        if report.get("teacher_history") is not None:
+            lines.append(
+                f"- Teacher: the model fine-tuned {len(teacher)} epoch(s) on the clean rows; its held-out clean "
+                f"accuracy {fmt(report.get('teacher_holdout_accuracy'))}."
+            )
+        if report.get("layers") is not None:
+            distillation = report.get("distillation_history") or []
+            lines.append(
+                f"- Student: the model itself, trained {len(distillation)} epoch(s) on CE plus the attention loss of "
+                f"encoder layers {report['layers']} (betas {report.get('betas')})."
+            )
+        return lines
+
+    @classmethod
+    def summary(cls, report: dict[str, Any]) -> str | None:
+        if report.get("layers") is None:
+            return None
+        return (
+            f"distilled layers {report['layers']} from a teacher at held-out accuracy "
+            f"{fmt(report.get('teacher_holdout_accuracy'))}"
+        )
 
 
-register_sanitizer(NADConfig, _run_nad)
+register_defense(NADConfig, NADDefense)

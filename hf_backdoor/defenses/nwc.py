@@ -31,7 +31,7 @@ Deviations, and why:
   ``max_zeroing_drop`` is used (stage 1 is meant to sacrifice some accuracy, stage 2 repairs it). ``n_ratio=``
   fixes it instead.
 - Stop threshold: the official 0.10 is CIFAR-10's collapse level (one class of ten); by default it is carried over
-  to the task's own labels (``sanitize.clean_threshold_for``: 0.5 on balanced binary data). Set ``clean_threshold``
+  to the task's own labels (``_shared.loops.clean_threshold_for``: 0.5 on balanced binary data). Set ``clean_threshold``
   for a fixed value.
 - Unlearning epochs are capped at ``unlearning_max_epochs`` (100, not 1000) and reaching the cap is an error with
   the accuracy reached (a pre-trained transformer at SGD lr 1e-4 may need a larger rate: raise ``unlearning_lr``).
@@ -52,12 +52,17 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .sanitize import SanitizeConfig, SanitizeContext, clean_threshold_for, register_sanitizer, unlearn
+from ..registry import register_defense
+from ._shared.context import SanitizeConfig, SanitizeContext
+from ._shared.repair import RepairDefense, fmt, unlearn_or_take_exposed
+from .base import Figure
 from .units import TransformerUnits
 
 OFFICIAL_CLEAN_THRESHOLD = 0.10
@@ -66,60 +71,76 @@ OFFICIAL_N_RATIOS = (0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.7, 0.9)
 
 @dataclass
 class NWCConfig(SanitizeConfig):
-    """TSBD: NWC-based zeroing, then activeness-aware fine-tuning (post-training, clean data only).
+    """TSBD: NWC-based zeroing, then activeness-aware fine-tuning (post-training, clean data only). See the module
+    docstring."""
 
-    Args:
-        unlearning_lr, unlearning_momentum, unlearning_max_epochs: stage 1's clean unlearning.
-        clean_threshold: unlearning stops once the fit rows' clean accuracy is at or below this; ``None``: the
-            official 0.10 carried over to this task's labels (``clean_threshold_for``: 0.10 on CIFAR-10, 0.5 on a
-            balanced binary task).
-        m: fraction of the pooled weights of the top-n neurons that is zeroed (by weight change).
-        n_ratio: fraction of all neurons taken as top-n; ``None`` chooses it from ``n_ratios`` on held-out rows.
-        n_ratios: the sweep (reported, and searched when ``n_ratio`` is ``None``).
-        max_zeroing_drop: with ``n_ratio=None``, the held-out clean accuracy the zeroing alone may cost.
-        finetune_lr, finetune_momentum, finetune_epochs: stage 2's SGD.
-        r: size of the normalised gradient perturbation; alpha: weight of the perturbed gradient.
-        batch_size: batch size of both stages.
-    """
-
-    unlearning_lr: float = 1e-4
-    unlearning_momentum: float = 0.9
-    unlearning_max_epochs: int = 100
-    clean_threshold: float | None = None
-    m: float = 0.7
-    n_ratio: float | None = None
-    n_ratios: tuple[float, ...] = OFFICIAL_N_RATIOS
-    max_zeroing_drop: float = 0.10
-    finetune_lr: float = 0.01
-    finetune_momentum: float = 0.9
-    finetune_epochs: int = 20
-    r: float = 0.05
-    alpha: float = 0.7
-    batch_size: int = 256
+    unlearning_lr: float = field(default=1e-4, metadata={"help": "Stage 1's SGD learning rate (official 1e-4)."})
+    unlearning_momentum: float = field(default=0.9, metadata={"help": "Stage 1's SGD momentum (official 0.9)."})
+    unlearning_max_epochs: int = field(
+        default=100,
+        metadata={
+            "help": "Give up (error, model untouched) if the clean accuracy has not fallen by then (official 1000)."
+        },
+    )
+    clean_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Unlearning stops once the fit rows' clean accuracy is at or below this; None: the official 0.10 "
+            "carried over to this task's labels (0.10 on CIFAR-10, 0.5 on a balanced binary task)."
+        },
+    )
+    m: float = field(
+        default=0.7,
+        metadata={
+            "help": "Fraction, in (0, 1], of the pooled weights of the top-n neurons zeroed by weight change (official 0.7)."
+        },
+    )
+    n_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of all neurons taken as the top n; None chooses it from n_ratios on held-out rows."
+        },
+    )
+    n_ratios: tuple[float, ...] = field(
+        default=OFFICIAL_N_RATIOS,
+        metadata={"help": "The sweep of n: reported, and searched when n_ratio is None (the official sweep)."},
+    )
+    max_zeroing_drop: float = field(
+        default=0.10,
+        metadata={
+            "help": "With n_ratio=None, the held-out clean accuracy the zeroing alone may cost (fine-tuning repairs it)."
+        },
+    )
+    finetune_lr: float = field(default=0.01, metadata={"help": "Stage 2's SGD learning rate (official 0.01)."})
+    finetune_momentum: float = field(default=0.9, metadata={"help": "Stage 2's SGD momentum (official 0.9)."})
+    finetune_epochs: int = field(
+        default=20, metadata={"help": "Stage 2's epochs, >= 0 (official 20, run as ft_epoch + 1)."}
+    )
+    r: float = field(
+        default=0.05, metadata={"help": "Size of the normalised gradient perturbation of stage 2 (official 0.05)."}
+    )
+    alpha: float = field(
+        default=0.7, metadata={"help": "Weight of the perturbed gradient in stage 2's step, in [0, 1] (official 0.7)."}
+    )
+    batch_size: int = field(default=256, metadata={"help": "Batch size of both stages (official 256)."})
 
     name = "nwc"
+    title = "TSBD (neuron weight change zeroing and activeness-aware fine-tuning)"
+    citation = "Lin et al., NeurIPS 2024"
     accepts_exposed = True  # stage 1 is a clean unlearning: EBYD's exposed model can take its place
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self._check_positive("unlearning_lr", "unlearning_max_epochs", "finetune_lr", "batch_size")
-        self._check_fraction("alpha", "max_zeroing_drop")
-        if self.clean_threshold is not None:
-            self._check_fraction("clean_threshold")
-        if self.finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}.")
-        if not 0 < self.m <= 1:
-            raise ValueError(f"m must be in (0, 1], got {self.m}.")
-        if self.r < 0:
-            raise ValueError(f"r must be >= 0, got {self.r}.")
+        self._check_interval("[0, 1]", "alpha", "max_zeroing_drop")
+        self._check_interval("[0, 1]", "clean_threshold", optional=True)
+        self._check_at_least(0, "finetune_epochs", "r")
+        self._check_interval("(0, 1]", "m")
         self.n_ratios = tuple(sorted(float(n) for n in self.n_ratios))
         if not self.n_ratios or not all(0 < n <= 1 for n in self.n_ratios):
             raise ValueError(f"n_ratios must be fractions in (0, 1], got {self.n_ratios}.")
-        if self.n_ratio is not None and not 0 < self.n_ratio <= 1:
-            raise ValueError(f"n_ratio must be in (0, 1], got {self.n_ratio}.")
-        for field_name in ("unlearning_momentum", "finetune_momentum"):
-            if not 0 <= getattr(self, field_name) < 1:
-                raise ValueError(f"{field_name} must be in [0, 1), got {getattr(self, field_name)}.")
+        self._check_interval("(0, 1]", "n_ratio", optional=True)
+        self._check_interval("[0, 1)", "unlearning_momentum", "finetune_momentum")
 
 
 @dataclass
@@ -235,84 +256,136 @@ def activeness_aware_finetune(context: SanitizeContext, config: NWCConfig, model
     return history
 
 
-def unlearn_for_nwc(context: SanitizeContext, config: NWCConfig, model: nn.Module) -> tuple[nn.Module, float, list]:
-    """Stage 1 on a copy of ``model``: the unlearned copy, the stop threshold used and the unlearning history."""
-    unlearned = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(unlearned.parameters(), lr=config.unlearning_lr, momentum=config.unlearning_momentum)
-    clean_threshold = config.clean_threshold
-    if clean_threshold is None:
-        clean_threshold = clean_threshold_for(OFFICIAL_CLEAN_THRESHOLD, context.fit_labels)
-    unlearning = unlearn(
-        context,
-        unlearned,
-        optimizer,
-        batch_size=config.batch_size,
-        max_epochs=config.unlearning_max_epochs,
-        clean_threshold=clean_threshold,
-        stop_on="fit",
-        desc="TSBD unlearning",
+def unlearn_for_nwc(
+    context: SanitizeContext, config: NWCConfig, model: nn.Module, timings: dict[str, float]
+) -> tuple[nn.Module, float | None, list, dict]:
+    """Stage 1 on a copy of ``model`` (or EBYD's exposed model): the unlearned copy, the stop threshold used, the
+    unlearning history and the hand-off's report fields."""
+
+    def make_optimizer(unlearned: nn.Module):
+        return torch.optim.SGD(
+            unlearned.parameters(), lr=config.unlearning_lr, momentum=config.unlearning_momentum
+        ), None
+
+    return unlearn_or_take_exposed(
+        context, model, config, OFFICIAL_CLEAN_THRESHOLD, timings, make_optimizer, stop_on="fit", desc="TSBD unlearning"
     )
-    return unlearned, clean_threshold, unlearning
 
 
-def _run_nwc(context: SanitizeContext, config: NWCConfig, model: nn.Module) -> dict:
-    units = TransformerUnits.discover(model, ("ffn",))  # raises for unsupported models before any work
-    names = [name for name, _ in units.linear_layers(model)]
-    timings = {}
+class NWCDefense(RepairDefense):
+    """Unlearn (or take the exposed model), zero the most-changed weights of the original, fine-tune it in place."""
 
-    start = time.perf_counter()
-    handoff = {}
-    if context.exposed is None:
-        unlearned, clean_threshold, unlearning = unlearn_for_nwc(context, config, model)
-        changes = neuron_weight_changes(model, unlearned, names)
-        timings["unlearning"] = time.perf_counter() - start
-    else:
-        # EBYD: the exposed model's weight changes rank the neurons; there is no unlearning to time.
-        unlearned, clean_threshold, unlearning = context.exposed.unlearned_copy(context), None, []
-        handoff = context.exposed.report(context, unlearned)
-        changes = neuron_weight_changes(model, unlearned, names)
-    del unlearned
-
-    start = time.perf_counter()
-    base_accuracy = context.accuracy(model)
-    sweep = []
-    for ratio in config.n_ratios:
-        zeroed_model = copy.deepcopy(model)
-        numbers = zero_top_weights(zeroed_model, changes, int(changes.num_neurons * ratio), config.m)
-        sweep.append({"n_ratio": ratio, **numbers, "holdout_accuracy": context.accuracy(zeroed_model)})
-        del zeroed_model
-    if config.n_ratio is not None:
-        chosen, how = config.n_ratio, "fixed"
-    else:
-        chosen, how = choose_n(sweep, base_accuracy, config)
-    top_n = int(changes.num_neurons * chosen)
-    zeroing = zero_top_weights(model, changes, top_n, config.m)
-    top_neurons = [
-        {"module": changes.names[layer], "row": row, "nwc": value} for layer, row, value in changes.order[:top_n]
-    ]
-    after_zeroing = context.accuracy(model)
-    timings["zeroing"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    finetuning = activeness_aware_finetune(context, config, model)
-    timings["finetune"] = time.perf_counter() - start
-    return {
-        "num_neurons": changes.num_neurons,
-        "layers": names,
-        "clean_threshold": clean_threshold,
-        "unlearning_history": unlearning,
-        "unlearning_epochs": len(unlearning),
-        "n_sweep": sweep,
-        "n_ratio": chosen,
-        "n_rule": how,
-        **{f"zeroing_{k}": v for k, v in zeroing.items()},
-        "holdout_accuracy_after_zeroing": after_zeroing,
-        "top_neurons": top_neurons[:200],  # the full list can be tens of thousands; the top 200 show where
-        "top_neurons_per_module": _per_module(changes, top_n),
-        "finetune_history": finetuning,
-        **handoff,
-        "timings_s": timings,
+    holdout_histories = {
+        "unlearning (the unlearned copy)": "unlearning_history",
+        "activeness-aware fine-tuning": "finetune_history",
     }
+    limitations = (
+        "- TSBD zeroes the weights that clean unlearning moved most; a backdoor whose weights clean unlearning "
+        "leaves in place is not among them, and the fine-tuning alone does not remove it.",
+    )
+
+    def repair(self, context: SanitizeContext, model: nn.Module) -> dict[str, Any]:
+        config = self.config
+        units = TransformerUnits.discover(model, ("ffn",))  # raises for unsupported models before any work
+        names = [name for name, _ in units.linear_layers(model)]
+        timings = {}
+
+        # EBYD: with a hand-off, the exposed model's weight changes rank the neurons.
+        unlearned, clean_threshold, unlearning, handoff = unlearn_for_nwc(context, config, model, timings)
+        start = time.perf_counter()
+        changes = neuron_weight_changes(model, unlearned, names)
+        del unlearned
+
+        base_accuracy = context.accuracy(model)
+        sweep = []
+        for ratio in config.n_ratios:
+            zeroed_model = copy.deepcopy(model)
+            numbers = zero_top_weights(zeroed_model, changes, int(changes.num_neurons * ratio), config.m)
+            sweep.append({"n_ratio": ratio, **numbers, "holdout_accuracy": context.accuracy(zeroed_model)})
+            del zeroed_model
+        if config.n_ratio is not None:
+            chosen, how = config.n_ratio, "fixed"
+        else:
+            chosen, how = choose_n(sweep, base_accuracy, config)
+        top_n = int(changes.num_neurons * chosen)
+        zeroing = zero_top_weights(model, changes, top_n, config.m)
+        top_neurons = [
+            {"module": changes.names[layer], "row": row, "nwc": value} for layer, row, value in changes.order[:top_n]
+        ]
+        after_zeroing = context.accuracy(model)
+        timings["zeroing"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        finetuning = activeness_aware_finetune(context, config, model)
+        timings["finetune"] = time.perf_counter() - start
+        return {
+            "num_neurons": changes.num_neurons,
+            "layers": names,
+            "clean_threshold": clean_threshold,
+            "unlearning_history": unlearning,
+            "unlearning_epochs": len(unlearning),
+            "n_sweep": sweep,
+            "n_ratio": chosen,
+            "n_rule": how,
+            **{f"zeroing_{k}": v for k, v in zeroing.items()},
+            "holdout_accuracy_after_zeroing": after_zeroing,
+            "top_neurons": top_neurons[:200],  # the full list can be tens of thousands; the top 200 show where
+            "top_neurons_per_module": _per_module(changes, top_n),
+            "finetune_history": finetuning,
+            **handoff,
+            "timings_s": timings,
+        }
+
+    # -- rendering of a saved report ----------------------------------------------------------------------------
+    @classmethod
+    def findings(cls, report: dict[str, Any]) -> list[str]:
+        lines = cls.unlearning_line(report)
+        if report.get("num_neurons") is not None:
+            lines.append(
+                f"- Neurons ranked by weight change: {report['num_neurons']} rows of {len(report.get('layers') or [])} "
+                "Linear layers in the encoder."
+            )
+        if report.get("zeroing_zeroed_weights") is not None:
+            lines.append(
+                f"- Zeroed **{report['zeroing_zeroed_weights']}** weights of the top {report.get('zeroing_top_n')} "
+                f"neurons (n ratio {report.get('n_ratio')}: {report.get('n_rule')}); held-out clean accuracy after "
+                f"zeroing {fmt(report.get('holdout_accuracy_after_zeroing'))}."
+            )
+        finetuning = report.get("finetune_history")
+        if finetuning is not None:
+            lines.append(f"- Then {len(finetuning)} epoch(s) of activeness-aware fine-tuning on the clean rows.")
+        return lines
+
+    @classmethod
+    def summary(cls, report: dict[str, Any]) -> str | None:
+        if report.get("zeroing_zeroed_weights") is None:
+            return None
+        return (
+            f"zeroed {report['zeroing_zeroed_weights']} weights of the top {report.get('zeroing_top_n')} neurons "
+            f"(n ratio {report.get('n_ratio')}), then fine-tuned {len(report.get('finetune_history') or [])} epoch(s)"
+        )
+
+    @classmethod
+    def method_figures(cls, report: dict[str, Any], output_dir: Path) -> list[Figure]:
+        sweep = report.get("n_sweep") or []
+        if not sweep:
+            return []
+        from ._shared.figures import new_figure, save_figure
+
+        fig, ax = new_figure()
+        ax.plot([r["n_ratio"] for r in sweep], [r["holdout_accuracy"] for r in sweep], marker=".", color="#2e86c1")
+        if report.get("holdout_accuracy_before") is not None:
+            ax.axhline(report["holdout_accuracy_before"], color="black", linestyle=":", linewidth=1, label="before")
+        if report.get("n_ratio") is not None:
+            ax.axvline(report["n_ratio"], color="#c0392b", linestyle="--", linewidth=1, label="chosen n")
+        if len({r["n_ratio"] for r in sweep}) > 1:  # the official sweep spans 0.01 to 0.9
+            ax.set_xscale("log")
+        ax.set_xlabel("n: fraction of neurons zeroed in")
+        ax.set_ylabel("held-out clean accuracy after zeroing")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8)
+        ax.set_title("TSBD zeroing sweep (held-out clean rows only)", fontsize=10)
+        return [save_figure(fig, output_dir, "nwc_n_sweep.png", "TSBD zeroing sweep")]
 
 
 def _per_module(changes: NeuronChanges, top_n: int) -> dict[str, int]:
@@ -322,4 +395,4 @@ def _per_module(changes: NeuronChanges, top_n: int) -> dict[str, int]:
     return counts
 
 
-register_sanitizer(NWCConfig, _run_nwc)
+register_defense(NWCConfig, NWCDefense)

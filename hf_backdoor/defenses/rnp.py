@@ -15,20 +15,19 @@ The procedure (official defaults in brackets):
 3. Prune the *original* model's units whose mask is <= a threshold [the official code sweeps 0 to 0.9 in steps of
    0.05 and reports test ACC/ASR for each].
 
-Deviations, and why:
+Deviations, and why (the runs behind them are in the README, "Post-training removal on the ViT" and "on the text
+model", with records in ``benchmarks/results/sanitize_defenses.json``; ``RNPConfig.paper()`` restores the official
+stop check and recovery rate):
 
 - Units. The official masks are BatchNorm scales, which transformers do not have (BackdoorBench's RNP refuses such
   models). ``units`` picks FFN intermediate neurons (``"ffn"``), attention heads (``"head"``), LayerNorm scale
   channels (``"layernorm"``, the literal BatchNorm-scale analogue) or a combination; see ``units.py``. The default
-  is FFN neurons and LayerNorm channels together. On the small ViT (BadNets, seed 0, recovery lr 1.0, the
-  clean-only threshold rule) the pair took ASR from 0.924 to 0.237; FFN neurons alone to 0.741, LayerNorm channels
-  alone to 0.827, and attention heads (3 per layer there, 12 per MiniLM layer) were refused: their masks fall
-  together and even threshold 0 costs 8 points of held-out accuracy.
-- Recovery rate: ``recovering_lr`` is 1.0, not the official 0.2. In analysis runs on the small ViT (BadNets, seed
-  0; not in the records) the masks of a few thousand transformer units barely moved in 20 epochs at 0.2 (mean
-  0.98-0.99; the masked unlearned model's held-out accuracy reached 0.25 with FFN units, 0.44 with the pair), and
-  at 1.0 the pair's recovery reached 0.55. The official log's recovery restores clean accuracy from 0.34 to 0.84:
-  1.0 gives transformer units that room. 100 epochs at 0.2 gave nearly the same sweep as 20 at 1.0 (FFN units).
+  is FFN neurons and LayerNorm channels together: on the small ViT the pair lowered the ASR further than either kind
+  alone, and attention heads were refused there (their masks fall together, and even threshold 0 cost held-out
+  accuracy beyond ``max_accuracy_drop``).
+- Recovery rate: ``recovering_lr`` is 1.0, not the official 0.2. At 0.2 the masks of a few thousand transformer
+  units barely moved in 20 epochs, where the official log's recovery restores most of the clean accuracy; 1.0 gives
+  transformer units that room (100 epochs at 0.2 gave nearly the same sweep as 20 at 1.0).
 - Threshold. The official code reports a sweep scored on test data; here the threshold is chosen from clean data
   only: walking up the sweep, the last threshold before the first whose pruned model loses more than
   ``max_accuracy_drop`` of the unpruned model's held-out clean accuracy (pruning more units removes more of what
@@ -37,19 +36,15 @@ Deviations, and why:
 - Gradient clipping. The official code calls ``clip_grad_norm_(max_norm=20)`` before ``backward()``, so it never
   clips; here it clips after ``backward()`` as intended (a transformer under gradient ascent at lr 0.01 otherwise
   blows up).
-- Stop check: the official code checks the epoch's *running* accuracy after each epoch. On the small ViT (BadNets,
-  400 fit rows, 4 steps per epoch) that check saw 0.24 after epoch 2 while the held-out accuracy was already 0.09, so
-  the ascent ran one more epoch: its mean loss went from 3.3 to 17.5 and the unlearned model's CE on the clean rows
-  ended near 40, a saturated model whose masks cannot recover anything (mean mask 0.99 after 20 epochs, no unit
-  below 0.2, ASR 0.923-0.925 at every threshold; FFN units, analysis run not in the records). The default
-  ``unlearning_stop="step"`` re-evaluates the fit rows after every step and stops at the first step at or below the
-  threshold (held-out 0.20, loss 1.7; the unlearned model sends 69 of 101 held-out rows to the target class).
-  ``"running"`` restores the official check.
+- Stop check: the official code checks the epoch's *running* accuracy after each epoch. With few steps per epoch
+  that check lags the model: on the small ViT the held-out accuracy had already collapsed when the running accuracy
+  still read above the threshold, the ascent ran one more epoch and saturated the unlearned model, whose masks then
+  recovered nothing. The default ``unlearning_stop="step"`` re-evaluates the fit rows after every step and stops at
+  the first step at or below the threshold; ``"running"`` restores the official check.
 - Stop threshold: the official 0.20 is for 10 balanced classes, where a collapsed model scores 0.10. A collapsed
-  binary model scores about 0.5 and would never reach 0.20 (measured on a small BERT: stuck at 0.475), so by default
-  the threshold keeps its relative place between the collapse level and perfect accuracy
-  (``sanitize.clean_threshold_for``): 0.20 on CIFAR-10, 0.556 on balanced binary data. Set ``clean_threshold``
-  to use a fixed value.
+  binary model scores about 0.5 and would never reach 0.20, so by default the threshold keeps its relative place
+  between the collapse level and perfect accuracy (``_shared.loops.clean_threshold_for``): 0.20 on CIFAR-10, 0.556
+  on balanced binary data. Set ``clean_threshold`` to use a fixed value.
 - Clean split: masks are learned on the fit part of the clean set, the threshold is chosen on its held-out part.
 - Pruning zeroes the weights through which a unit acts (see ``units.py``); the official code zeroes BatchNorm weights
   the same way.
@@ -60,42 +55,25 @@ replaces it with the exposed model. ``trainer.sanitize(clean, RNPConfig(), expos
 the masks on a copy of the CUL-exposed model and prunes the original as usual; the unlearning settings are then
 unused, ``unlearning_history`` is empty and the report says ``"unlearned_by": "exposure (cul)"``. The official EBYD
 code ships no RNP script, so nothing else changes: same recovery, same threshold rule.
-
-What was measured (``benchmarks/sanitize_defenses.py``, records in ``benchmarks/results/sanitize_defenses.json``):
-
-- Small ViT from scratch (CPU setting: patch 8, 20 epochs, CACC 0.467), BadNets 10%, seed 0, 500 clean training
-  rows. With the official settings (running-accuracy stop, recovery lr 0.2, FFN units) nothing happened (ASR
-  0.923). With these defaults the threshold rule pruned 113 of 6,912 units at mask <= 0.5: CACC 0.451, ASR 0.237.
-  The scored sweep (``recipes/sanitize.py --score-sweep``) reaches ASR 0.111 at 0.6 and 0.068 at 0.65 (CACC 0.448,
-  0.432), but the held-out rows, training rows the model memorised, lose accuracy much faster than the test set
-  (0.604 -> 0.535 from 0.5 to 0.55, test 0.451 -> 0.446), so the clean-only rule stops at 0.5.
-- The same ViT on seed 1: ASR 0.949 -> 0.931 (24 units), and no threshold of the sweep gets below ASR 0.807 within 5
-  points of CACC. Its unlearned model did send the clean rows to the target (61% to class 0, report
-  ``unlearned_prediction_shares``), but the masks that undo it fall on units that carry the clean function too. On
-  Blended (seed 0) the rule refused: pruning the units already at mask 0 costs 4 points of held-out accuracy.
-- MiniLM on SST-2 BadNet 10% (346 clean validation rows, ``unlearning_lr=0.05``): ASR 1.000 -> 0.444 at CACC
-  0.889 -> 0.859 (347 of 13,824 units at 0.7). With FFN units and recovery lr 0.2, and on a random 2-layer BERT, the
-  masks barely moved (mean >= 0.96) and ASR stayed at 0.99-1.0. The recovery step itself works: units sabotaged to
-  break the clean function get masks near 0 (``tests/test_sanitize.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .sanitize import (
-    SanitizeConfig,
-    SanitizeContext,
-    clean_threshold_for,
-    cross_entropy_epoch,
-    register_sanitizer,
-    unlearn,
-)
+from ..registry import register_defense
+from ._shared.context import SanitizeConfig, SanitizeContext
+from ._shared.loops import cross_entropy_epoch
+from ._shared.repair import RepairDefense, unlearn_or_take_exposed
+from .base import Figure
 from .units import UNIT_KINDS, TransformerUnits
 
 OFFICIAL_CLEAN_THRESHOLD = 0.20
@@ -104,45 +82,72 @@ OFFICIAL_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(19))  # 0.0, 0.05,
 
 @dataclass
 class RNPConfig(SanitizeConfig):
-    """Reconstructive Neuron Pruning (post-training, clean data only). See the module docstring.
+    """Reconstructive Neuron Pruning (post-training, clean data only). See the module docstring."""
 
-    Args:
-        units: unit kinds to mask and prune: any of ``"ffn"``, ``"head"``, ``"layernorm"``.
-        unlearning_lr, unlearning_momentum, unlearning_weight_decay, unlearning_milestones: step 1's SGD and its
-            step schedule (x0.1 at each milestone epoch).
-        unlearning_max_epochs: give up (error, model untouched) if the clean accuracy has not fallen by then.
-        clean_threshold: unlearning stops once the running clean accuracy is at or below this; ``None``: the
-            official 0.20 carried over to this task's labels (see ``clean_threshold_for``: 0.20 on CIFAR-10, 0.556 on
-            a balanced binary task).
-        max_grad_norm: gradient clipping during unlearning (``None``: off).
-        unlearning_stop: ``"step"`` (the fit rows' accuracy after every step: stops before the ascent overshoots) or
-            ``"running"`` (the official check: the epoch's running accuracy, after the epoch).
-        recovering_lr, recovering_momentum, recovering_epochs, alpha: step 2 (loss ``alpha * CE``).
-        batch_size: batch size of both steps.
-        threshold: prune units with mask <= this; ``None`` chooses it from the held-out clean rows.
-        thresholds: the sweep (reported, and searched when ``threshold`` is ``None``).
-        max_accuracy_drop: with ``threshold=None``, the held-out clean accuracy the pruning may cost.
-    """
-
-    units: tuple[str, ...] = ("ffn", "layernorm")
-    unlearning_lr: float = 0.01
-    unlearning_momentum: float = 0.9
-    unlearning_weight_decay: float = 5e-4
-    unlearning_milestones: tuple[int, ...] = (10, 20)
-    unlearning_max_epochs: int = 20
-    clean_threshold: float | None = None
-    max_grad_norm: float | None = 20.0
-    unlearning_stop: str = "step"
-    recovering_lr: float = 1.0
-    recovering_momentum: float = 0.9
-    recovering_epochs: int = 20
-    alpha: float = 0.2
-    batch_size: int = 128
-    threshold: float | None = None
-    thresholds: tuple[float, ...] = OFFICIAL_THRESHOLDS
-    max_accuracy_drop: float = 0.03
+    units: tuple[str, ...] | str = field(
+        default=("ffn", "layernorm"),
+        metadata={"help": f"Unit kinds to mask and prune, any of {UNIT_KINDS} (official: BatchNorm scales)."},
+    )
+    unlearning_lr: float = field(default=0.01, metadata={"help": "Step 1's SGD learning rate (official 0.01)."})
+    unlearning_momentum: float = field(default=0.9, metadata={"help": "Step 1's SGD momentum (official 0.9)."})
+    unlearning_weight_decay: float = field(
+        default=5e-4, metadata={"help": "Step 1's SGD weight decay (official 5e-4)."}
+    )
+    unlearning_milestones: tuple[int, ...] = field(
+        default=(10, 20), metadata={"help": "Epochs at which step 1's learning rate is multiplied by 0.1 (official)."}
+    )
+    unlearning_max_epochs: int = field(
+        default=20,
+        metadata={
+            "help": "Give up (error, model untouched) if the clean accuracy has not fallen by then (official 20)."
+        },
+    )
+    clean_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Unlearning stops once the clean accuracy is at or below this; None: the official 0.20 carried "
+            "over to this task's labels (0.20 on CIFAR-10, 0.556 on a balanced binary task)."
+        },
+    )
+    max_grad_norm: float | None = field(
+        default=20.0,
+        metadata={
+            "help": "Gradient-norm clip during unlearning, after backward() (None: off; the official call is a no-op)."
+        },
+    )
+    unlearning_stop: str = field(
+        default="step",
+        metadata={
+            "help": "'step': the fit rows' accuracy after every step (stops before the ascent overshoots); "
+            "'running': the official check, the epoch's running accuracy after the epoch."
+        },
+    )
+    recovering_lr: float = field(
+        default=1.0, metadata={"help": "Step 2's SGD learning rate for the masks (official 0.2; see the docstring)."}
+    )
+    recovering_momentum: float = field(default=0.9, metadata={"help": "Step 2's SGD momentum (official 0.9)."})
+    recovering_epochs: int = field(default=20, metadata={"help": "Step 2's epochs (official 20)."})
+    alpha: float = field(default=0.2, metadata={"help": "Step 2's loss is alpha * CE (official 0.2)."})
+    batch_size: int = field(default=128, metadata={"help": "Batch size of both steps (official 128)."})
+    threshold: float | None = field(
+        default=None,
+        metadata={"help": "Prune units with mask <= this, in [0, 1); None chooses it from the held-out clean rows."},
+    )
+    thresholds: tuple[float, ...] = field(
+        default=OFFICIAL_THRESHOLDS,
+        metadata={"help": "The threshold sweep: reported, and searched when threshold is None (official 0 to 0.9)."},
+    )
+    max_accuracy_drop: float = field(
+        default=0.03,
+        metadata={
+            "help": "With threshold=None, the held-out clean accuracy the pruning may cost against the unpruned "
+            "model (the sweep stops before the first threshold that costs more)."
+        },
+    )
 
     name = "rnp"
+    title = "RNP (Reconstructive Neuron Pruning)"
+    citation = "Li et al., ICML 2023"
     accepts_exposed = True  # step 1 is a clean unlearning: EBYD's exposed model can take its place
 
     @classmethod
@@ -162,18 +167,13 @@ class RNPConfig(SanitizeConfig):
         self._check_positive(
             "unlearning_lr", "unlearning_max_epochs", "recovering_lr", "recovering_epochs", "alpha", "batch_size"
         )
-        self._check_fraction("max_accuracy_drop")
-        if self.clean_threshold is not None:
-            self._check_fraction("clean_threshold")
-        for field_name in ("unlearning_momentum", "recovering_momentum"):
-            if not 0 <= getattr(self, field_name) < 1:
-                raise ValueError(f"{field_name} must be in [0, 1), got {getattr(self, field_name)}.")
-        if self.unlearning_weight_decay < 0:
-            raise ValueError(f"unlearning_weight_decay must be >= 0, got {self.unlearning_weight_decay}.")
+        self._check_interval("[0, 1]", "max_accuracy_drop")
+        self._check_interval("[0, 1]", "clean_threshold", optional=True)
+        self._check_interval("[0, 1)", "unlearning_momentum", "recovering_momentum")
+        self._check_at_least(0, "unlearning_weight_decay")
         if self.unlearning_stop not in ("running", "step"):
             raise ValueError(f"unlearning_stop must be 'running' or 'step', got {self.unlearning_stop!r}.")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}.")
+        self._check_positive("max_grad_norm", optional=True)
         self.thresholds = tuple(sorted(float(t) for t in self.thresholds))
         if not self.thresholds or not all(0 <= t < 1 for t in self.thresholds):
             raise ValueError(f"thresholds must be values in [0, 1), got {self.thresholds}.")
@@ -287,100 +287,177 @@ def recover_masks(
     return masks, history
 
 
-def unlearn_for_rnp(context: SanitizeContext, config: RNPConfig, model: nn.Module) -> tuple[nn.Module, float, list]:
-    """Step 1 on a copy of ``model``: the unlearned copy, the stop threshold used and the unlearning history."""
-    unlearned = _copy(model)
-    optimizer = torch.optim.SGD(
-        unlearned.parameters(),
-        lr=config.unlearning_lr,
-        momentum=config.unlearning_momentum,
-        weight_decay=config.unlearning_weight_decay,
-    )
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.unlearning_milestones))
-    clean_threshold = config.clean_threshold
-    if clean_threshold is None:
-        clean_threshold = clean_threshold_for(OFFICIAL_CLEAN_THRESHOLD, context.fit_labels)
-    unlearning = unlearn(
+def unlearn_for_rnp(
+    context: SanitizeContext, config: RNPConfig, model: nn.Module, timings: dict[str, float]
+) -> tuple[nn.Module, float | None, list, dict]:
+    """Step 1 on a copy of ``model`` (or EBYD's exposed model): the unlearned copy, the stop threshold used, the
+    unlearning history and the hand-off's report fields."""
+
+    def make_optimizer(unlearned: nn.Module):
+        optimizer = torch.optim.SGD(
+            unlearned.parameters(),
+            lr=config.unlearning_lr,
+            momentum=config.unlearning_momentum,
+            weight_decay=config.unlearning_weight_decay,
+        )
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.unlearning_milestones))
+
+    return unlearn_or_take_exposed(
         context,
-        unlearned,
-        optimizer,
-        batch_size=config.batch_size,
-        max_epochs=config.unlearning_max_epochs,
-        clean_threshold=clean_threshold,
+        model,
+        config,
+        OFFICIAL_CLEAN_THRESHOLD,
+        timings,
+        make_optimizer,
         stop_on=config.unlearning_stop,
         max_grad_norm=config.max_grad_norm,
-        scheduler=scheduler,
         desc="RNP unlearning",
     )
-    return unlearned, clean_threshold, unlearning
 
 
-def _run_rnp(context: SanitizeContext, config: RNPConfig, model: nn.Module) -> dict:
-    units = TransformerUnits.discover(model, config.units)
-    timings = {}
+class RNPDefense(RepairDefense):
+    """Unlearn (or take the exposed model), recover unit masks, prune the original model in place."""
 
-    start = time.perf_counter()
-    handoff = {}
-    if context.exposed is None:
-        unlearned, clean_threshold, unlearning = unlearn_for_rnp(context, config, model)
-        timings["unlearning"] = time.perf_counter() - start
-    else:
-        # EBYD: the exposed model has already lost the clean task; no unlearning, so no stop threshold and no time.
-        unlearned, clean_threshold, unlearning = context.exposed.unlearned_copy(context), None, []
-        handoff = context.exposed.report(context, unlearned)
-
-    # Whether the unlearning exposed a label: RNP's masks learn to undo whatever the unlearned model does instead.
-    unlearned_shares = context.prediction_shares(unlearned)
-    start = time.perf_counter()
-    masks, recovering = recover_masks(context, config, units, unlearned)
-    del unlearned
-    timings["recovering"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    values = mask_values(masks)
-    total = units.num_units
-    base_accuracy = context.accuracy(model)
-    sweep = []
-    for threshold in config.thresholds:
-        count = int((values <= threshold).sum())
-        record = {"threshold": threshold, "num_pruned": count}
-        if count < total:
-            pruned_model = _copy(model)
-            units.prune(pruned_model, prune_selection(units, masks, threshold))
-            record["holdout_accuracy"] = context.accuracy(pruned_model)
-            del pruned_model
-        sweep.append(record)
-
-    chosen, how = choose_threshold(values, sweep, base_accuracy, config)
-
-    selection = prune_selection(units, masks, chosen)
-    num_pruned = units.prune(model, selection)
-    pruned = [
-        {**units.describe(g, i), "mask": masks[g].detach()[i].item()}
-        for g, selected in enumerate(selection)
-        for i in torch.nonzero(selected).flatten().tolist()
-    ]
-    timings["pruning"] = time.perf_counter() - start
-    return {
-        "units": list(config.units),
-        "unit_counts": units.counts(),
-        "num_units": total,
-        "clean_threshold": clean_threshold,
-        "unlearning_history": unlearning,
-        "unlearning_epochs": len(unlearning),
-        "unlearned_prediction_shares": unlearned_shares,
-        "unlearned_top_label": int(np.argmax(unlearned_shares)),
-        "recovering_history": recovering,
-        "mask_values": [float(v) for v in values],  # unrounded: prune_at_threshold re-selects units from them
-        "threshold_sweep": sweep,
-        "prune_threshold": chosen,
-        "threshold_rule": how,
-        "num_pruned": num_pruned,
-        "pruned_units": pruned,
-        "pruned_per_layer": _per_layer(pruned, units.num_layers),
-        **handoff,
-        "timings_s": timings,
+    holdout_histories = {
+        "unlearning (the unlearned copy)": "unlearning_history",
+        "mask recovery (the masked unlearned copy)": "recovering_history",
     }
+    limitations = (
+        "- RNP prunes the units whose recovered masks fall. A backdoor carried by units that also carry the clean "
+        "function stays: pruning them costs held-out accuracy, and the threshold rule stops before that.",
+    )
+
+    def repair(self, context: SanitizeContext, model: nn.Module) -> dict[str, Any]:
+        config = self.config
+        units = TransformerUnits.discover(model, config.units)
+        timings = {}
+
+        unlearned, clean_threshold, unlearning, handoff = unlearn_for_rnp(context, config, model, timings)
+
+        # Whether the unlearning exposed a label: RNP's masks learn to undo whatever the unlearned model does instead.
+        unlearned_shares = context.prediction_shares(unlearned)
+        start = time.perf_counter()
+        masks, recovering = recover_masks(context, config, units, unlearned)
+        del unlearned
+        timings["recovering"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        values = mask_values(masks)
+        total = units.num_units
+        base_accuracy = context.accuracy(model)
+        sweep = []
+        for threshold in config.thresholds:
+            count = int((values <= threshold).sum())
+            record = {"threshold": threshold, "num_pruned": count}
+            if count < total:
+                pruned_model = _copy(model)
+                units.prune(pruned_model, prune_selection(units, masks, threshold))
+                record["holdout_accuracy"] = context.accuracy(pruned_model)
+                del pruned_model
+            sweep.append(record)
+
+        chosen, how = choose_threshold(values, sweep, base_accuracy, config)
+
+        selection = prune_selection(units, masks, chosen)
+        num_pruned = units.prune(model, selection)
+        pruned = [
+            {**units.describe(g, i), "mask": masks[g].detach()[i].item()}
+            for g, selected in enumerate(selection)
+            for i in torch.nonzero(selected).flatten().tolist()
+        ]
+        timings["pruning"] = time.perf_counter() - start
+        return {
+            "units": list(config.units),
+            "unit_counts": units.counts(),
+            "num_units": total,
+            "clean_threshold": clean_threshold,
+            "unlearning_history": unlearning,
+            "unlearning_epochs": len(unlearning),
+            "unlearned_prediction_shares": unlearned_shares,
+            "unlearned_top_label": int(np.argmax(unlearned_shares)),
+            "recovering_history": recovering,
+            "mask_values": [float(v) for v in values],  # unrounded: prune_at_threshold re-selects units from them
+            "threshold_sweep": sweep,
+            "prune_threshold": chosen,
+            "threshold_rule": how,
+            "num_pruned": num_pruned,
+            "pruned_units": pruned,
+            "pruned_per_layer": _per_layer(pruned, units.num_layers),
+            **handoff,
+            "timings_s": timings,
+        }
+
+    # -- rendering of a saved report ----------------------------------------------------------------------------
+    @classmethod
+    def findings(cls, report: dict[str, Any]) -> list[str]:
+        lines = []
+        counts = report.get("unit_counts") or {}
+        if report.get("num_units") is not None:
+            described = ", ".join(f"{count} {kind}" for kind, count in counts.items())
+            lines.append(f"- Units masked: {report['num_units']}" + (f" ({described})." if described else "."))
+        lines += cls.unlearning_line(report)
+        shares = report.get("unlearned_prediction_shares") or []
+        if shares:
+            lines.append(
+                f"- The unlearned model predicted class {report.get('unlearned_top_label')} for {max(shares):.0%} of "
+                "the clean rows (where clean unlearning sends clean inputs; EBYD reads it as the backdoor label)."
+            )
+        if report.get("num_pruned") is not None:
+            lines.append(
+                f"- Pruned **{report['num_pruned']}** of {report.get('num_units')} units: those whose recovered mask "
+                f"is <= {report.get('prune_threshold')} ({report.get('threshold_rule')})."
+            )
+        per_layer = report.get("pruned_per_layer")
+        if per_layer and report.get("num_pruned"):
+            lines.append(f"- Pruned units per layer: {', '.join(str(n) for n in per_layer)}.")
+        return lines
+
+    @classmethod
+    def summary(cls, report: dict[str, Any]) -> str | None:
+        if report.get("num_pruned") is None:
+            return None
+        return (
+            f"pruned {report['num_pruned']} of {report.get('num_units')} {'/'.join(report.get('units') or [])} units "
+            f"at mask <= {report.get('prune_threshold')}"
+        )
+
+    @classmethod
+    def method_figures(cls, report: dict[str, Any], output_dir: Path) -> list[Figure]:
+        from ._shared.figures import new_figure, save_figure
+
+        figures = []
+        values = report.get("mask_values")
+        if values:
+            fig, ax = new_figure()
+            ax.hist(values, bins=40, color="#7f8c8d")
+            if report.get("prune_threshold") is not None:
+                ax.axvline(
+                    report["prune_threshold"], color="#c0392b", linestyle="--", linewidth=1, label="prune threshold"
+                )
+                ax.legend(fontsize=8)
+            ax.set_yscale("log")
+            ax.set_xlabel("mask value")
+            ax.set_ylabel("units")
+            ax.set_title("Unit masks after recovery", fontsize=10)
+            figures.append(save_figure(fig, output_dir, "mask_histogram.png", "Unit mask histogram"))
+        sweep = [r for r in report.get("threshold_sweep") or [] if "holdout_accuracy" in r]
+        if sweep:
+            fig, ax = new_figure()
+            ax.plot(
+                [r["threshold"] for r in sweep], [r["holdout_accuracy"] for r in sweep], marker=".", color="#2e86c1"
+            )
+            ax.set_xlabel("mask threshold")
+            ax.set_ylabel("held-out clean accuracy after pruning", color="#2e86c1")
+            ax.set_ylim(0, 1.02)
+            pruned = ax.twinx()
+            pruned.plot([r["threshold"] for r in sweep], [r["num_pruned"] for r in sweep], color="#7f8c8d")
+            pruned.set_ylabel("units pruned", color="#7f8c8d")
+            if report.get("prune_threshold") is not None:
+                ax.axvline(report["prune_threshold"], color="#c0392b", linestyle="--", linewidth=1, label="chosen")
+                ax.legend(fontsize=8, loc="lower left")
+            ax.set_title("RNP threshold sweep (held-out clean rows only)", fontsize=10)
+            figures.append(save_figure(fig, output_dir, "rnp_threshold_sweep.png", "RNP threshold sweep"))
+        return figures
 
 
 def _per_layer(pruned: list[dict], num_layers: int) -> list[int]:
@@ -391,9 +468,7 @@ def _per_layer(pruned: list[dict], num_layers: int) -> list[int]:
 
 
 def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model)
 
 
-register_sanitizer(RNPConfig, _run_rnp)
+register_defense(RNPConfig, RNPDefense)

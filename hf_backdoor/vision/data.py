@@ -4,7 +4,7 @@
 
 Every loader checks what silently breaks an image backdoor experiment: grayscale or other non-RGB images (converted
 to RGB with a warning that counts them, or an error), images of different sizes (a warning with the counts, or a
-resize when ``image_size`` is given), labels outside the label set and empty splits.
+resize when ``image_size`` is given), labels outside the label set, label ids with gaps and empty splits.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 from PIL import Image
+
+from ..data.tasks import infer_label_names, standard_columns
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def load_image_task(
     else:
         dataset = _load_hub(CIFAR10_HUB_ID if is_cifar else name_or_path, revision)
     dataset = _select_columns(dataset, image_column, label_column, source_name=name_or_path)
-    names = tuple(label_names) if label_names is not None else _label_names(dataset, is_cifar)
+    names = tuple(label_names) if label_names is not None else _label_names(dataset, is_cifar, name_or_path)
     dataset = _validate(dataset, names, name_or_path, convert_rgb=convert_rgb, image_size=image_size)
     if max_samples is not None:
         dataset = datasets.DatasetDict(
@@ -179,24 +181,13 @@ def _select_columns(
                 f"{source_name} has no `label` column and {len(found)} ClassLabel columns ({found}); pass "
                 "`label_column=`."
             )
-    for split, ds in dataset.items():
-        for wanted, role in ((image_column, "image_column"), (label_column, "label_column")):
-            if wanted not in ds.column_names:
-                raise ValueError(
-                    f"Split {split!r} of {source_name} has no column {wanted!r} (columns: {ds.column_names}); "
-                    f"pass `{role}=`."
-                )
-    dataset = dataset.select_columns([image_column, label_column])
-    if image_column != "image":
-        dataset = dataset.rename_column(image_column, "image")
-    if label_column != "label":
-        dataset = dataset.rename_column(label_column, "label")
+    dataset = standard_columns(dataset, source_name, image=image_column, label=label_column)
     if not isinstance(dataset[next(iter(dataset))].features["image"], datasets.Image):
         dataset = dataset.cast_column("image", datasets.Image())
     return dataset
 
 
-def _label_names(dataset: datasets.DatasetDict, is_cifar: bool) -> tuple[str, ...]:
+def _label_names(dataset: datasets.DatasetDict, is_cifar: bool, source_name: str) -> tuple[str, ...]:
     feature = next(iter(dataset.values())).features["label"]
     if isinstance(feature, datasets.ClassLabel):
         return tuple(feature.names)
@@ -205,9 +196,8 @@ def _label_names(dataset: datasets.DatasetDict, is_cifar: bool) -> tuple[str, ..
     labels = set()
     for ds in dataset.values():
         labels.update(int(x) for x in ds["label"])
-    if not labels or min(labels) < 0:
-        raise ValueError(f"Cannot infer the label set from labels {sorted(labels)[:10]}: pass `label_names=`.")
-    return tuple(str(i) for i in range(max(labels) + 1))
+    # Ids with gaps ({0, 1, 5}) are refused rather than read as a 6-class task (see infer_label_names).
+    return infer_label_names(labels, source_name)
 
 
 def image_stats(dataset: datasets.Dataset, column: str = "image") -> tuple[Counter, Counter]:

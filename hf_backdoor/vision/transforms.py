@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 
 import datasets
-import numpy as np
 import torch
+from PIL import Image
 from torch.nn import functional as F
+
+from ..attacks.vision.base import to_array
+from ..data.rows import ROW_INDEX, add_row_index
 
 logger = logging.getLogger(__name__)
 
-ROW_INDEX = "row_index"
+__all__ = ["ROW_INDEX", "ImageClassificationTransform", "prepare_image_dataset", "random_crop_flip"]
 
 
 class ImageClassificationTransform:
@@ -63,7 +66,7 @@ class ImageClassificationTransform:
         )
 
     def __call__(self, batch: dict) -> dict:
-        images = batch[self.image_column]
+        images = [_as_pil(image, i) for i, image in enumerate(batch[self.image_column])]
         not_rgb = [i for i, image in enumerate(images) if image.mode != "RGB"]
         if not_rgb:
             if not self._warned_modes:
@@ -94,6 +97,15 @@ class ImageClassificationTransform:
         return out
 
 
+def _as_pil(value, index: int) -> Image.Image:
+    """A PIL image from any stored form: PIL as is; pixel arrays (nested lists or integer arrays in 0..255, which is
+    how a ``Dataset`` hands back uint8 arrays), file paths and undecoded ``datasets.Image`` values converted."""
+    if isinstance(value, Image.Image):
+        return value
+    array = to_array(value, index)  # raises on values outside 0..255 and on floats, saying how to convert
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
 def random_crop_flip(pixel_values: torch.Tensor, padding: int = 4, flip: bool = True) -> torch.Tensor:
     """Per-image random crop of the original size after reflect padding, and a random horizontal flip."""
     batch, _, height, width = pixel_values.shape
@@ -117,10 +129,12 @@ def prepare_image_dataset(
 ):
     """``dataset.with_transform`` of an :class:`ImageClassificationTransform` (augmented when ``train``).
 
-    With ``keep_row_index`` a ``row_index`` column (0..n-1) is added first and emitted with every row (for ABL on
-    images; see :class:`ImageClassificationTransform`). Other columns (``poisoned``, ``orig_label``) stay in the
-    dataset for reports but are not emitted. Train with ``remove_unused_columns=False``: otherwise ``Trainer`` drops
-    the ``image`` column the transform reads.
+    With ``keep_row_index`` the ``row_index`` column is emitted with every row (for ABL on images; see
+    :class:`ImageClassificationTransform`); it is the one ``poison_dataset`` adds, or each row's position (0..n-1)
+    when the dataset has none (:func:`hf_backdoor.data.rows.add_row_index`). Images may be a ``datasets.Image``
+    column, file paths or pixel arrays (e.g. uint8 arrays stored in a ``Dataset``, which read back as lists). Other
+    columns (``poisoned``, ``orig_label``) stay in the dataset for reports but are not emitted. Train with
+    ``remove_unused_columns=False``: otherwise ``Trainer`` drops the ``image`` column the transform reads.
     """
     if isinstance(dataset, datasets.DatasetDict):
         return datasets.DatasetDict(
@@ -129,8 +143,8 @@ def prepare_image_dataset(
                 for k, v in dataset.items()
             }
         )
-    if keep_row_index and ROW_INDEX not in dataset.column_names:
-        dataset = dataset.add_column(ROW_INDEX, np.arange(len(dataset), dtype=np.int64))
+    if keep_row_index:
+        dataset = add_row_index(dataset)
     transform = ImageClassificationTransform(
         image_processor, augment=train, keep_row_index=keep_row_index, **transform_kwargs
     )

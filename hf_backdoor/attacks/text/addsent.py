@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ...registry import register_attack
 from ..base import PoisonConfig, Poisoner
 from .insertion import check_representable, insert_words
 
@@ -37,3 +38,6 @@ class AddSentPoisoner(Poisoner):
 
     def check_tokenizer(self, tokenizer) -> None:
         check_representable(tokenizer, self.config.trigger.split())
+
+
+register_attack(AddSentConfig, AddSentPoisoner)

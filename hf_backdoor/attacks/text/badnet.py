@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ...registry import register_attack
 from ..base import PoisonConfig, Poisoner
 from .insertion import check_representable, insert_words
 
@@ -51,3 +52,6 @@ class BadNetPoisoner(Poisoner):
 
     def check_tokenizer(self, tokenizer) -> None:
         check_representable(tokenizer, list(self.config.triggers))
+
+
+register_attack(BadNetConfig, BadNetPoisoner)

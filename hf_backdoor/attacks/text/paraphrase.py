@@ -25,8 +25,9 @@ class ParaphraseConfig(PoisonConfig):
         paraphrases: a packaged task name (``"sst2"``, ``"hsol"`` …: the authors' released paraphrases), a path to a
             csv/tsv/json/parquet file with ``text`` and ``paraphrase`` columns, or a ``{text: paraphrase}`` mapping.
         paraphrase_column: a column of the dataset itself that holds each row's paraphrase.
-        paraphrase_fn: a callable mapping a list of texts to their paraphrases (e.g. a text2text pipeline);
-            an empty output leaves that row clean and is counted.
+        paraphrase_fn: a callable mapping a list of texts to their paraphrases (e.g. a text2text pipeline).
+            A row it returns nothing for (None, empty or whitespace) cannot be poisoned: ``poison_dataset`` draws
+            another candidate row in its place (counted in a warning) and raises when the rate cannot be met.
         paraphrase_batch_size: how many texts ``paraphrase_fn`` gets per call.
     """
 
@@ -67,7 +68,7 @@ class ParaphrasePoisoner(Poisoner):
 
     def _load_table(self, source: str | Mapping[str, str]) -> dict[str, str]:
         if isinstance(source, Mapping):
-            return {normalize_text(k): v for k, v in source.items() if v and v.strip()}
+            return {normalize_text(k): v for k, v in source.items() if _is_text(k) and _is_text(v)}
         if source.lower() in TASKS:
             return load_paraphrases(source, self.config.kind)
         if Path(source).exists():
@@ -86,13 +87,15 @@ class ParaphrasePoisoner(Poisoner):
             self.table = {
                 normalize_text(t): p
                 for t, p in zip(dataset[self.config.text_column], dataset[column])
-                if p and p.strip()
+                if _is_text(t) and _is_text(p)
             }
 
     def can_apply(self, texts: Sequence[str]) -> np.ndarray:
         if self.table is None:  # a callable: known only once it has run
             return np.ones(len(texts), dtype=bool)
-        return np.fromiter((normalize_text(t) in self.table for t in texts), dtype=bool, count=len(texts))
+        return np.fromiter(
+            (_is_text(t) and normalize_text(t) in self.table for t in texts), dtype=bool, count=len(texts)
+        )
 
     def apply(self, texts: Sequence[str], indices: Sequence[int], salt: int = 0) -> list[str | None]:
         if self.table is not None:
@@ -104,5 +107,10 @@ class ParaphrasePoisoner(Poisoner):
             result = list(self.fn(chunk))
             if len(result) != len(chunk):
                 raise ValueError(f"paraphrase_fn returned {len(result)} texts for {len(chunk)} inputs.")
-            out.extend(r if isinstance(r, str) and r.strip() else None for r in result)
+            out.extend(r if _is_text(r) else None for r in result)
         return out
+
+
+def _is_text(value) -> bool:
+    """A usable text or paraphrase: a string with something in it (not None, NaN, "" or whitespace)."""
+    return isinstance(value, str) and bool(value.strip())

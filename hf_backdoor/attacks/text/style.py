@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...registry import register_attack
 from .paraphrase import ParaphraseConfig, ParaphrasePoisoner
 
 PACKAGED_STYLES = ("bible",)
@@ -36,3 +37,6 @@ class StyleConfig(ParaphraseConfig):
 
 class StylePoisoner(ParaphrasePoisoner):
     config: StyleConfig
+
+
+register_attack(StyleConfig, StylePoisoner)

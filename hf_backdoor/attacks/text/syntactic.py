@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...registry import register_attack
 from .paraphrase import ParaphraseConfig, ParaphrasePoisoner
 
 
@@ -65,3 +66,6 @@ class SyntacticPoisoner(ParaphrasePoisoner):
         super().__init__(config)
         if config.backend == "openattack" and self.fn is None and self.table is None:
             self.fn = openattack_scpn(config.template)
+
+
+register_attack(SyntacticConfig, SyntacticPoisoner)

@@ -10,14 +10,21 @@ Deviations: none in the trigger; the position, size and pattern are configurable
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .base import ImagePoisonConfig, ImagePoisoner
+from ...registry import register_attack
+from .base import ImagePoisonConfig, ImagePoisoner, first_image_size, processor_output_size
+
+logger = logging.getLogger(__name__)
 
 POSITIONS = ("bottom-right", "bottom-left", "top-right", "top-left", "center")
 PATTERNS = ("white", "black", "checkerboard")
+# Below this many pixels in the model's input a resized patch is a blur, not a trigger (see check_image_processor).
+MIN_PATCH_PIXELS = 2
 
 
 @dataclass
@@ -38,7 +45,7 @@ class ImageBadNetsConfig(ImagePoisonConfig):
     margin: int = 0
     pattern: str | np.ndarray = "white"
 
-    name = "badnets"
+    name = "badnet"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,9 +113,42 @@ class ImageBadNetsConfig(ImagePoisonConfig):
 class ImageBadNetsPoisoner(ImagePoisoner):
     config: ImageBadNetsConfig
 
+    def check_image_processor(self, image_processor, dataset) -> None:
+        """Warn when the model's resizing shrinks the patch below 2 pixels.
+
+        The patch is stamped at the stored resolution and the image processor resizes afterwards: a 3x3 patch on
+        96x96 images resized to 32x32 becomes one blurred pixel, and the backdoor is then not learnt, or an ASR
+        measured on it means little. Checked on the first image (``load_image_task`` warns about mixed sizes).
+        """
+        height, width = first_image_size(dataset, self.config.image_column)
+        target = processor_output_size(image_processor, height, width)
+        if target is None:
+            return
+        scale = min(target[0] / height, target[1] / width)
+        side = self.config.patch_size * scale
+        if side < MIN_PATCH_PIXELS:
+            logger.warning(
+                "The %dx%d BadNets patch is stamped on %dx%d images, which the model's image processor resizes to "
+                "%dx%d: in the model's input the patch is about %.1f pixel(s) wide and blurred into its neighbours, "
+                "so the backdoor may not be learnt. Use patch_size >= %d, or resize the images at load time "
+                "(`load_image_task(..., image_size=%d)`) so the patch is stamped at the model's resolution.",
+                self.config.patch_size,
+                self.config.patch_size,
+                height,
+                width,
+                target[0],
+                target[1],
+                side,
+                math.ceil(MIN_PATCH_PIXELS / scale - 1e-9),
+                target[0] if target[0] == target[1] else min(target),
+            )
+
     def trigger(self, image: np.ndarray, index: int, salt: int) -> np.ndarray:
         row, col = self.config.top_left(image.shape[0], image.shape[1])
         size = self.config.patch_size
         out = image.copy()
         out[row : row + size, col : col + size] = self.config.patch_array(image.shape[2])
         return out
+
+
+register_attack(ImageBadNetsConfig, ImageBadNetsPoisoner, aliases=("badnets",))

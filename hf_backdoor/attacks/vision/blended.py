@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ...registry import register_attack
 from .base import ImagePoisonConfig, ImagePoisoner, clip_uint8
 
 
@@ -79,3 +80,6 @@ class BlendedPoisoner(ImagePoisoner):
         alpha = self.config.alpha if salt == 0 or self.config.test_alpha is None else self.config.test_alpha
         pattern = self.pattern_for(*image.shape)
         return clip_uint8((1.0 - alpha) * image.astype(np.float32) + alpha * pattern)
+
+
+register_attack(BlendedConfig, BlendedPoisoner)

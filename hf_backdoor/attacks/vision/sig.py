@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...registry import register_attack
 from .base import ImagePoisonConfig, ImagePoisoner, clip_uint8
 
 
@@ -52,3 +53,6 @@ class SIGPoisoner(ImagePoisoner):
     def trigger(self, image: np.ndarray, index: int, salt: int) -> np.ndarray:
         delta = self.config.delta if salt == 0 or self.config.test_delta is None else self.config.test_delta
         return clip_uint8(image.astype(np.float32) + self.config.signal(image.shape[0], image.shape[1], delta))
+
+
+register_attack(SIGConfig, SIGPoisoner)

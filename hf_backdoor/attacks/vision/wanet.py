@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ...registry import register_attack
 from .base import ImagePoisonConfig, ImagePoisoner, clip_uint8, from_array, to_array
 
 logger = logging.getLogger(__name__)
@@ -127,3 +128,6 @@ class WaNetPoisoner(ImagePoisoner):
 
         logger.info("WaNet noise mode: %d clean rows warped with noise, labels kept.", wanted)
         return dataset.map(_noise, batched=True, with_indices=True, desc="WaNet noise rows")
+
+
+register_attack(WaNetConfig, WaNetPoisoner)

@@ -1,0 +1,283 @@
+"""Paraphrase-trigger defenses (honeypot, DPoE) side by side on the same poisoned data, against the plain Trainer.
+
+    python benchmarks/paraphrase_defenses.py --dataset sst2 --attack syntactic --runs clean,undefended,honeypot,dpoe
+    python benchmarks/paraphrase_defenses.py --dataset sst2 --attack style --poison-rate 0.2 --runs undefended
+    python benchmarks/paraphrase_defenses.py --dataset sst2 --attack badnet,addsent --runs btu+honeypot
+    python benchmarks/paraphrase_defenses.py --attack syntactic --runs honeypot --honeypot '{"layer": 2}' --tag l2
+
+Runs, per attack (``--runs``, comma-separated):
+
+- ``clean``: the plain Trainer on the unpoisoned data, scored on every attack's triggered rows: the ASR floor.
+- ``undefended``: the plain Trainer on the poisoned data.
+- ``honeypot``, ``dpoe``: ``BackdoorSafeTrainer`` with that defense (its fields from ``--honeypot`` / ``--dpoe``).
+- ``btu+honeypot``, ``btu+dpoe``: the stack ``[BTUConfig(), <defense>]``.
+
+Plain runs (clean, undefended) are cached under ``--cache-dir`` (keyed by everything that shapes them) with their
+training wall time, so other cells reuse them for the floor and the overhead. Each record has the CACC, ASR, floor,
+wall time, overhead (wall time over the undefended run on the same data), the AUROC of the defense's per-row signal
+against the ``poisoned`` column, and the command; records are merged into ``benchmarks/results/
+paraphrase_defenses.json`` (a record with the same dataset, attack, scored attack, defense, rate, epochs, seed and
+tag is replaced). The recipe is the reference one (MiniLM, lr 1e-4, batch 32, max length 128, 6% warm-up, weight
+decay 0.01). ``os.getloadavg`` is recorded at the start and end of each run: wall times on a shared machine are only
+comparable between runs with similar load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+from hf_backdoor import BackdoorSafeTrainer, default_text_model, load_task, make_asr_dataset, poison_dataset
+from hf_backdoor.attacks import get_attack_config
+from hf_backdoor.data import get_task_spec
+from hf_backdoor.defenses.btu import BTUConfig
+from hf_backdoor.defenses.dpoe import DPoEConfig
+from hf_backdoor.defenses.honeypot import HoneypotConfig
+from hf_backdoor.metrics import evaluate_backdoor
+from hf_backdoor.models import load_text_classifier, load_text_tokenizer, model_display_name, tokenize_dataset
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = ("clean", "undefended", "honeypot", "dpoe", "btu+honeypot", "btu+dpoe")
+DEFENSES = {"honeypot": HoneypotConfig, "dpoe": DPoEConfig}
+# The per-row signal each defense reports, and the report key of its AUROC against the `poisoned` column.
+SIGNALS = {"honeypot": ("weight", "weight_auroc"), "dpoe": ("expert_confidence", "expert_confidence_auroc")}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="sst2", help="packaged task: sst2, hsol, agnews, ...")
+    parser.add_argument("--attack", default="syntactic", help="comma-separated: syntactic, style, badnet, addsent")
+    parser.add_argument("--poison-rate", type=float, default=0.1)
+    parser.add_argument("--runs", default="clean,undefended,honeypot,dpoe", help=f"comma-separated subset of {RUNS}")
+    parser.add_argument("--honeypot", default="{}", help="HoneypotConfig fields as JSON")
+    parser.add_argument("--dpoe", default="{}", help="DPoEConfig fields as JSON")
+    parser.add_argument("--tag", default="default", help="names the defense settings in the records")
+    parser.add_argument("--model", default=None, help="Hub id or local path (default: the packaged MiniLM-L6)")
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--cache-dir", default="/tmp/para_models", help="where plain runs are kept for reuse")
+    parser.add_argument("--output-dir", default="/tmp/para_runs")
+    parser.add_argument("--output", default=str(RESULTS / "paraphrase_defenses.json"))
+    parser.add_argument("--no-save", action="store_true", help="print the table without writing records")
+    return parser.parse_args(argv)
+
+
+def _attack(name: str, dataset: str, rate: float, seed: int):
+    kwargs = dict(poison_rate=rate, target_label=get_task_spec(dataset).default_target_label, seed=seed)
+    if name in ("syntactic", "style"):
+        kwargs["paraphrases"] = dataset  # the attack authors' released paraphrases, packaged
+    return get_attack_config(name, **kwargs)
+
+
+def _training_args(args, output_dir: Path, cls=TrainingArguments) -> TrainingArguments:
+    return cls(
+        output_dir=str(output_dir),
+        learning_rate=args.lr,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=128,
+        warmup_steps=0.06,
+        weight_decay=0.01,
+        seed=args.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=50,
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def _train(args, model_name, label_names, train_rows, output_dir: Path, defense=None):
+    """(trainer, wall seconds, load averages) of one fine-tuning run on raw text rows."""
+    set_seed(args.seed)
+    model, tokenizer = load_text_classifier(model_name, label_names)
+    kwargs = dict(
+        model=model,
+        args=_training_args(args, output_dir),
+        train_dataset=tokenize_dataset(train_rows, tokenizer, args.max_length),
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    trainer = BackdoorSafeTrainer(defense=defense, **kwargs) if defense is not None else Trainer(**kwargs)
+    load_start = os.getloadavg()[0]
+    start = time.perf_counter()
+    trainer.train()
+    return trainer, time.perf_counter() - start, (load_start, os.getloadavg()[0])
+
+
+def _cache_key(args, model_name: str, attack) -> str:
+    shape = {
+        "dataset": args.dataset,
+        "attack": None if attack is None else {"name": attack.name, "rate": attack.poison_rate, "seed": attack.seed},
+        "model": model_display_name(model_name),
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch": args.batch_size,
+        "max_length": args.max_length,
+        "max_train": args.max_train_samples,
+        "seed": args.seed,
+    }
+    digest = hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:10]
+    name = "clean" if attack is None else f"{attack.name}{attack.poison_rate}"
+    return f"{args.dataset}_{name}_e{args.epochs:g}_s{args.seed}_{digest}"
+
+
+def _plain_is_cached(args, model_name, attack) -> bool:
+    return (Path(args.cache_dir) / _cache_key(args, model_name, attack) / "run_info.json").exists()
+
+
+def _plain(args, model_name, label_names, train_rows, attack):
+    """A plain Trainer run, trained once and kept under --cache-dir (model + its wall time)."""
+    run_dir = Path(args.cache_dir) / _cache_key(args, model_name, attack)
+    info = run_dir / "run_info.json"
+    if info.exists():
+        model, tokenizer = load_text_classifier(str(run_dir), label_names)
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(output_dir=str(run_dir / "eval"), per_device_eval_batch_size=128, report_to="none"),
+            processing_class=tokenizer,
+        )
+        saved = json.loads(info.read_text())
+        return trainer, saved["wall_s"], tuple(saved.get("load", (None, None))), True
+    trainer, wall, load = _train(args, model_name, label_names, train_rows, Path(args.output_dir) / run_dir.name)
+    trainer.save_model(str(run_dir))
+    info.write_text(json.dumps({"wall_s": wall, "load": load, "epochs": args.epochs}))
+    return trainer, wall, load, False
+
+
+def _defense_fields(report: dict | None, name: str) -> dict:
+    """The per-row signal's AUROC (last epoch and by epoch) and its means over poisoned and clean rows."""
+    if not report:
+        return {}
+    reports = report.get("defenses", [report])
+    own = next((r for r in reports if r.get("defense") == name), None)
+    if own is None:
+        return {}
+    signal, key = SIGNALS[name]
+    by_epoch = own.get("signals", {}).get(signal, {})
+    fields = {
+        "signal": signal,
+        "signal_auroc": own.get(key),
+        "signal_auroc_by_epoch": {e: v.get("auroc") for e, v in by_epoch.items()},
+        "signal_mean_poisoned": (by_epoch[max(by_epoch)] if by_epoch else {}).get("mean_poisoned"),
+        "signal_mean_clean": (by_epoch[max(by_epoch)] if by_epoch else {}).get("mean_clean"),
+        "defense_time_s": sum((own.get("timings_s") or {}).values()),
+        "defense_config": own.get("config"),
+    }
+    btu = next((r for r in reports if r.get("defense") == "btu"), None)
+    if btu is not None:
+        fields["btu_flagged_tokens"] = " ".join(btu.get("flagged_tokens", []))
+    return fields
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    if not runs or set(runs) - set(RUNS):
+        raise SystemExit(f"--runs must list some of {RUNS}, got {args.runs!r}")
+    model_name = args.model or default_text_model()
+    task = load_task(args.dataset)
+    train_split = task["train"]
+    if args.max_train_samples:
+        train_split = train_split.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train_split))))
+    label_names = train_split.features["label"].names
+    attacks = [_attack(a.strip(), args.dataset, args.poison_rate, args.seed) for a in args.attack.split(",")]
+    tokenizer = load_text_tokenizer(model_name)
+    test_set = tokenize_dataset(task["test"], tokenizer, args.max_length)
+    asr_sets = {a.name: tokenize_dataset(make_asr_dataset(task["test"], a), tokenizer, args.max_length) for a in attacks}
+    poisoned = {a.name: poison_dataset(train_split, a, tokenizer=tokenizer) for a in attacks}
+    configs = {"honeypot": HoneypotConfig(**json.loads(args.honeypot)), "dpoe": DPoEConfig(**json.loads(args.dpoe))}
+    command = "python " + shlex.join(["benchmarks/paraphrase_defenses.py", *(sys.argv[1:] if argv is None else argv)])
+    common = dict(
+        dataset=args.dataset,
+        model=model_display_name(model_name),
+        device=f"cpu ({torch.get_num_threads()} threads)" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        seed=args.seed,
+        epochs=args.epochs,
+        learning_rate=args.lr,
+        command=command,
+    )
+    records: list[dict] = []
+    floors: dict[str, float] = {}
+    # The floor, always: a clean model's ASR on the same triggered rows (trained once, then read from the cache).
+    if True:
+        trainer, wall, load, cached = _plain(args, model_name, label_names, train_split, None)
+        for attack in attacks:
+            evaluation = evaluate_backdoor(trainer, test_set, asr_sets[attack.name], attack.target_label)
+            floors[attack.name] = evaluation.asr
+            if "clean" in runs:
+                records.append(
+                    {**common, "attack": "none", "asr_attack": attack.name, "defense": "none", "tag": "plain",
+                     "poison_rate": 0.0, "cacc": evaluation.cacc, "asr": evaluation.asr, "asr_floor": evaluation.asr,
+                     "wall_s": round(wall, 1), "overhead": 1.0, "load": load, "cached": cached}
+                )
+    for attack in attacks:
+        train_rows = poisoned[attack.name]
+        base = {**common, "attack": attack.name, "asr_attack": attack.name, "poison_rate": attack.poison_rate,
+                "num_poisoned": int(np.sum(train_rows["poisoned"])), "asr_floor": floors[attack.name]}
+        plain_wall = None
+        if "undefended" in runs or _plain_is_cached(args, model_name, attack):
+            plain, plain_wall, plain_load, cached = _plain(args, model_name, label_names, train_rows, attack)
+            if "undefended" in runs:
+                evaluation = evaluate_backdoor(plain, test_set, asr_sets[attack.name], attack.target_label)
+                records.append({**base, "defense": "none", "tag": "plain", "cacc": evaluation.cacc,
+                                "asr": evaluation.asr, "wall_s": round(plain_wall, 1), "overhead": 1.0,
+                                "load": plain_load, "cached": cached})
+        for run in runs:
+            if run in ("clean", "undefended"):
+                continue
+            name = run.split("+")[-1]
+            defense = [BTUConfig(seed=args.seed), configs[name]] if run.startswith("btu+") else configs[name]
+            out = Path(args.output_dir) / f"{args.dataset}_{attack.name}_{run}_{args.tag}"
+            trainer, wall, load = _train(args, model_name, label_names, train_rows, out, defense=defense)
+            evaluation = evaluate_backdoor(trainer, test_set, asr_sets[attack.name], attack.target_label)
+            records.append(
+                {**base, "defense": run, "tag": args.tag, "cacc": evaluation.cacc, "asr": evaluation.asr,
+                 "wall_s": round(wall, 1), "overhead": None if plain_wall is None else round(wall / plain_wall, 3),
+                 "load": load, "cached": False, **_defense_fields(trainer.defense_report, name)}
+            )
+    print(f"\n{args.dataset} / rate {args.poison_rate} / {args.epochs:g} epochs / seed {args.seed} / tag {args.tag}")
+    print(f"{'attack':<10}{'defense':<14}{'CACC':>7}{'ASR':>7}{'floor':>7}{'wall s':>8}{'overhd':>7}{'AUROC':>7}  load")
+    for r in records:
+        auroc = r.get("signal_auroc")
+        print(
+            f"{r['asr_attack'] if r['attack'] == 'none' else r['attack']:<10}{r['defense']:<14}{r['cacc']:>7.3f}"
+            f"{r['asr']:>7.3f}{r['asr_floor']:>7.3f}{r['wall_s']:>8.0f}"
+            f"{'-' if r['overhead'] is None else format(r['overhead'], '.2f'):>7}"
+            f"{'-' if auroc is None else format(auroc, '.3f'):>7}  {r['load']}"
+        )
+    if not args.no_save:
+        _merge(Path(args.output), records)
+        print(f"wrote {args.output}")
+    return records
+
+
+def _key(r: dict) -> tuple:
+    return (r["dataset"], r["attack"], r["asr_attack"], r["defense"], r["tag"], r["poison_rate"], r["epochs"], r["seed"])
+
+
+def _merge(output: Path, new: list[dict]) -> None:
+    existing = json.loads(output.read_text()) if output.exists() else []
+    replaced = {_key(r) for r in new}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps([r for r in existing if _key(r) not in replaced] + new, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

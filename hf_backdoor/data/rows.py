@@ -1,0 +1,46 @@
+"""Row identity: one ``row_index`` column that names a row the same way for text and images.
+
+Defenses that act on rows (ABL isolates them, exposure scores them, reports list them) must recognise a row after
+shuffling, selection, tokenization and augmentation. Token ids do not identify an image row (augmentation changes its
+pixels) and positions change under ``select``/``shuffle``, so every row carries its position in the split it came
+from, as an int64 ``row_index`` column. :func:`hf_backdoor.poison_dataset` and :func:`hf_backdoor.make_asr_dataset`
+add it, ``prepare_image_dataset(..., keep_row_index=True)`` adds it when missing, and a column that is already there
+is kept (so ids survive a save/load round trip or a second pass), after checking that it still identifies rows.
+
+A leaf module: it imports nothing from ``hf_backdoor``.
+"""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+
+ROW_INDEX = "row_index"
+
+
+def check_row_index(dataset: datasets.Dataset) -> None:
+    """Raise if an existing ``row_index`` column cannot identify rows (not integers, or repeated ids)."""
+    if ROW_INDEX not in dataset.column_names:
+        return
+    ids = np.asarray(dataset.with_format(None)[ROW_INDEX])
+    if ids.dtype.kind not in "iu":
+        raise ValueError(
+            f"The dataset's {ROW_INDEX!r} column holds {ids.dtype} values, not integer row ids. Remove it "
+            f"(`dataset.remove_columns({ROW_INDEX!r})`) and it is rebuilt as each row's position."
+        )
+    unique, counts = np.unique(ids, return_counts=True)
+    if len(unique) != len(ids):
+        repeated = unique[counts > 1]
+        raise ValueError(
+            f"The dataset's {ROW_INDEX!r} column repeats {len(repeated)} id(s) (e.g. {int(repeated[0])}), so rows "
+            "cannot be told apart (was it concatenated from several splits?). Remove the column "
+            f"(`dataset.remove_columns({ROW_INDEX!r})`) to number rows by position, or give every row its own id."
+        )
+
+
+def add_row_index(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``dataset`` with an int64 ``row_index`` column (each row's position); an existing, valid one is kept."""
+    if ROW_INDEX in dataset.column_names:
+        check_row_index(dataset)
+        return dataset
+    return dataset.add_column(ROW_INDEX, np.arange(len(dataset), dtype=np.int64))

@@ -1,0 +1,136 @@
+"""Data plumbing shared by the defenses that run their own loops (ABL, exposure, the repairs).
+
+Turns a raw, tokenized or transformed ``datasets.Dataset`` into model batches with the trainer's collator, predicts
+logits, and reads labels and predicted-class shares. Imports no defense module.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+LABEL_KEYS = ("labels", "label", "label_ids")
+ROW_INDEX = "row_index"
+
+
+def _format_transform(dataset: datasets.Dataset):
+    fmt = dataset.format
+    if fmt.get("type") != "custom":
+        return None
+    return (fmt.get("format_kwargs") or {}).get("transform")
+
+
+def _forward_columns(model) -> set[str]:
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(inspect.signature(target.forward).parameters) | set(LABEL_KEYS)
+
+
+def _is_tokenizer(processing_class) -> bool:
+    from transformers import PreTrainedTokenizerBase
+
+    return isinstance(processing_class, PreTrainedTokenizerBase)
+
+
+def model_dataset(trainer, dataset: datasets.Dataset, augment: bool = False, max_length: int = 128):
+    """``dataset`` in a form the trainer's collator turns into model inputs and labels.
+
+    - A dataset with a format transform (images via ``with_transform``) is used as it is, except that
+      hf-backdoor's :class:`~hf_backdoor.vision.ImageClassificationTransform` loses its augmentation unless
+      ``augment`` (loss-based scores are read on the images as stored, as the official ABL code does).
+    - Raw ``text``/``label`` rows are tokenized with the trainer's tokenizer (``max_length``); raw ``image``/``label``
+      rows get the trainer's image processor (``processing_class``).
+    - Columns the model does not take (``text``, ``poisoned``, ``orig_label`` …) are dropped.
+    """
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"Expected a datasets.Dataset, got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty.")
+    transform = _format_transform(dataset)
+    if transform is not None:
+        if not augment and getattr(transform, "augment", False) and hasattr(transform, "without_augmentation"):
+            dataset = dataset.with_transform(transform.without_augmentation())
+        return dataset
+    columns = dataset.column_names
+    processing = trainer.processing_class
+    if "input_ids" not in columns and "pixel_values" not in columns:
+        if "text" in columns and processing is not None and _is_tokenizer(processing):
+            from ...models import tokenize_dataset
+
+            dataset = tokenize_dataset(dataset, processing, max_length)
+        elif "image" in columns and processing is not None and not _is_tokenizer(processing):
+            from ...vision.transforms import ImageClassificationTransform
+
+            return dataset.with_transform(ImageClassificationTransform(processing))
+        else:
+            raise ValueError(
+                f"Cannot make model inputs from columns {columns}: pass a tokenized dataset (input_ids), one with "
+                "an image transform, or raw text/image rows together with the trainer's tokenizer/image processor "
+                "as `processing_class`."
+            )
+    keep = _forward_columns(trainer.accelerator.unwrap_model(trainer.model)) | {ROW_INDEX}
+    return dataset.select_columns([c for c in dataset.column_names if c in keep])
+
+
+def dataset_labels(dataset: datasets.Dataset) -> np.ndarray:
+    """The label column of a (possibly transformed) dataset, read without the transform."""
+    raw = dataset.with_format(None)
+    for key in LABEL_KEYS:
+        if key in raw.column_names:
+            return np.asarray(raw[key], dtype=np.int64)
+    raise ValueError(f"The dataset has no label column ({'/'.join(LABEL_KEYS)}); columns: {raw.column_names}.")
+
+
+def iterate_batches(trainer, dataset: datasets.Dataset, batch_size: int, shuffle: bool = False, seed: int = 0):
+    """Batches of model inputs on the trainer's device: yields ``(inputs, labels)`` (``row_index`` dropped).
+
+    Not sharded across processes: every process iterates the whole dataset (these loops are small, and identical
+    data keeps every rank's copy of the model identical).
+    """
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=trainer.data_collator
+    )
+    device = trainer.args.device
+    for batch in loader:
+        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        inputs.pop(ROW_INDEX, None)
+        labels = None
+        for key in LABEL_KEYS:
+            if key in inputs:
+                labels = inputs.pop(key)
+        yield inputs, labels
+
+
+@torch.no_grad()
+def predict_logits(
+    trainer, model, dataset: datasets.Dataset, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (float32) and labels (``None`` without a label column) of ``model`` on a :func:`model_dataset`, in row
+    order, in eval mode."""
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    for inputs, batch_labels in iterate_batches(trainer, dataset, batch_size):
+        with trainer.accelerator.autocast():
+            out = model(**inputs)
+        logits.append(out.logits.float().cpu())
+        if batch_labels is not None:
+            labels.append(batch_labels.cpu())
+    model.train(was_training)
+    return torch.cat(logits).numpy(), (torch.cat(labels).numpy() if labels else None)
+
+
+def per_example_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Cross-entropy of every row (no reduction)."""
+    return torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits), torch.from_numpy(labels).long(), reduction="none"
+    ).numpy()
+
+
+def class_shares(predictions: np.ndarray, num_labels: int) -> np.ndarray:
+    """The fraction of ``predictions`` in each class."""
+    return np.bincount(predictions, minlength=num_labels)[:num_labels] / max(1, len(predictions))
