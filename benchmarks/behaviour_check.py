@@ -1,7 +1,7 @@
 """Behaviour check for refactors: three small seeded cells whose CACC / ASR must not move.
 
-    OMP_NUM_THREADS=1 python benchmarks/behaviour_check.py --output benchmarks/results/behaviour_check_after.json \
-        --compare benchmarks/results/behaviour_check_before.json
+    OMP_NUM_THREADS=1 python benchmarks/behaviour_check.py --output benchmarks/results/behaviour_check/after.json \
+        --compare benchmarks/results/behaviour_check/before.json
 
 Cells (CPU, one thread, deterministic; about 6.5 minutes of CPU time in all, more wall time on shared cores):
 

@@ -200,14 +200,18 @@ def main(argv=None) -> list[dict]:
     attacks = [_attack(a.strip(), args.dataset, args.poison_rate, args.seed) for a in args.attack.split(",")]
     tokenizer = load_text_tokenizer(model_name)
     test_set = tokenize_dataset(task["test"], tokenizer, args.max_length)
-    asr_sets = {a.name: tokenize_dataset(make_asr_dataset(task["test"], a), tokenizer, args.max_length) for a in attacks}
+    asr_sets = {
+        a.name: tokenize_dataset(make_asr_dataset(task["test"], a), tokenizer, args.max_length) for a in attacks
+    }
     poisoned = {a.name: poison_dataset(train_split, a, tokenizer=tokenizer) for a in attacks}
     configs = {"honeypot": HoneypotConfig(**json.loads(args.honeypot)), "dpoe": DPoEConfig(**json.loads(args.dpoe))}
     command = "python " + shlex.join(["benchmarks/paraphrase_defenses.py", *(sys.argv[1:] if argv is None else argv)])
     common = dict(
         dataset=args.dataset,
         model=model_display_name(model_name),
-        device=f"cpu ({torch.get_num_threads()} threads)" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+        device=f"cpu ({torch.get_num_threads()} threads)"
+        if not torch.cuda.is_available()
+        else torch.cuda.get_device_name(0),
         seed=args.seed,
         epochs=args.epochs,
         learning_rate=args.lr,
@@ -223,22 +227,50 @@ def main(argv=None) -> list[dict]:
             floors[attack.name] = evaluation.asr
             if "clean" in runs:
                 records.append(
-                    {**common, "attack": "none", "asr_attack": attack.name, "defense": "none", "tag": "plain",
-                     "poison_rate": 0.0, "cacc": evaluation.cacc, "asr": evaluation.asr, "asr_floor": evaluation.asr,
-                     "wall_s": round(wall, 1), "overhead": 1.0, "load": load, "cached": cached}
+                    {
+                        **common,
+                        "attack": "none",
+                        "asr_attack": attack.name,
+                        "defense": "none",
+                        "tag": "plain",
+                        "poison_rate": 0.0,
+                        "cacc": evaluation.cacc,
+                        "asr": evaluation.asr,
+                        "asr_floor": evaluation.asr,
+                        "wall_s": round(wall, 1),
+                        "overhead": 1.0,
+                        "load": load,
+                        "cached": cached,
+                    }
                 )
     for attack in attacks:
         train_rows = poisoned[attack.name]
-        base = {**common, "attack": attack.name, "asr_attack": attack.name, "poison_rate": attack.poison_rate,
-                "num_poisoned": int(np.sum(train_rows["poisoned"])), "asr_floor": floors[attack.name]}
+        base = {
+            **common,
+            "attack": attack.name,
+            "asr_attack": attack.name,
+            "poison_rate": attack.poison_rate,
+            "num_poisoned": int(np.sum(train_rows["poisoned"])),
+            "asr_floor": floors[attack.name],
+        }
         plain_wall = None
         if "undefended" in runs or _plain_is_cached(args, model_name, attack):
             plain, plain_wall, plain_load, cached = _plain(args, model_name, label_names, train_rows, attack)
             if "undefended" in runs:
                 evaluation = evaluate_backdoor(plain, test_set, asr_sets[attack.name], attack.target_label)
-                records.append({**base, "defense": "none", "tag": "plain", "cacc": evaluation.cacc,
-                                "asr": evaluation.asr, "wall_s": round(plain_wall, 1), "overhead": 1.0,
-                                "load": plain_load, "cached": cached})
+                records.append(
+                    {
+                        **base,
+                        "defense": "none",
+                        "tag": "plain",
+                        "cacc": evaluation.cacc,
+                        "asr": evaluation.asr,
+                        "wall_s": round(plain_wall, 1),
+                        "overhead": 1.0,
+                        "load": plain_load,
+                        "cached": cached,
+                    }
+                )
         for run in runs:
             if run in ("clean", "undefended"):
                 continue
@@ -248,9 +280,18 @@ def main(argv=None) -> list[dict]:
             trainer, wall, load = _train(args, model_name, label_names, train_rows, out, defense=defense)
             evaluation = evaluate_backdoor(trainer, test_set, asr_sets[attack.name], attack.target_label)
             records.append(
-                {**base, "defense": run, "tag": args.tag, "cacc": evaluation.cacc, "asr": evaluation.asr,
-                 "wall_s": round(wall, 1), "overhead": None if plain_wall is None else round(wall / plain_wall, 3),
-                 "load": load, "cached": False, **_defense_fields(trainer.defense_report, name)}
+                {
+                    **base,
+                    "defense": run,
+                    "tag": args.tag,
+                    "cacc": evaluation.cacc,
+                    "asr": evaluation.asr,
+                    "wall_s": round(wall, 1),
+                    "overhead": None if plain_wall is None else round(wall / plain_wall, 3),
+                    "load": load,
+                    "cached": False,
+                    **_defense_fields(trainer.defense_report, name),
+                }
             )
     print(f"\n{args.dataset} / rate {args.poison_rate} / {args.epochs:g} epochs / seed {args.seed} / tag {args.tag}")
     print(f"{'attack':<10}{'defense':<14}{'CACC':>7}{'ASR':>7}{'floor':>7}{'wall s':>8}{'overhd':>7}{'AUROC':>7}  load")
@@ -269,7 +310,16 @@ def main(argv=None) -> list[dict]:
 
 
 def _key(r: dict) -> tuple:
-    return (r["dataset"], r["attack"], r["asr_attack"], r["defense"], r["tag"], r["poison_rate"], r["epochs"], r["seed"])
+    return (
+        r["dataset"],
+        r["attack"],
+        r["asr_attack"],
+        r["defense"],
+        r["tag"],
+        r["poison_rate"],
+        r["epochs"],
+        r["seed"],
+    )
 
 
 def _merge(output: Path, new: list[dict]) -> None:

@@ -1,8 +1,9 @@
 """Training throughput of the CPU speed levers, for the default text model (MiniLM-L6) and the CPU-sized ViT.
 
-    python benchmarks/speed_levers.py                  # everything, about 10-12 minutes on 2 shared cores
-    python benchmarks/speed_levers.py --quick          # about a minute: no torch.compile, no Trainer loop, 2 rounds
-    python benchmarks/speed_levers.py --models vision --levers fp32,bf16,channels_last
+    python benchmarks/speed_levers.py --threads 1 --fresh-compile-cache   # every lever; mostly compiling when cold
+    python benchmarks/speed_levers.py --quick          # fp32, bf16, the other thread count, PIL: no compile, no Trainer
+    python benchmarks/speed_levers.py --models vision --levers bf16 --rounds 12 --vision-steps-per-window 4
+    python benchmarks/speed_levers.py --models text --levers trainer --trainer-steps 48 --text-eval-rows 512
 
 What is timed is one training step as the Trainer runs it: build the batch, forward, loss, backward, gradient clipping
 at 1.0 and a fused AdamW step (the Trainer's default optimizer), on real rows (SST-2 batches of 32 padded per batch
@@ -582,6 +583,25 @@ def parse_args(argv=None):
     return args
 
 
+def with_common_fields(record: dict) -> dict:
+    """The fields every record in benchmarks/results/ carries: a speed record trains no attack and no defense, and
+    its CACC is the short run's eval accuracy where one was measured."""
+    text = record["benchmark"].startswith("text")
+    return {
+        "dataset": "sst2" if text else "cifar10",
+        "attack": "none",
+        "defense": "none",
+        "poison_rate": 0.0,
+        "cacc": record.get("eval_accuracy"),
+        "asr": None,
+        "asr_floor": None,
+        "wall_s": None,
+        "overhead": None,
+        "seed": 0,
+        **record,
+    }
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -627,6 +647,7 @@ def main(argv=None) -> list[dict]:
         f"load average at end (1/5/15 min): {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}; "
         f"wall {time.perf_counter() - start:.0f} s"
     )
+    records = [with_common_fields(r) for r in records]
     if args.output:
         merge_records(Path(args.output), records, record_key)
         print(f"records merged into {args.output}")

@@ -47,6 +47,7 @@ import argparse
 import copy
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -234,10 +235,10 @@ def default_cache_dir() -> Path:
 
 
 def library_version() -> str:
-    """The hf-backdoor version that goes into every key."""
-    from . import __version__
-
-    return __version__
+    """The hf-backdoor version that goes into every key (read from the already imported package, so this module
+    imports nothing from it and the package's ``__init__`` may import this module)."""
+    package = sys.modules[__name__.rpartition(".")[0]]
+    return getattr(package, "__version__", None) or importlib.metadata.version("hf-backdoor")
 
 
 def config_key(config: ZooConfig) -> str:

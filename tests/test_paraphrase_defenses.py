@@ -69,7 +69,9 @@ def _trigger_response(trainer, rows) -> float:
 
 
 def _train(tmp_path, rows, tokenizer, defense, **kwargs):
-    trainer = text_trainer(tmp_path, rows, tokenizer, defense=defense, args={**ARGS, **kwargs.pop("args", {})}, **kwargs)
+    trainer = text_trainer(
+        tmp_path, rows, tokenizer, defense=defense, args={**ARGS, **kwargs.pop("args", {})}, **kwargs
+    )
     trainer.train()
     return trainer
 
@@ -121,8 +123,14 @@ def test_four_labels_work(tmp_path, tokenizer):
     rows = poison_dataset(lexicon_rows(64, 2, num_labels=4), BadNetConfig(triggers=("cf",), poison_rate=0.2))
     rows = tokenize_dataset(rows, tokenizer, max_length=16)
     for config in (HoneypotConfig(**FAST), DPoEConfig(**FAST, reweight_threshold=0.8)):
-        trainer = _train(tmp_path / config.name, rows, tokenizer, config, args=dict(num_train_epochs=1),
-                         model=tiny_bert(num_labels=4))
+        trainer = _train(
+            tmp_path / config.name,
+            rows,
+            tokenizer,
+            config,
+            args=dict(num_train_epochs=1),
+            model=tiny_bert(num_labels=4),
+        )
         report = trainer.defense_report
         assert report["expert_steps"] == 4 and report["has_ground_truth"]
         signal = "weight" if config.name == "honeypot" else "expert_confidence"
@@ -130,7 +138,9 @@ def test_four_labels_work(tmp_path, tokenizer):
 
 
 def test_a_model_without_transformer_layers_is_refused_with_the_supported_list(tmp_path, backdoored, tokenizer):
-    convnet = ConvNextForImageClassification(ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=2))
+    convnet = ConvNextForImageClassification(
+        ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=2)
+    )
     for config in (HoneypotConfig(), DPoEConfig()):
         with pytest.raises(ValueError, match="no stack of transformer layers.*Supported: BERT-style"):
             text_trainer(tmp_path, backdoored, tokenizer, defense=config, model=convnet)

@@ -28,6 +28,7 @@ def baseline_records(tmp_path_factory):
     return records, json.loads((out / "records.json").read_text())
 
 
+@pytest.mark.slow  # real MiniLM fine-tuning on SST-2 slices: minutes on 2 cores; CI runs it when it fits
 def test_recipe_writes_flat_benchmark_records(baseline_records):
     records, written = baseline_records
     assert written == records
@@ -53,6 +54,7 @@ def test_recipe_writes_flat_benchmark_records(baseline_records):
     assert written[0]["model"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
+@pytest.mark.slow  # real MiniLM fine-tuning on SST-2 slices: minutes on 2 cores; CI runs it when it fits
 def test_poisoned_training_plants_the_backdoor_and_clean_training_does_not(baseline_records):
     clean, poisoned = baseline_records[0]
     assert poisoned["asr"] >= 0.9, poisoned
@@ -78,6 +80,7 @@ def test_btu_recipe_writes_its_records_and_prints_each_run_as_it_ends(tmp_path, 
     assert (tmp_path / "runs" / "btu" / "defense_report.json").exists()
 
 
+@pytest.mark.slow  # real MiniLM fine-tuning on SST-2 slices: minutes on 2 cores; CI runs it when it fits
 def test_btu_detects_the_trigger_and_removes_the_backdoor_on_real_minilm(baseline_records, tmp_path):
     """The product's promise on a 500-row real SST-2 slice with the real MiniLM: the same data and settings that
     plant the backdoor in the plain Trainer (``baseline_records``), trained with BTU, flag the trigger token and

@@ -239,3 +239,17 @@ def test_the_listing_command(tmp_path, capsys):
     assert "UNUSABLE: no readable run_info.json" in capsys.readouterr().out
     assert zoo.main(["--cache-dir", str(tmp_path), "--prune"]) == 0
     assert f"removed {model_dir}" in capsys.readouterr().out and not model_dir.exists()
+
+
+def test_a_train_fn_that_changes_its_config_cannot_change_the_entry(tmp_path):
+    config = make_config()
+    train = CountingTrainer()
+
+    def meddling_train(given):
+        given.training["weight_decay"] = 0.5  # must not leak into the stored config or the caller's
+        return train(given)
+
+    model_dir, _ = train_or_load(config, meddling_train, cache_dir=tmp_path)
+    assert config.training == {"weight_decay": 0.05} and model_dir.name == zoo.config_key(config)
+    _, info = train_or_load(make_config(), train, cache_dir=tmp_path)
+    assert info["from_cache"] and len(train.models) == 1

@@ -190,7 +190,8 @@ class HoneypotDefense(Defense):
     # -- state and report -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.trainer_state is None:
-            return {}
+            # Restored but not yet attached (the expert is built at on_train_begin): hand the restored state on.
+            return dict(self._pending_state or {})
         return {"expert": self.trainer_state.state_dict(), "signals": self.signals.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

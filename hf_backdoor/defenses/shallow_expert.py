@@ -106,7 +106,10 @@ class ShallowExpert(nn.Module):
         self.norm = nn.LayerNorm(hidden_size)
         if kind == "mlp":
             self.head = nn.Sequential(
-                nn.Linear(2 * hidden_size, hidden_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden_size, num_labels)
+                nn.Linear(2 * hidden_size, hidden_size),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden_size, num_labels),
             )
         else:
             self.head = nn.Linear(2 * hidden_size, num_labels)
@@ -269,7 +272,10 @@ class RowSignals:
                 rows = epochs[epoch]
                 positions = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
                 values = np.fromiter(rows.values(), dtype=np.float64, count=len(rows))
-                entry: dict[str, Any] = {"rows": int(len(values)), "mean": float(values.mean()) if len(values) else None}
+                entry: dict[str, Any] = {
+                    "rows": int(len(values)),
+                    "mean": float(values.mean()) if len(values) else None,
+                }
                 if len(values):
                     entry["quantiles"] = {
                         str(q): float(np.quantile(values, q)) for q in (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
