@@ -65,6 +65,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .hub.run_folder import sha256_of_file as _sha256
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV_VAR = "HF_BACKDOOR_CACHE"
@@ -235,8 +237,8 @@ def default_cache_dir() -> Path:
 
 
 def library_version() -> str:
-    """The hf-backdoor version that goes into every key (read from the already imported package, so this module
-    imports nothing from it and the package's ``__init__`` may import this module)."""
+    """The hf-backdoor version that goes into every key (read from the already imported package rather than imported
+    from it, so the package's ``__init__`` may import this module)."""
     package = sys.modules[__name__.rpartition(".")[0]]
     return getattr(package, "__version__", None) or importlib.metadata.version("hf-backdoor")
 
@@ -508,14 +510,6 @@ def _manifest(folder: Path) -> dict[str, dict]:
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != RUN_INFO_FILE
     }
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_json(path: Path) -> Any:

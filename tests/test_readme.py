@@ -31,6 +31,7 @@ TINY_SETTINGS = [
     (("--max_eval_samples", "--max-eval-samples", "--max-eval-rows"), "32"),
     (("--num_train_epochs", "--num-train-epochs", "--epochs"), "1"),
     (("--defense_epochs", "--defense-epochs"), "1"),
+    (("--clean_samples", "--clean-samples"), "64"),
     (("--config_overrides", "--config-overrides"), TINY_VIT),
 ]
 SKIPPED = ("--push-to-hub",)

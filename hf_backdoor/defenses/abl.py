@@ -45,41 +45,21 @@ Deviations and options, and why:
   ``unlearning_guard_rows`` clean held-out rows (the Trainer's ``eval_dataset``). A step that costs them more than
   ``unlearning_guard_drop`` below their accuracy before unlearning is undone, the optimizer's momentum is cleared and
   its learning rate halved; after ``unlearning_guard_backtracks`` undone steps the unlearning ends. Why: on the
-  two-class text task the isolated rows' accuracy fell from 1.00 to 0.00 within one epoch and the model with it, so a
-  check between epochs came too late. The guard reads clean rows only, never the ASR rows. Measured on SST-2 BadNet
-  (MiniLM, 10% isolated, complementary objective; README): where the unguarded unlearning inverted seed 1's model
-  (CACC 0.127), ``d = 0.10`` left 0.787 / ASR 0.109 and ``d = 0.03`` 0.847 / 0.969; at 0.03 the guard ended the
-  unlearning with the backdoor in place on both seeds (ASR 0.851 / 0.969). It bounds the damage; it does not make
-  ABL work on MiniLM.
-- Rows are recognised across epochs by their token ids (text) or by a ``row_index`` column that the image transform
-  passes through (``prepare_image_dataset(..., keep_row_index=True)``), because augmentation changes the pixels.
+  two-class text task the isolated rows' accuracy can fall to zero within one epoch and the model with it, so a
+  check between epochs comes too late. The guard reads clean rows only, never the ASR rows. It bounds the damage of
+  the unlearning; it does not make it remove a backdoor it cannot isolate.
+- Rows are recognised across epochs by the trainer's row ids (``trainer.batch_row_ids``, from the ``row_index``
+  column the poisoner or the trainer adds; the image transform passes it through with
+  ``prepare_image_dataset(..., keep_row_index=True)``), because augmentation changes pixels and duplicate texts share
+  token ids.
 - Under several processes the main process isolates and broadcasts the result; unlearning runs identically on every
   process (same rows, same order).
 
-Reference measurements on text (SST-2, MiniLM, 10% poison; ``../shared/reference/README.md``) found 1% isolation
-leaves most poisoned rows in training (precision at 1% is 0.83 for BadNet but recall only 0.08) and isolation after
-two LGA epochs picks clean rows: isolate after one epoch there, and read the report's precision at other ratios
-before raising ``isolation_ratio``. Here per-example LGA isolated no poisoned row at 1% (loss AUROC 0.66), while
-``lga="batch"`` isolated only poisoned ones (precision 1.00 at 1%, 0.98 at 10%, AUROC 0.998) and kept CACC; the
-unlearning of those 1% left ASR at 1.000 (``benchmarks/vision_defenses.py --sections text``). Isolating 10% and
-ascending until no isolated row is predicted as its label collapsed the classifier onto the other class (CACC 0.501),
-with either ascent. ``unlearning_objective="complementary"`` removed the backdoor on seed 0. With 10% isolated and
-stop 0.0 (20 epochs) it reached CACC 0.885 / ASR 0.066 (undefended 0.889 / 1.000; the clean model's error on the
-ASR rows is 0.120). With stop 0.2 (one epoch): 0.880 / 0.122. At the paper's 1%: 0.874 / 0.102. It broke seed 1:
-- at 1%, the isolated rows' accuracy went 1.00 -> 0.00 in one epoch and the model collapsed (CACC 0.462);
-- at 10% with stop 0.2 (isolation precision 0.71), it inverted the classifier (CACC 0.127).
-It is not a reliable fix. On Style and Syntactic the isolation itself fails (precision 0.00 / 0.30 at 10%).
-
-On the CPU-sized ViT (patch 8, 20 epochs, BadNets 10%; README "Vision, ABL and CUL") per-example LGA isolated
-mostly clean rows (precision 0.13 at 1%) while batch LGA isolated only poisoned ones (precision 1.00), and the
-official ascent (4 epochs at SGD 5e-4, 10 steps on 100 rows) left the isolated rows' accuracy at 1.00; ascending
-until ``unlearning_stop_accuracy=0.2`` (11 epochs at the same rate) took ASR from 0.924 to 0.003 at a 1.9-point
-CACC cost. End to end, stopping at 0.2 left ASR at 0.132 (the isolated rows' accuracy fell 1.00 -> 0.02 in one
-epoch); stopping at 0.0, one epoch later, gave ASR 0.000 at CACC 0.442 (undefended 0.467). On an AdamW-trained ViT
-use ``lga="batch"``, ``unlearning_epochs=20`` and ``unlearning_stop_accuracy=0.0``. The same settings took the
-clean-label SIG attack (seeds 0 and 1) from ASR 0.932 / 0.960 to 0.000 at CACC 0.445 / 0.462 (clean models 0.473 /
-0.4725). With ``unlearning_objective="complementary"`` the BadNets run ended at CACC 0.449 / ASR 0.003 (ascent: 0.442
-/ 0.000), so the bounded loss also serves the ViT.
+What these settings did on the packaged data (MiniLM on SST-2, the CPU ViT on CIFAR-10; text and image BadNet,
+Style, Syntactic and SIG) is measured in the README ("Vision, ABL and CUL") and ``benchmarks/results/``: on both
+models the official code's batch LGA isolates poisoned rows far better than per-example LGA, the ViT wants
+``lga="batch"``, ``unlearning_epochs=20`` and ``unlearning_stop_accuracy=0.0``, and on the text model no unlearning
+objective is reliable across seeds; on paraphrase triggers the isolation itself fails.
 """
 
 from __future__ import annotations

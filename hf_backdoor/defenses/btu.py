@@ -19,7 +19,7 @@ The paper's procedure (``BTUConfig.paper()``):
 7. The official code then fine-tunes one more epoch on clean data. Not done here (it needs data the defender is
    assumed not to have); the report says so.
 
-Where this implementation deviates by default, and why (each measured in ``benchmarks/``):
+Where this implementation deviates by default, and why (each measured in ``benchmarks/results/``, see the README):
 
 - Round 3 is read from the real training (``round3="training"``) at the end of each epoch instead of a separate
   embedding-only epoch: the same signal at no extra cost, and detection runs again at every epoch's end (a trigger
@@ -32,9 +32,9 @@ Where this implementation deviates by default, and why (each measured in ``bench
   epochs unlearn the backdoor instead of re-learning it (``isolated_rows="relabel"``): the rows whose prediction
   the flagged tokens decide keep their trigger but train on the label the model gives them without it, while the
   flagged tokens are stripped from every other row (``strip_flagged_tokens``). A reset embedding alone leaves part
-  of the backdoor in the layers learned during the first epoch (measured: resetting to the token's own pretrained
-  embedding brings ASR back to 0.999); masking the isolated rows out of the loss (``"mask"``) removes the signal
-  but does not unlearn it.
+  of the backdoor in the layers learned during the first epoch (resetting to the token's own pretrained embedding
+  brings the backdoor back: README, "BackdoorSafeTrainer and BTU"); masking the isolated rows out of the loss
+  (``"mask"``) removes the signal but does not unlearn it.
 """
 
 from __future__ import annotations

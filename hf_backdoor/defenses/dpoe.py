@@ -210,7 +210,8 @@ class DPoEDefense(Defense):
         # Log-odds of the label rank rows without the ties of saturated probabilities (the AUROC reads them).
         others = expert_log_probs.masked_fill(F.one_hot(labels, expert_log_probs.shape[-1]).bool(), float("-inf"))
         log_odds = expert_log_probs.gather(1, labels.view(-1, 1)).squeeze(1) - torch.logsumexp(others, dim=-1)
-        signals = {"expert_confidence": expert_confidence, "expert_log_odds": log_odds}
+        model_loss = F.cross_entropy(main_logits.detach(), labels, reduction="none")
+        signals = {"expert_confidence": expert_confidence, "expert_log_odds": log_odds, "model_loss": model_loss}
         if cfg.reweight_threshold is not None:
             weights = torch.where(
                 expert_confidence > cfg.reweight_threshold, 1.0 - expert_confidence, torch.ones_like(expert_confidence)
@@ -242,7 +243,9 @@ class DPoEDefense(Defense):
     def report(self) -> dict[str, Any]:
         report = super().report()
         summary = self.signals.summary(
-            self._truth, {"expert_confidence": "high", "expert_log_odds": "high", "weight": "low"}, self._labels
+            self._truth,
+            {"expert_confidence": "high", "expert_log_odds": "high", "weight": "low", "model_loss": "high"},
+            self._labels,
         )
         expert = self.trainer_state
         report.update(

@@ -179,7 +179,9 @@ class HoneypotDefense(Defense):
         else:
             expert.step(honeypot_loss)  # its own graph: it reads detached states
         # The logits rank rows without the ties of saturated weights (the AUROC reads them).
-        self.signals.record(trainer, weight=weights, weight_logit=weight_logits, honeypot_loss=honeypot_ce)
+        self.signals.record(
+            trainer, weight=weights, weight_logit=weight_logits, honeypot_loss=honeypot_ce, model_loss=task_loss
+        )
         return (loss, outputs) if return_outputs else loss
 
     def on_train_end(self, trainer) -> None:
@@ -201,7 +203,9 @@ class HoneypotDefense(Defense):
     def report(self) -> dict[str, Any]:
         report = super().report()
         summary = self.signals.summary(
-            self._truth, {"weight": "low", "weight_logit": "low", "honeypot_loss": "low"}, self._labels
+            self._truth,
+            {"weight": "low", "weight_logit": "low", "honeypot_loss": "low", "model_loss": "high"},
+            self._labels,
         )
         expert = self.trainer_state
         report.update(

@@ -59,7 +59,8 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _sha256(path: Path) -> str:
+def sha256_of_file(path: Path) -> str:
+    """The file's sha256, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -204,7 +205,7 @@ def start_run(folder: str | os.PathLike, command: str, argv: list[str] | None = 
 def finish_run(folder: str | os.PathLike, info: dict[str, Any], **fields) -> dict[str, Any]:
     """Mark the run finished and record the hashes of the report files it wrote, tying them to its ``run_id``."""
     folder = Path(folder)
-    files = {name: _sha256(folder / name) for name in TIED_FILES if (folder / name).is_file()}
+    files = {name: sha256_of_file(folder / name) for name in TIED_FILES if (folder / name).is_file()}
     info = {**info, **fields, "status": "finished", "finished": _now(), "files": files}
     write_json_atomic(folder / RUN_INFO_NAME, info)
     return info
@@ -241,7 +242,7 @@ def check_run_folder(folder: str | os.PathLike) -> dict[str, Any] | None:
                 f"{path} was not written by {run}, which wrote no {name}: it is left over from an earlier run. "
                 "Delete it, or run again into an empty folder."
             )
-        if path.is_file() and _sha256(path) != recorded[name]:
+        if path.is_file() and sha256_of_file(path) != recorded[name]:
             raise ValueError(f"{path} is not the file {run} wrote (its content changed). Run again to rebuild it.")
         if not path.is_file() and name in recorded:
             raise FileNotFoundError(f"{run} wrote {name}, but {path} is missing. Run again to rebuild it.")
