@@ -1,4 +1,4 @@
-"""Paraphrase-trigger defenses (honeypot, DPoE) side by side on the same poisoned data, against the plain Trainer.
+"""Paraphrase-trigger defenses (loss truncation, honeypot, DPoE) side by side on the same poisoned data, against the plain Trainer.
 
     python benchmarks/paraphrase_defenses.py --dataset sst2 --attack syntactic --runs clean,undefended,honeypot,dpoe
     python benchmarks/paraphrase_defenses.py --dataset sst2 --attack style --poison-rate 0.2 --runs undefended
@@ -9,8 +9,9 @@ Runs, per attack (``--runs``, comma-separated):
 
 - ``clean``: the plain Trainer on the unpoisoned data, scored on every attack's triggered rows: the ASR floor.
 - ``undefended``: the plain Trainer on the poisoned data.
-- ``honeypot``, ``dpoe``: ``BackdoorSafeTrainer`` with that defense (its fields from ``--honeypot`` / ``--dpoe``).
-- ``btu+honeypot``, ``btu+dpoe``: the stack ``[BTUConfig(), <defense>]``.
+- ``loss_truncation``, ``honeypot``, ``dpoe``: ``BackdoorSafeTrainer`` with that defense (its fields from
+  ``--loss-truncation`` / ``--honeypot`` / ``--dpoe``).
+- ``btu+loss_truncation``, ``btu+honeypot``, ``btu+dpoe``: the stack ``[BTUConfig(), <defense>]``.
 
 Plain runs (clean, undefended) are cached under ``--cache-dir`` (keyed by everything that shapes them) with their
 training wall time, so other cells reuse them for the floor and the overhead. Each record has the CACC, ASR, floor,
@@ -43,14 +44,19 @@ from hf_backdoor.data import get_task_spec
 from hf_backdoor.defenses.btu import BTUConfig
 from hf_backdoor.defenses.dpoe import DPoEConfig
 from hf_backdoor.defenses.honeypot import HoneypotConfig
+from hf_backdoor.defenses.loss_truncation import LossTruncationConfig
 from hf_backdoor.metrics import evaluate_backdoor
 from hf_backdoor.models import load_text_classifier, load_text_tokenizer, model_display_name, tokenize_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = ("clean", "undefended", "honeypot", "dpoe", "btu+honeypot", "btu+dpoe")
-DEFENSES = {"honeypot": HoneypotConfig, "dpoe": DPoEConfig}
+DEFENSES = {"loss_truncation": LossTruncationConfig, "honeypot": HoneypotConfig, "dpoe": DPoEConfig}
+RUNS = ("clean", "undefended", *DEFENSES, *(f"btu+{name}" for name in DEFENSES))
 # The per-row signal each defense reports, and the report key of its AUROC against the `poisoned` column.
-SIGNALS = {"honeypot": ("weight", "weight_auroc"), "dpoe": ("expert_confidence", "expert_confidence_auroc")}
+SIGNALS = {
+    "loss_truncation": ("dropped", "dropped_auroc"),
+    "honeypot": ("weight", "weight_auroc"),
+    "dpoe": ("expert_confidence", "expert_confidence_auroc"),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="sst2", help="packaged task: sst2, hsol, agnews, ...")
     parser.add_argument("--attack", default="syntactic", help="comma-separated: syntactic, style, badnet, addsent")
     parser.add_argument("--poison-rate", type=float, default=0.1)
-    parser.add_argument("--runs", default="clean,undefended,honeypot,dpoe", help=f"comma-separated subset of {RUNS}")
+    parser.add_argument("--runs", default="clean,undefended,loss_truncation", help=f"comma-separated subset of {RUNS}")
+    parser.add_argument("--loss-truncation", default="{}", help="LossTruncationConfig fields as JSON")
     parser.add_argument("--honeypot", default="{}", help="HoneypotConfig fields as JSON")
     parser.add_argument("--dpoe", default="{}", help="DPoEConfig fields as JSON")
     parser.add_argument("--tag", default="default", help="names the defense settings in the records")
@@ -69,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--cache-dir", default="/tmp/para_models", help="where plain runs are kept for reuse")
     parser.add_argument("--output-dir", default="/tmp/para_runs")
     parser.add_argument("--output", default=str(RESULTS / "paraphrase_defenses.json"))
@@ -204,7 +211,11 @@ def main(argv=None) -> list[dict]:
         a.name: tokenize_dataset(make_asr_dataset(task["test"], a), tokenizer, args.max_length) for a in attacks
     }
     poisoned = {a.name: poison_dataset(train_split, a, tokenizer=tokenizer) for a in attacks}
-    configs = {"honeypot": HoneypotConfig(**json.loads(args.honeypot)), "dpoe": DPoEConfig(**json.loads(args.dpoe))}
+    configs = {
+        "loss_truncation": LossTruncationConfig(**json.loads(args.loss_truncation)),
+        "honeypot": HoneypotConfig(**json.loads(args.honeypot)),
+        "dpoe": DPoEConfig(**json.loads(args.dpoe)),
+    }
     command = "python " + shlex.join(["benchmarks/paraphrase_defenses.py", *(sys.argv[1:] if argv is None else argv)])
     common = dict(
         dataset=args.dataset,

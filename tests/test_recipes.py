@@ -20,7 +20,7 @@ from hf_backdoor.defenses import RNPConfig
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,patch_size=8"
 TINY_IMAGES = ["--config_overrides", TINY_VIT, "--max_train_samples", "64", "--max_eval_samples", "40"]
-RECIPES = ["sst2_baseline", "sst2_btu", "sst2_sanitize", "cifar10_vit", "cifar10_sanitize"]
+RECIPES = ["sst2_baseline", "sst2_btu", "text_stack", "sst2_sanitize", "cifar10_vit", "cifar10_sanitize"]
 
 
 def _load(path: Path, name: str):
@@ -381,3 +381,19 @@ def _keep_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+def test_stack_recipe_runs_clean_undefended_and_the_stack_and_records_each_defense(tmp_path, capsys):
+    results = tmp_path / "stack.json"
+    argv = ["--attack", "badnet", "--poison_rate", "0.2", "--max_train_samples", "96", "--max_eval_samples", "64"]
+    argv += ["--num_train_epochs", "1", "--output_dir", str(tmp_path / "runs"), "--results_json", str(results)]
+    out = _recipe("text_stack").main(argv)
+    assert [r["run"] for r in out] == ["clean", "undefended", "defended"]
+    defended = out[-1]
+    assert defended["defense"] == "btu+dpoe" == defended["defense_stack"]
+    assert 0.0 < defended["dpoe/expert_confidence_mean"] < 1.0
+    assert any(key.startswith("btu/") for key in defended)
+    assert defended["asr_floor"] == out[0]["asr"] and defended["overhead"] > 0
+    assert json.loads(results.read_text())[-1]["defense"] == "btu+dpoe"
+    printed = capsys.readouterr().out
+    assert "dpoe:" in printed and "stack btu+dpoe" in printed

@@ -1,7 +1,8 @@
 """Defenses: one module per method, each a config dataclass plus a :class:`Defense`, registered by name.
 
 Importing this package imports every built-in defense module, so the registry (``hf_backdoor.registry.DEFENSES``)
-holds them all: training-stage ``btu`` and ``abl`` (``BackdoorSafeTrainer(defense=...)``), repair-stage ``rnp``,
+holds them all: training-stage ``btu``, ``abl``, ``loss_truncation``, ``honeypot`` and ``dpoe``
+(``BackdoorSafeTrainer(defense=...)``), repair-stage ``rnp``,
 ``nad``, ``nwc`` and ``finetune`` (``trainer.sanitize``) and ``expose`` (``trainer.expose``).
 """
 
@@ -15,6 +16,7 @@ from .dpoe import DPoEConfig, DPoEDefense
 from .exposure import ExposureResult, detection_threshold, expose_model
 from .finetune import FinetuneConfig, FinetuneDefense
 from .honeypot import HoneypotConfig, HoneypotDefense
+from .loss_truncation import LossTruncationConfig, LossTruncationDefense
 from .nad import NADConfig, NADDefense
 from .nwc import NWCConfig, NWCDefense
 from .rnp import RNPConfig, RNPDefense, prune_at_threshold
@@ -31,6 +33,8 @@ __all__ = [
     "DPoEDefense",
     "HoneypotConfig",
     "HoneypotDefense",
+    "LossTruncationConfig",
+    "LossTruncationDefense",
     "SANITIZERS",
     "ABLConfig",
     "ABLDefense",

@@ -22,20 +22,32 @@ The official procedure:
 
 Deviations, and why:
 
-- The shallow expert is one fresh pre-LN transformer block plus a linear head (``expert="attention"``) on the
-  *detached* hidden states of a lower layer of the main model (``layer``, a ``hidden_states`` index), not a separate
-  truncated copy of the encoder. A copy of three layers would add half of a 6-layer model's cost to every step; this
-  adds one small block (the wall-time budget of training-time defenses here is 1.5x plain training). The expert
-  never changes the main model's layers (it reads detached states) and is not saved with the model.
+- The shallow expert is a small head (``expert``: one fresh pre-LN transformer block plus a linear layer, a two-layer
+  MLP, or a linear layer, over the first token and the masked mean) on ``hidden_states[layer]`` of the main model,
+  not a separate truncated copy of the encoder that is fine-tuned: a fine-tuned copy of three layers would add half
+  of a 6-layer model's cost to every step (the wall-time budget of training-time defenses here is 1.5x plain
+  training). By default the product's loss also trains the main model's layers below the expert
+  (``train_lower_layers=True``), so expert and model share them; ``train_lower_layers=False`` reads detached states,
+  and ``expert_input="pretrained"`` a frozen copy of the pretrained embeddings and first ``layer`` layers (one extra
+  forward pass through them, no backward). The expert is not saved with the model.
 - The expert has its own AdamW (constant rate, ``expert_learning_rate``): the Trainer's optimizer exists before
-  ``on_train_begin`` (see ``shallow_expert.py``). The expert's gradient is the PoE loss's gradient with respect to
-  its parameters, as in the official joint training (the main model's logits enter it as constants); the main
-  model's gradient is the PoE loss's, through the Trainer's own optimizer, schedule and epochs.
+  ``on_train_begin`` (see ``shallow_expert.py``). With ``expert_objective="poe"`` (official) the expert's gradient is
+  the product's loss gradient with respect to its parameters, as in the official joint training; ``"ce"`` and
+  ``"gce"`` (not in the paper) train it on the labels on its own, the main model's product treating it as a
+  constant. The main model learns through the Trainer's own optimizer, schedule and epochs.
 - R-Drop is not used: its second forward pass doubles the cost of every step.
 - ``reweight_threshold`` (``None`` = off, the official default) applies the official reweighting.
 - Under gradient accumulation the expert steps on every micro-batch.
-- The expert's confidence in each row's label is recorded as the rows are trained on; with a ``poisoned`` column in
-  the training set the report scores it (AUROC) against it.
+- Per row the defense records the expert's confidence in the label (and its log-odds) and the main model's loss as
+  the row is trained on; with a ``poisoned`` column in the training set the report scores them (AUROC) against it.
+
+When it cannot work: the product only removes what the expert explains first. If the main model learns a trigger as
+fast as the task, the expert's residual never concentrates on the trigger rows and the main model learns the trigger
+as usual; the report's AUROC of the expert's confidence shows whether the expert singled them out.
+
+It is the paraphrase defense of the default stack (``recipes/text_stack.py``: ``[BTUConfig(), DPoEConfig()]``): of
+the three built in (this one, ``loss_truncation``, ``honeypot``) it measured best on the same runs, and how far it
+falls short of stopping the syntactic backdoor on MiniLM is measured in the README ("Paraphrase triggers").
 """
 
 from __future__ import annotations
@@ -50,6 +62,7 @@ from torch.nn import functional as F
 from ..registry import register_defense
 from .base import Defense, DefenseConfig
 from .shallow_expert import (
+    EXPERT_INPUTS,
     EXPERT_KINDS,
     ExpertTrainer,
     RowSignals,
@@ -104,6 +117,13 @@ class DPoEConfig(DefenseConfig):
             "(official 0.8 when enabled); None disables it (the official default)."
         },
     )
+    expert_input: str = field(
+        default="model",
+        metadata={
+            "help": "what the shallow expert reads: 'model' (the model's own hidden_states[layer], as it is fine-tuned) or "
+            "'pretrained' (a frozen copy of the pretrained embeddings and first `layer` layers, taken at the start)."
+        },
+    )
     train_lower_layers: bool = field(
         default=True,
         metadata={
@@ -125,6 +145,8 @@ class DPoEConfig(DefenseConfig):
     def __post_init__(self) -> None:
         if self.layer < 0:
             raise ValueError(f"layer must be >= 0 (a hidden_states index), got {self.layer}.")
+        if self.expert_input not in EXPERT_INPUTS:
+            raise ValueError(f"expert_input must be one of {EXPERT_INPUTS}, got {self.expert_input!r}.")
         if self.expert not in EXPERT_KINDS:
             raise ValueError(f"expert must be one of {EXPERT_KINDS}, got {self.expert!r}.")
         if self.expert_objective not in EXPERT_OBJECTIVES:
@@ -184,7 +206,7 @@ class DPoEDefense(Defense):
         expert = self.trainer_state
         expert.flush()  # shared mode: the last backward pass's gradients on the expert
         outputs, labels = model_forward_with_hidden_states(model, inputs)
-        expert_logits = expert.logits(outputs.hidden_states[cfg.layer], inputs.get("attention_mask"))
+        expert_logits = expert.logits(expert.states(outputs, inputs), inputs.get("attention_mask"))
         main_logits = outputs.logits.float()
         expert_loss = None
         if cfg.expert_objective == "poe" and expert.shared:

@@ -4,33 +4,48 @@ Tang et al., "Setting the Trap: Capturing and Defeating Backdoors in Pretrained 
 NeurIPS 2023. No official code was found in the public index this was written from, so the procedure follows the
 paper's text:
 
-- A honeypot module (a small classifier) reads the representations of a *lower* layer of the model being tuned.
-  The paper's observation: lower layers carry enough of a trigger (words, sentences, style) to fit the poisoned rows
-  but little of the task, so the honeypot fits the poisoned rows long before the clean ones.
-- The honeypot is trained with the generalized cross-entropy (GCE, ``q = 0.7``, the value of Zhang & Sabuncu's GCE),
-  which fits the easy rows and gives up on the hard ones: it overfits the backdoor.
+- A honeypot module (a small classifier) is attached to a *lower* layer of the model being tuned. The paper's
+  observation: lower layers carry enough of a trigger (words, sentences, style) to fit the poisoned rows but little of
+  the task, so the honeypot fits the poisoned rows long before the clean ones.
+- The honeypot is trained on the labels with the generalized cross-entropy (GCE, ``q = 0.7``, Zhang & Sabuncu's
+  value), which fits the easy rows and gives up on the hard ones: it overfits the backdoor.
 - The task classifier is trained with a weighted cross-entropy whose per-row weight grows with how much worse the
-  honeypot fits the row than the task classifier does (the paper passes a loss ratio through a sigmoid with a
-  threshold). Rows the honeypot fits far better than the task model (poisoned rows) get a weight near 0.
+  honeypot fits the row than the task classifier does (the paper passes a ratio of the two losses through a sigmoid
+  with a threshold). Rows the honeypot fits far better than the task model (poisoned rows) get a weight near 0.
 
-How this implementation realises it, and where it deviates:
+How this implementation realises it:
 
-- The honeypot is one fresh pre-LN transformer block plus a linear head (``expert="attention"``) on the detached
-  hidden states of ``layer`` (``hidden_states`` index: 0 = embeddings, 1 = the first layer's output). The states come
-  from the model's own forward pass (``output_hidden_states=True``), so the honeypot costs one small block. It reads
-  *detached* states and has its own AdamW: its training never changes the model, and it is not saved with the model.
-  (The Trainer's optimizer exists before ``on_train_begin``; see ``shallow_expert.py``.)
+- The honeypot (``expert``) is one fresh pre-LN transformer block plus a linear head (``"attention"``), a two-layer
+  MLP (``"mlp"``) or a linear head (``"linear"``) over the first token and the masked mean of ``hidden_states[layer]``
+  (0 = embeddings, 1 = the first layer's output). By default it reads the model's own states from its forward pass
+  (``output_hidden_states=True``, no extra pass) and its loss also trains the layers below it
+  (``train_lower_layers=True``: the honeypot and the model share them, as in the paper). ``train_lower_layers=False``
+  reads detached states; ``expert_input="pretrained"`` reads a frozen copy of the pretrained embeddings and first
+  ``layer`` layers (one extra forward pass through them, no backward).
+- The honeypot has its own AdamW (``expert_learning_rate``): the Trainer's optimizer exists before ``on_train_begin``
+  (see ``shallow_expert.py``), so the honeypot is stepped by the defense, and it is not saved with the model.
 - The weight is ``W = sigmoid((log l_H - log l_T - threshold) / temperature)`` with ``l_H`` the honeypot's and
   ``l_T`` the task model's per-row cross-entropy (both detached): a sigmoid of the log of the loss ratio. With
   ``threshold = 0`` and ``temperature = 1`` it is ``l_H / (l_H + l_T)``: 1/2 for every row while neither model has
   learned anything (a uniform weight, so no warm-up phase is needed), near 1 for rows the task model fits and the
-  honeypot does not (clean rows), near 0 for rows the honeypot fits and the task model does not (poisoned rows). The
-  log form keeps the weight in (0, 1) without the floor ``sigmoid(-c)`` that a sigmoid of the plain ratio has.
+  honeypot does not, near 0 for rows the honeypot fits and the task model does not. The log form keeps the weight in
+  (0, 1) without the floor ``sigmoid(-c)`` that a sigmoid of the plain ratio has.
 - The weighted loss is ``sum(W * l_T) / max(sum(W), 1)`` over the micro-batch: a weighted mean, so the learning rate
-  of the clean rows does not fall with the weights, and a batch made mostly of suspected rows is not amplified.
+  of the clean rows does not fall with the weights, and a batch made mostly of suspected rows is not amplified. In
+  the shared mode the honeypot's loss is added, so one backward pass trains both.
+- ``honeypot_objective="residual"`` (not in the paper) trains the honeypot on what the model does not explain: the
+  product-of-experts loss of the honeypot with the model's logits as constants (DPoE's shallow-expert objective, see
+  ``dpoe.py``). A label-trained honeypot that can fit the task fits every row, and then the weights starve the
+  clean rows too; a residual honeypot only grows sure of rows the model gets wrong.
 - Under gradient accumulation the honeypot steps on every micro-batch (its own optimizer, smaller batches).
-- The per-row weights and the honeypot's confidence in each row's label are recorded as rows are trained on; with
-  a ``poisoned`` column in the training set the report scores them (AUROC) against it.
+- Per row the defense records the weight, its logit, the honeypot's loss and the model's loss as the row is trained
+  on; with a ``poisoned`` column in the training set the report scores them against it (AUROC, also among the rows
+  that share the poisoned rows' label).
+
+When it cannot work: the weights only separate rows that the honeypot fits sooner than the model. A trigger the
+model learns as fast as the task (so that its rows are never harder for the model than clean rows) or that the
+honeypot's layer does not represent better than the task is not down-weighted; the report's AUROCs show whether the
+weights singled the poisoned rows out.
 """
 
 from __future__ import annotations
@@ -45,6 +60,7 @@ from torch.nn import functional as F
 from ..registry import register_defense
 from .base import Defense, DefenseConfig
 from .shallow_expert import (
+    EXPERT_INPUTS,
     EXPERT_KINDS,
     ExpertTrainer,
     RowSignals,
@@ -57,6 +73,8 @@ from .shallow_expert import (
 )
 
 logger = logging.getLogger(__name__)
+
+HONEYPOT_OBJECTIVES = ("gce", "residual")
 
 
 @dataclass
@@ -78,6 +96,13 @@ class HoneypotConfig(DefenseConfig):
         default="attention",
         metadata={"help": f"honeypot module: one of {EXPERT_KINDS} (attention = one transformer block + linear head)."},
     )
+    honeypot_objective: str = field(
+        default="gce",
+        metadata={
+            "help": "what trains the honeypot: 'gce' (the labels, generalized cross-entropy: the paper) or 'residual' "
+            "(what the model does not explain: the product-of-experts loss with the model's logits as constants)."
+        },
+    )
     gce_q: float = field(
         default=0.7, metadata={"help": "q of the honeypot's generalized cross-entropy, in (0, 1] (the paper: 0.7)."}
     )
@@ -87,6 +112,13 @@ class HoneypotConfig(DefenseConfig):
     )
     temperature: float = field(
         default=1.0, metadata={"help": "temperature of the weight's sigmoid (> 0; lower = closer to 0/1 weights)."}
+    )
+    expert_input: str = field(
+        default="model",
+        metadata={
+            "help": "what the honeypot reads: 'model' (the model's own hidden_states[layer], as it is fine-tuned) or "
+            "'pretrained' (a frozen copy of the pretrained embeddings and first `layer` layers, taken at the start)."
+        },
     )
     train_lower_layers: bool = field(
         default=True,
@@ -105,8 +137,14 @@ class HoneypotConfig(DefenseConfig):
     def __post_init__(self) -> None:
         if self.layer < 0:
             raise ValueError(f"layer must be >= 0 (a hidden_states index), got {self.layer}.")
+        if self.expert_input not in EXPERT_INPUTS:
+            raise ValueError(f"expert_input must be one of {EXPERT_INPUTS}, got {self.expert_input!r}.")
         if self.expert not in EXPERT_KINDS:
             raise ValueError(f"expert must be one of {EXPERT_KINDS}, got {self.expert!r}.")
+        if self.honeypot_objective not in HONEYPOT_OBJECTIVES:
+            raise ValueError(
+                f"honeypot_objective must be one of {HONEYPOT_OBJECTIVES}, got {self.honeypot_objective!r}."
+            )
         if not 0.0 < self.gce_q <= 1.0:
             raise ValueError(f"gce_q must be in (0, 1] (0.7 in the paper), got {self.gce_q}.")
         if self.temperature <= 0:
@@ -166,9 +204,13 @@ class HoneypotDefense(Defense):
         expert = self.trainer_state
         expert.flush()  # shared mode: the last backward pass's gradients on the honeypot
         outputs, labels = model_forward_with_hidden_states(model, inputs)
-        honeypot_logits = expert.logits(outputs.hidden_states[cfg.layer], inputs.get("attention_mask"))
-        honeypot_loss = gce_loss(honeypot_logits, labels, cfg.gce_q).mean()
+        honeypot_logits = expert.logits(expert.states(outputs, inputs), inputs.get("attention_mask"))
         logits = outputs.logits.float()
+        if cfg.honeypot_objective == "gce":
+            honeypot_loss = gce_loss(honeypot_logits, labels, cfg.gce_q).mean()
+        else:  # what the model does not explain: the product of the two, the model's logits as constants
+            joint = F.log_softmax(F.log_softmax(logits.detach(), -1) + F.log_softmax(honeypot_logits, -1), -1)
+            honeypot_loss = -joint.gather(1, labels.view(-1, 1)).mean()
         task_loss = F.cross_entropy(logits, labels, reduction="none")
         honeypot_ce = F.cross_entropy(honeypot_logits.detach(), labels, reduction="none")
         weight_logits = honeypot_weight_logits(honeypot_ce, task_loss, cfg.threshold, cfg.temperature)

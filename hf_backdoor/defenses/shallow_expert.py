@@ -17,22 +17,22 @@ What lives here:
   ``create_optimizer``, and only then ``callback_handler.on_train_begin``), so a module attached there is not in it.
   The expert's loss reads only detached tensors, so its gradient is taken and applied inside ``compute_loss``,
   separately from the model's backward pass. Under several processes its gradients are averaged across them.
-- :class:`RowSignals`: a per-row number (a weight, the expert's confidence) recorded as each row is trained on,
+- :class:`RowSignals` (in ``_shared/row_signals.py``, re-exported here): a per-row number (a weight, the expert's confidence) recorded as each row is trained on,
   indexed by ``trainer.batch_row_ids``, and scored against a ``poisoned`` ground-truth column when there is one.
 """
 
 from __future__ import annotations
 
-import math
+import copy
+import inspect
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..metrics import roc_auc
+from ._shared.row_signals import RowSignals, fmt, ground_truth, last_epoch_value  # noqa: F401  (re-exported)
 
 # Attribute paths (from the model and from its ``base_model``) of the stack of transformer layers.
 LAYER_PATHS = ("encoder.layer", "encoder.layers", "transformer.layer", "layers", "h", "transformer.h", "decoder.layers")
@@ -42,6 +42,7 @@ SUPPORTED_ARCHITECTURES = (
     "GPT-2: `h`)"
 )
 EXPERT_KINDS = ("attention", "mlp", "linear")
+EXPERT_INPUTS = ("model", "pretrained")
 HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 
 
@@ -141,13 +142,24 @@ class ExpertTrainer:
             self.expert.parameters(), lr=config.expert_learning_rate, weight_decay=config.expert_weight_decay
         )
         self.max_grad_norm = config.expert_max_grad_norm
-        self.shared = bool(getattr(config, "train_lower_layers", False))
+        self.input = getattr(config, "expert_input", "model")
+        self.shared = bool(getattr(config, "train_lower_layers", False)) and self.input == "model"
+        self.layer = config.layer
+        self.frozen = frozen_lower_layers(model, config.layer) if self.input == "pretrained" else None
         self.seconds = 0.0
         self.steps = 0
 
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.expert.parameters())
+
+    def states(self, outputs, inputs: dict) -> torch.Tensor:
+        """The states the expert reads: the model's own ``hidden_states[layer]`` (``expert_input="model"``) or those of
+        the frozen pretrained copy of its lower layers (``"pretrained"``)."""
+        if self.frozen is None:
+            return outputs.hidden_states[self.layer]
+        with torch.no_grad():
+            return self.frozen(inputs)
 
     def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The expert's logits on one layer's states: detached states (the expert alone learns from them) unless
@@ -199,6 +211,37 @@ class ExpertTrainer:
         self.steps = int(state.get("steps", 0))
 
 
+class FrozenLowerLayers(nn.Module):
+    """A frozen copy of a model's embeddings and its first ``layer`` transformer layers (``layer = 0``: the
+    embeddings only): the pretrained representation a shallow expert reads when it must not follow fine-tuning."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        super().__init__()
+        base = copy.deepcopy(getattr(model, "base_model", model))
+        layers = transformer_layers(base)
+        for module in base.modules():
+            for name, child in list(module.named_children()):
+                if child is layers:
+                    setattr(module, name, nn.ModuleList(list(layers)[:layer]))
+        if hasattr(base.config, "num_hidden_layers"):
+            base.config.num_hidden_layers = layer
+        base.requires_grad_(False).eval()
+        self.base = base
+        self.accepted = set(inspect.signature(base.forward).parameters)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always in eval mode: no dropout on the expert's input
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        kwargs = {k: v for k, v in inputs.items() if k in self.accepted and k != "labels"}
+        # With every layer cut, some encoders return no hidden_states; their last state is then the embeddings'.
+        return self.base(**kwargs).last_hidden_state
+
+
+def frozen_lower_layers(model: nn.Module, layer: int) -> FrozenLowerLayers:
+    return FrozenLowerLayers(model, layer).to(next(model.parameters()).device)
+
+
 def model_forward_with_hidden_states(model, inputs: dict):
     """``(outputs, labels)``: the model's forward pass on ``inputs`` without its labels, with all hidden states."""
     inputs = dict(inputs)
@@ -217,109 +260,3 @@ def gce_loss(logits: torch.Tensor, labels: torch.Tensor, q: float) -> torch.Tens
     ``q = 1`` is MAE; large ``q`` fits the easy rows and gives up on the hard ones."""
     p_label = F.softmax(logits.float(), dim=-1).gather(1, labels.view(-1, 1)).squeeze(1)
     return (1.0 - p_label.clamp(min=1e-8) ** q) / q
-
-
-class RowSignals:
-    """Per-row values recorded as rows are trained on: ``{name: {epoch: {position: value}}}``.
-
-    Positions come from ``trainer.row_positions(trainer.batch_row_ids)``; with no row ids (a trainer without the row
-    protocol) nothing is recorded and the report says so.
-    """
-
-    def __init__(self):
-        self.values: dict[str, dict[int, dict[int, float]]] = {}
-        self.missing_row_ids = False
-
-    def record(self, trainer, **named: torch.Tensor) -> None:
-        row_ids = getattr(trainer, "batch_row_ids", None)
-        if row_ids is None:
-            self.missing_row_ids = True
-            return
-        positions = trainer.row_positions(row_ids)
-        epoch = int(math.floor(float(getattr(trainer.state, "epoch", 0.0) or 0.0)))
-        for name, tensor in named.items():
-            per_epoch = self.values.setdefault(name, {}).setdefault(epoch, {})
-            for position, value in zip(positions, tensor.detach().float().cpu().tolist()):
-                per_epoch[int(position)] = float(value)
-
-    def state_dict(self) -> dict[str, Any]:
-        # Tensors and plain containers only, so the checkpoint loads with torch.load(weights_only=True).
-        out = {}
-        for name, epochs in self.values.items():
-            out[name] = {
-                str(epoch): torch.tensor([[p, v] for p, v in rows.items()], dtype=torch.float64).reshape(-1, 2)
-                for epoch, rows in epochs.items()
-            }
-        return out
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.values = {
-            name: {int(epoch): {int(p): float(v) for p, v in table.tolist()} for epoch, table in epochs.items()}
-            for name, epochs in state.items()
-        }
-
-    def summary(
-        self, truth: np.ndarray | None, suspicious_when: dict[str, str], labels: np.ndarray | None = None
-    ) -> dict[str, Any]:
-        """Per signal and epoch: mean over rows, means over poisoned and clean rows, and the AUROC of the signal
-        against ``truth`` (oriented by ``suspicious_when[name]``: ``"low"`` or ``"high"`` values flag a row). With
-        ``labels``, also the AUROC among the rows carrying the poisoned rows' (most common) label only
-        (``auroc_same_label``): a signal that only tells the target class from the others scores 0.5 there."""
-        out: dict[str, Any] = {}
-        for name, epochs in self.values.items():
-            per_epoch = {}
-            for epoch in sorted(epochs):
-                rows = epochs[epoch]
-                positions = np.fromiter(rows.keys(), dtype=np.int64, count=len(rows))
-                values = np.fromiter(rows.values(), dtype=np.float64, count=len(rows))
-                entry: dict[str, Any] = {
-                    "rows": int(len(values)),
-                    "mean": float(values.mean()) if len(values) else None,
-                }
-                if len(values):
-                    entry["quantiles"] = {
-                        str(q): float(np.quantile(values, q)) for q in (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9)
-                    }
-                if truth is not None and len(values):
-                    flags = truth[positions].astype(bool)
-                    if flags.any():
-                        entry["mean_poisoned"] = float(values[flags].mean())
-                    if (~flags).any():
-                        entry["mean_clean"] = float(values[~flags].mean())
-                    if flags.any() and (~flags).any():
-                        oriented = -values if suspicious_when.get(name, "high") == "low" else values
-                        entry["auroc"] = roc_auc(oriented, flags)
-                        if labels is not None:
-                            row_labels = labels[positions]
-                            target = np.bincount(row_labels[flags]).argmax()
-                            same = row_labels == target
-                            if (~flags[same]).any():
-                                entry["auroc_same_label"] = roc_auc(oriented[same], flags[same])
-                per_epoch[f"epoch_{epoch + 1}"] = entry
-            out[name] = per_epoch
-        return out
-
-
-def ground_truth(trainer) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The training set's ``poisoned`` column (0/1, dataset order) and its labels, or ``(None, None)`` without a
-    ``poisoned`` column."""
-    dataset = getattr(trainer, "train_dataset", None)
-    columns = getattr(dataset, "column_names", None) or []
-    if "poisoned" not in columns:
-        return None, None
-    raw = dataset.with_format(None)
-    label_column = next((c for c in ("label", "labels") if c in columns), None)
-    labels = np.asarray(raw[label_column], dtype=np.int64) if label_column else None
-    return np.asarray(raw["poisoned"], dtype=np.int64), labels
-
-
-def last_epoch_value(summary: dict[str, Any], signal: str, key: str):
-    """``key`` of the last epoch recorded for ``signal`` in a :meth:`RowSignals.summary` (``None`` when absent)."""
-    epochs = summary.get(signal) or {}
-    if not epochs:
-        return None
-    return epochs[max(epochs, key=lambda e: int(e.split("_")[1]))].get(key)
-
-
-def fmt(value: Any, spec: str = ".3f") -> str:
-    return "n/a" if value is None else format(value, spec)
