@@ -539,7 +539,9 @@ def print_table(records: list[dict]) -> None:
 
 
 def record_key(record: dict) -> tuple:
-    return tuple(record.get(k) for k in ("benchmark", "model", "lever", "dtype", "threads", "mode", "steps"))
+    # The device is part of the key: bf16 doubles a step on one CPU and slows it 6x on another, so a run on a second
+    # machine adds its records beside the first machine's instead of replacing them.
+    return tuple(record.get(k) for k in ("benchmark", "model", "lever", "dtype", "threads", "mode", "steps", "device"))
 
 
 def parse_args(argv=None):

@@ -6,8 +6,10 @@ With ``defense=None`` it is exactly a ``Trainer``.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,8 @@ from .arguments import BackdoorSafeTrainingArguments
 from .defenses.base import Defense, build_defenses, reports_from_json
 from .hub.run_folder import TRAINER_RUN_NAME, write_json_atomic
 from .metrics import evaluate_backdoor
+
+logger = logging.getLogger(__name__)
 
 DEFENSE_STATE_NAME = "defense_state.pt"
 RUN_INFO_NAME = TRAINER_RUN_NAME
@@ -80,6 +84,7 @@ class BackdoorSafeTrainer(Trainer):
             # no loss kwargs makes Trainer divide; with one accumulation step nothing changes.
             self.model_accepts_loss_kwargs = False
         self._check_distributed()
+        self._warn_if_bf16_is_slow_here()
         for defense_ in self.defenses:
             defense_.check_trainer(self)
         self.defense_reports: list[dict[str, Any]] = []
@@ -109,6 +114,16 @@ class BackdoorSafeTrainer(Trainer):
     @defense_report.setter
     def defense_report(self, report: dict[str, Any] | None) -> None:
         self.defense_reports = reports_from_json(report)
+
+    def _warn_if_bf16_is_slow_here(self) -> None:
+        if self.args.bf16 and self.args.device.type == "cpu" and not cpu_has_bf16_instructions():
+            # Measured on a 2-core AMD EPYC with AVX2 only: a MiniLM or ViT training step 24x slower under bf16
+            # autocast than in fp32 (benchmarks/results/speed_levers.json); with AVX512-BF16 it was 2x faster.
+            logger.warning(
+                "bf16=True on a CPU without bf16 instructions (avx512_bf16 / amx_bf16): bfloat16 is emulated here "
+                "and training runs many times slower than in float32. Drop bf16, or measure both with "
+                "benchmarks/speed_levers.py."
+            )
 
     def _check_distributed(self) -> None:
         if not self.defenses:
@@ -370,3 +385,14 @@ def _averages_each_micro_batch(model) -> bool:
     get_base_model = getattr(model, "get_base_model", None)  # a peft model wraps the transformers one
     name = type(get_base_model() if callable(get_base_model) else model).__name__
     return name.endswith(("ForSequenceClassification", "ForImageClassification"))
+
+
+def cpu_has_bf16_instructions(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has the bfloat16 instructions torch's CPU kernels use (AVX512-BF16 or AMX-BF16); ``True``
+    where ``/proc/cpuinfo`` cannot be read (other systems), so that nothing is claimed there."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags

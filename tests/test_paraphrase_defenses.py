@@ -107,6 +107,21 @@ def test_dpoe_expert_is_sure_of_the_trigger_rows_and_the_model_ignores_the_trigg
     assert "product of experts" in DPoEDefense.card_section(report)
 
 
+def test_dpoe_expert_warmup_trains_only_the_expert_and_the_layers_below_it(tmp_path, backdoored, tokenizer):
+    model = tiny_bert()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # 64 rows, batch 16, one epoch: 4 steps, all inside a warm-up of 0.99 of the steps.
+    config = DPoEConfig(**FAST, layer=1, expert_warmup_ratio=0.99)
+    trainer = _train(
+        tmp_path, backdoored.select(range(64)), tokenizer, config, model=model, args={"num_train_epochs": 1}
+    )
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert trainer.defense_report["expert_steps"] == 4
+    assert any(name.startswith("bert.embeddings.") for name in changed)  # shared with the expert (layer 1 reads them)
+    above = [name for name in before if name.startswith(("classifier.", "bert.pooler.", "bert.encoder.layer.1."))]
+    assert above and not changed & set(above)
+
+
 def test_poe_gives_no_gradient_where_the_expert_explains_the_label():
     main = torch.zeros(2, 2, requires_grad=True)
     expert = torch.tensor([[-20.0, 20.0], [0.0, 0.0]])  # sure of label 1 on row 0, no opinion on row 1
@@ -195,6 +210,7 @@ def test_row_signals_score_against_ground_truth():
         (DPoEConfig, dict(expert_objective="mse"), "expert_objective must be one of"),
         (DPoEConfig, dict(reweight_threshold=1.5), "reweight_threshold must be in"),
         (DPoEConfig, dict(expert_learning_rate=0.0), "expert_learning_rate must be > 0"),
+        (DPoEConfig, dict(expert_warmup_ratio=1.0), "expert_warmup_ratio must be in"),
     ],
 )
 def test_config_values_out_of_range(cls, kwargs, message):

@@ -345,3 +345,23 @@ def test_btu_works_on_other_architectures(kind, tmp_path, tiny_train, tokenizer)
     assert tokenizer.convert_tokens_to_ids("cf") in report["candidate_ids"], report["candidate_tokens"]
     assert not set(tokenizer.all_special_ids) & set(report["candidate_ids"])
     assert set(report["flagged_ids"]) <= set(report["candidate_ids"])
+
+
+def test_cpu_bf16_instructions_are_read_from_cpuinfo(tmp_path):
+    (tmp_path / "avx2").write_text("processor : 0\nflags : fpu sse avx2 fma\n")
+    (tmp_path / "amx").write_text("processor : 0\nflags : fpu avx2 avx512f amx_bf16 amx_tile\n")
+    from hf_backdoor.trainer import cpu_has_bf16_instructions
+
+    assert not cpu_has_bf16_instructions(tmp_path / "avx2")
+    assert cpu_has_bf16_instructions(tmp_path / "amx")
+    assert cpu_has_bf16_instructions(tmp_path / "missing")  # nothing claimed where it cannot be read
+
+
+@pytest.mark.parametrize("has_instructions", [False, True])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(
+    tmp_path, tiny_train, tokenizer, monkeypatch, caplog, has_instructions
+):
+    monkeypatch.setattr("hf_backdoor.trainer.cpu_has_bf16_instructions", lambda: has_instructions)
+    with caplog.at_level("WARNING", logger="hf_backdoor.trainer"):
+        text_trainer(tmp_path, tiny_train, tokenizer, args={"bf16": True, "use_cpu": True})
+    assert ("many times slower" in caplog.text) is not has_instructions

@@ -51,7 +51,13 @@ DESCRIPTION = __doc__.split("\n\n", 1)[1]
 class TrainArguments:
     epochs: float = field(default=3.0, metadata={"help": "training epochs"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate (MiniLM needs more than BERT recipes' 2e-5)"})
-    bf16: bool = field(default=False, metadata={"help": "train in bfloat16 mixed precision (needs a GPU that has it)"})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "train in bfloat16 mixed precision: a GPU that has it, or a CPU with AVX512-BF16/AMX (on other "
+            "CPUs it is emulated and many times slower; benchmarks/speed_levers.py measures it)"
+        },
+    )
     output_dir: str = output_dir_field("runs/hf-backdoor-train", "the model, card, reports and run record")
     overwrite: bool = overwrite_field()
     push_to_hub: bool = field(

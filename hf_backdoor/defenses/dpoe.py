@@ -37,6 +37,8 @@ Deviations, and why:
   constant. The main model learns through the Trainer's own optimizer, schedule and epochs.
 - R-Drop is not used: its second forward pass doubles the cost of every step.
 - ``reweight_threshold`` (``None`` = off, the official default) applies the official reweighting.
+- ``expert_warmup_ratio`` (not in the paper, 0 = off) trains the expert alone for the first steps, the model's loss
+  zeroed, so that it meets the shortcuts first.
 - Under gradient accumulation the expert steps on every micro-batch.
 - Per row the defense records the expert's confidence in the label (and its log-odds) and the main model's loss as
   the row is trained on; with a ``poisoned`` column in the training set the report scores them (AUROC) against it.
@@ -140,6 +142,15 @@ class DPoEConfig(DefenseConfig):
     expert_max_grad_norm: float = field(
         default=1.0, metadata={"help": "gradient-norm clip of the expert's steps (official 1; 0 disables)."}
     )
+    expert_warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of the training steps at the start during which only the shallow expert (and the layers "
+            "below it, when shared) learns; the model's product loss is zeroed, so the expert meets the shortcuts "
+            "before the model can (not in the paper; 0 = the official joint training from the first step). "
+            "Measured on MiniLM/SST-2 syntactic at 0.2: no better (README, 'Paraphrase triggers')."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the shallow expert's initialisation."})
 
     def __post_init__(self) -> None:
@@ -161,6 +172,8 @@ class DPoEConfig(DefenseConfig):
             raise ValueError(
                 f"reweight_threshold must be in [0, 1) (official 0.8) or None, got {self.reweight_threshold}."
             )
+        if not 0.0 <= self.expert_warmup_ratio < 1.0:
+            raise ValueError(f"expert_warmup_ratio must be in [0, 1), got {self.expert_warmup_ratio}.")
         if self.expert_learning_rate <= 0:
             raise ValueError(f"expert_learning_rate must be > 0, got {self.expert_learning_rate}.")
         if self.expert_weight_decay < 0 or self.expert_max_grad_norm < 0:
@@ -209,7 +222,17 @@ class DPoEDefense(Defense):
         expert_logits = expert.logits(expert.states(outputs, inputs), inputs.get("attention_mask"))
         main_logits = outputs.logits.float()
         expert_loss = None
-        if cfg.expert_objective == "poe" and expert.shared:
+        warming_up = trainer.state.global_step < cfg.expert_warmup_ratio * max(1, trainer.state.max_steps)
+        if warming_up:
+            # The expert alone: the product with the model's logits as constants (the official objective's expert
+            # share); the model's own layers above the expert get no gradient.
+            expert_joint = poe_log_probs(main_logits.detach(), expert_logits, cfg.poe_alpha, cfg.temperature)
+            expert_loss = -expert_joint.gather(1, labels.view(-1, 1)).mean()
+            if not expert.shared:
+                expert.step(expert_loss)
+                expert_loss = main_logits.sum() * 0.0  # the Trainer still runs its backward and step
+            joint = expert_joint.detach()
+        elif cfg.expert_objective == "poe" and expert.shared:
             # One product, one backward pass: the official joint training (the layers up to `layer` are shared).
             joint = poe_log_probs(main_logits, expert_logits, cfg.poe_alpha, cfg.temperature)
         else:
@@ -240,7 +263,7 @@ class DPoEDefense(Defense):
             )
             per_row = per_row * weights
             signals["weight"] = weights
-        loss = per_row.mean()
+        loss = per_row.mean() if not warming_up else per_row.mean().detach() * 0.0
         if expert_loss is not None:
             loss = loss + expert_loss  # shared mode: the expert and the layers below it learn in the same backward
         self.signals.record(trainer, **signals)
