@@ -539,7 +539,7 @@ def print_table(records: list[dict]) -> None:
 
 
 def record_key(record: dict) -> tuple:
-    # The device is part of the key: bf16 doubles a step on one CPU and slows it 6x on another, so a run on a second
+    # The device is part of the key: bf16 doubled a step on one CPU and slowed it 24x on another, so a run on a second
     # machine adds its records beside the first machine's instead of replacing them.
     return tuple(record.get(k) for k in ("benchmark", "model", "lever", "dtype", "threads", "mode", "steps", "device"))
 

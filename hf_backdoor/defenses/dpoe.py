@@ -224,26 +224,17 @@ class DPoEDefense(Defense):
         expert_loss = None
         warming_up = trainer.state.global_step < cfg.expert_warmup_ratio * max(1, trainer.state.max_steps)
         if warming_up:
-            # The expert alone: the product with the model's logits as constants (the official objective's expert
-            # share); the model's own layers above the expert get no gradient.
-            expert_joint = poe_log_probs(main_logits.detach(), expert_logits, cfg.poe_alpha, cfg.temperature)
-            expert_loss = -expert_joint.gather(1, labels.view(-1, 1)).mean()
+            # The expert alone, on its own objective; the model's layers above the expert get no gradient.
+            expert_loss = self._expert_loss(main_logits, expert_logits, labels)
             if not expert.shared:
                 expert.step(expert_loss)
                 expert_loss = main_logits.sum() * 0.0  # the Trainer still runs its backward and step
-            joint = expert_joint.detach()
+            joint = poe_log_probs(main_logits.detach(), expert_logits.detach(), cfg.poe_alpha, cfg.temperature)
         elif cfg.expert_objective == "poe" and expert.shared:
             # One product, one backward pass: the official joint training (the layers up to `layer` are shared).
             joint = poe_log_probs(main_logits, expert_logits, cfg.poe_alpha, cfg.temperature)
         else:
-            if cfg.expert_objective == "poe":
-                # The expert's share of the joint gradient (the main model's logits as constants).
-                expert_joint = poe_log_probs(main_logits.detach(), expert_logits, cfg.poe_alpha, cfg.temperature)
-                expert_loss = -expert_joint.gather(1, labels.view(-1, 1)).mean()
-            elif cfg.expert_objective == "ce":
-                expert_loss = F.cross_entropy(expert_logits, labels)
-            else:
-                expert_loss = gce_loss(expert_logits, labels, cfg.gce_q).mean()
+            expert_loss = self._expert_loss(main_logits, expert_logits, labels)
             if not expert.shared:
                 expert.step(expert_loss)
                 expert_loss = None
@@ -268,6 +259,16 @@ class DPoEDefense(Defense):
             loss = loss + expert_loss  # shared mode: the expert and the layers below it learn in the same backward
         self.signals.record(trainer, **signals)
         return (loss, outputs) if return_outputs else loss
+
+    def _expert_loss(self, main_logits, expert_logits, labels) -> torch.Tensor:
+        cfg = self.config
+        if cfg.expert_objective == "poe":
+            # The expert's share of the joint gradient (the main model's logits as constants).
+            expert_joint = poe_log_probs(main_logits.detach(), expert_logits, cfg.poe_alpha, cfg.temperature)
+            return -expert_joint.gather(1, labels.view(-1, 1)).mean()
+        if cfg.expert_objective == "ce":
+            return F.cross_entropy(expert_logits, labels)
+        return gce_loss(expert_logits, labels, cfg.gce_q).mean()
 
     def on_train_end(self, trainer) -> None:
         if self.trainer_state is not None:
