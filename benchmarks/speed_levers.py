@@ -129,16 +129,18 @@ def other_thread_count(threads: int) -> int:
 
 def cpu_description() -> str:
     """The CPU's name, its core count and whether it has the bf16 instructions torch's kernels use."""
-    name, flags = "cpu", set()
+    from hf_backdoor.trainer import cpu_bf16_flags
+
+    name = "cpu"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "cpu":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
+        name = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
         pass
-    isa = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags] or ["no bf16 instructions"]
+    isa = cpu_bf16_flags() or ["no bf16 instructions"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"cpu: {name}, {cores} cores, {'+'.join(isa)}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
 

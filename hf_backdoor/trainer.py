@@ -118,7 +118,7 @@ class BackdoorSafeTrainer(Trainer):
     def _warn_if_bf16_is_slow_here(self) -> None:
         if self.args.bf16 and self.args.device.type == "cpu" and not cpu_has_bf16_instructions():
             # Measured on a 2-core AMD EPYC with AVX2 only: a MiniLM or ViT training step 24x slower under bf16
-            # autocast than in fp32 (benchmarks/results/speed_levers.json); with AVX512-BF16 it was 2x faster.
+            # autocast than in fp32 (benchmarks/results/speed_levers.json); with AVX512-BF16 it was 1.6-2x faster.
             logger.warning(
                 "bf16=True on a CPU without bf16 instructions (avx512_bf16 / amx_bf16): bfloat16 is emulated here "
                 "and training runs many times slower than in float32. Drop bf16, or measure both with "
@@ -387,12 +387,22 @@ def _averages_each_micro_batch(model) -> bool:
     return name.endswith(("ForSequenceClassification", "ForImageClassification"))
 
 
-def cpu_has_bf16_instructions(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether the CPU has the bfloat16 instructions torch's CPU kernels use (AVX512-BF16 or AMX-BF16); ``True``
-    where ``/proc/cpuinfo`` cannot be read (other systems), so that nothing is claimed there."""
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str] | None:
+    """Which of the CPU flags behind torch's bfloat16 kernels (AVX512-BF16, AMX) the CPU has; ``None`` where
+    ``/proc/cpuinfo`` cannot be read (other systems)."""
     try:
         text = Path(cpuinfo).read_text()
     except OSError:
-        return True
+        return None
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return [flag for flag in BF16_CPU_FLAGS if flag in flags]
+
+
+def cpu_has_bf16_instructions(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16); ``True`` where ``/proc/cpuinfo`` cannot
+    be read, so that nothing is claimed there."""
+    flags = cpu_bf16_flags(cpuinfo)
+    return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))

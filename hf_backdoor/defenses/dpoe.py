@@ -254,7 +254,7 @@ class DPoEDefense(Defense):
             )
             per_row = per_row * weights
             signals["weight"] = weights
-        loss = per_row.mean() if not warming_up else per_row.mean().detach() * 0.0
+        loss = per_row.new_zeros(()) if warming_up else per_row.mean()
         if expert_loss is not None:
             loss = loss + expert_loss  # shared mode: the expert and the layers below it learn in the same backward
         self.signals.record(trainer, **signals)
