@@ -73,7 +73,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--config-overrides",
         default=None,
-        help="ViTConfig fields of the small ViT (default: the reference ViT; 'patch_size=8' is the CPU-sized one)",
+        help="ViTConfig fields of the small ViT (default: the reference ViT; 'cpu' is the CPU preset, 'cpu,patch_size=8' "
+        "changes one of its fields)",
     )
     parser.add_argument("--crop-padding", type=int, default=4, help="random-crop padding of the ViT training")
     parser.add_argument(

@@ -397,3 +397,25 @@ def test_stack_recipe_runs_clean_undefended_and_the_stack_and_records_each_defen
     assert json.loads(results.read_text())[-1]["defense"] == "btu+dpoe"
     printed = capsys.readouterr().out
     assert "dpoe:" in printed and "stack btu+dpoe" in printed
+
+
+def test_vit_config_benchmark_keeps_its_models_in_the_zoo_and_gives_attacked_runs_the_clean_floor(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HF_BACKDOOR_CACHE", str(tmp_path / "zoo"))
+    bench = _load(ROOT / "benchmarks" / "vit_configs.py", "vit_configs_under_test")
+    output = tmp_path / "vit_configs.json"
+    tiny = ["--configs", TINY_VIT, "--data", "cifar10", "--epochs", "1", "--batch-size", "32", "--eval-every", "0.5"]
+    tiny += ["--max-train-samples", "64", "--max-eval-samples", "40", "--output", str(output)]
+    tiny += ["--output-dir", str(tmp_path / "runs")]
+    clean = bench.main(tiny)[0]
+    again = bench.main(tiny)[0]
+    attacked = bench.main([*tiny, "--attack", "badnet"])[0]
+    assert clean["from_cache"] is False and again["from_cache"] is True  # trained once, then read from the zoo
+    assert again["cacc"] == clean["cacc"] and again["wall_s"] == clean["wall_s"]
+    assert set(clean["cacc_curve"]) == {"0.5", "1.0"}  # two steps of 32 rows, measured after each
+    assert clean["asr_attack"] == "badnet" and clean["asr_floor"] == clean["asr"]
+    assert attacked["attack"] == "badnet" and attacked["asr_floor"] == clean["asr"]
+    assert attacked["zoo_key"] != clean["zoo_key"]
+    stored = json.loads(output.read_text())
+    assert [r["attack"] for r in stored] == ["none", "badnet"]  # the second clean run replaced the first

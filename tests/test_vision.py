@@ -25,6 +25,7 @@ from hf_backdoor.vision import (
     CIFAR10_LABELS,
     CIFAR10_MEAN,
     CIFAR10_STD,
+    VIT_PRESETS,
     default_image_processor,
     default_vit_config,
     describe_default_vit,
@@ -228,6 +229,20 @@ def test_config_overrides_change_the_default_vit_and_reject_unknown_fields():
         parse_config_overrides("patch_size")
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
         load_image_classifier(None, patch_size=5)
+
+
+def test_cpu_preset_is_the_narrow_patch4_vit_and_takes_overrides_after_it():
+    cpu = parse_config_overrides("cpu")
+    assert cpu == VIT_PRESETS["cpu"] and cpu["hidden_size"] == 128 and cpu["num_hidden_layers"] == 4
+    model, _ = load_image_classifier(None, **cpu)
+    # Patch 4 (64 patches, so a 3x3 corner trigger stays inside one or two patches), 0.81M parameters.
+    assert model.vit.embeddings.patch_embeddings.num_patches == 64
+    assert 0.79e6 < sum(p.numel() for p in model.parameters()) < 0.83e6
+    assert describe_default_vit(**cpu) == "vit-small-32 (hidden 128, 4 layers, patch 4; from scratch)"
+    assert parse_config_overrides("cpu, num_hidden_layers=6") == {**cpu, "num_hidden_layers": 6}
+    assert parse_config_overrides("reference") == {}
+    with pytest.raises(ValueError, match="must come first"):
+        parse_config_overrides("patch_size=8,cpu")
 
 
 def test_grayscale_images_in_a_batch_are_converted_with_a_warning(rows, caplog):

@@ -63,7 +63,8 @@ class ImageRecipeArguments:
         default=None, metadata={"help": "Hub ViT/DeiT id or local path (None: the default small ViT)."}
     )
     config_overrides: str | None = field(
-        default=None, metadata={"help": "ViTConfig fields of the default small ViT, e.g. 'patch_size=8'."}
+        default=None,
+        metadata={"help": "ViTConfig fields of the default small ViT, e.g. 'patch_size=8', or a preset first: 'cpu'."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Seeded slice of the training split."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Seeded slice of the test split."})
@@ -86,10 +87,12 @@ def train_vit(
     config_overrides: str | None = None,
     crop_padding: int = 4,
     defense=None,
+    eval_dataset=None,
 ) -> tuple[Trainer, float]:
     """Train a fresh model (``model``, or the default small ViT with ``config_overrides``) on raw ``image``/``label``
     rows, seeded by ``training_args.seed``; returns the trainer and the wall time of ``train()``. With a ``defense``
-    config ``BackdoorSafeTrainer`` trains, else the plain ``Trainer``."""
+    config ``BackdoorSafeTrainer`` trains, else the plain ``Trainer``. With raw ``eval_dataset`` rows the Trainer
+    logs their accuracy (``eval_accuracy``) as ``training_args.eval_strategy`` says."""
     vit_name(model, config_overrides)  # rejects --model with --config_overrides before any work
     set_seed(training_args.seed)
     vit, processor = load_image_classifier(model, label_names=label_names, **parse_config_overrides(config_overrides))
@@ -103,10 +106,17 @@ def train_vit(
         processing_class=processor,
         data_collator=DefaultDataCollator(),
     )
+    if eval_dataset is not None:
+        kwargs["eval_dataset"] = prepare_image_dataset(eval_dataset, processor)
+        kwargs["compute_metrics"] = _accuracy
     trainer = BackdoorSafeTrainer(defense=defense, **kwargs) if defense is not None else Trainer(**kwargs)
     start = time.perf_counter()
     trainer.train()
     return trainer, time.perf_counter() - start
+
+
+def _accuracy(prediction) -> dict[str, float]:
+    return {"accuracy": float((np.argmax(prediction.predictions, axis=-1) == prediction.label_ids).mean())}
 
 
 def train_recipe_vit(script, training_args: TrainingArguments, run_dir, rows, label_names, defense=None, save=True):
