@@ -83,6 +83,7 @@ def parse_args(argv=None):
         help="keep the trained ViTs here and reuse them across sections and runs (default: a temporary folder)",
     )
     parser.add_argument("--epochs", type=float, default=60, help="training epochs")
+    parser.add_argument("--batch-size", type=int, default=128, help="training batch size (the CPU preset: 64)")
     parser.add_argument("--max-train-samples", type=int, default=None, help="seeded slice of the training split")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="seeded slice of the test split")
     parser.add_argument("--poison-rate", type=float, default=0.1, help="share of the training rows poisoned")
@@ -134,7 +135,7 @@ def recipe_argv(args, attack: str, seed: int, output_dir: Path) -> list[str]:
     argv = ["--dataset", args.data, "--attack", attack, "--num_train_epochs", str(args.epochs), "--seed", str(seed)]
     argv += ["--poison_rate", str(args.poison_rate), "--output_dir", str(output_dir), "--save_models"]
     argv += ["--defense_kwargs", json.dumps(abl), "--crop_padding", str(args.crop_padding)]
-    argv += ["--dataloader_num_workers", str(args.workers)]
+    argv += ["--dataloader_num_workers", str(args.workers), "--per_device_train_batch_size", str(args.batch_size)]
     if args.config_overrides:
         argv += ["--config_overrides", args.config_overrides]
     if args.max_train_samples:
@@ -149,6 +150,7 @@ def models_dir(args, attack: str, seed: int) -> Path:
     cached model is only reused for the same data, epochs, architecture and poison rate."""
     setting = f"e{args.epochs:g}_r{args.poison_rate:g}_crop{args.crop_padding}_{Path(args.data).stem}"
     setting += f"_n{args.max_train_samples}" if args.max_train_samples else ""
+    setting += f"_b{args.batch_size}" if args.batch_size != 128 else ""
     setting += "_" + args.config_overrides.replace("=", "").replace(",", "_") if args.config_overrides else ""
     return Path(args.models_dir) / setting / f"{attack}_seed{seed}"
 

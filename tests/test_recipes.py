@@ -137,11 +137,14 @@ def test_vision_benchmark_hands_its_abl_and_loader_flags_to_the_recipe(tmp_path)
     from benchmarks import vision_defenses
 
     flags = "--workers 3 --abl-unlearning-epochs 20 --abl-unlearning-stop-accuracy 0.2 --abl-lga batch"
-    flags += " --abl-unlearning-objective ascent_descent"
+    flags += " --abl-unlearning-objective ascent_descent --config-overrides cpu --batch-size 64"
     recipe = vision_defenses.load_recipe()
     args = vision_defenses.parse_args(flags.split())
     script, training_args = recipe.parse_args(vision_defenses.recipe_argv(args, "badnet", 0, tmp_path))
     assert training_args.dataloader_num_workers == 3 and script.save_models and training_args.seed == 0
+    assert training_args.per_device_train_batch_size == 64 and script.config_overrides == "cpu"
+    args.models_dir = str(tmp_path)
+    assert vision_defenses.models_dir(args, "badnet", 0).parent.name.endswith("_b64_cpu")
     config = runs.recipe_defense(training_args, recipe.ABL_DEFAULTS)
     assert config.lga == "batch" and config.isolation_epochs == 10
     assert config.unlearning_epochs == 20 and config.unlearning_stop_accuracy == 0.2
