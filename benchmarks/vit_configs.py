@@ -169,6 +169,7 @@ def main(argv=None) -> list[dict]:
             "defense": "none",
             "model": describe_default_vit(**overrides),
             "config_overrides": spec,
+            "model_config": overrides,
             "params_m": round(params / 1e6, 3),
             "poison_rate": 0.0 if attack is None else attack.poison_rate,
             "cacc": evaluation.cacc,
@@ -209,7 +210,8 @@ def main(argv=None) -> list[dict]:
 
 
 def _same_run(a: dict, b: dict) -> bool:
-    keys = ("data", "config_overrides", "epochs", "batch_size", "learning_rate", "seed", "num_train")
+    """Same data, architecture (``cpu`` and its spelled-out fields are one) and training."""
+    keys = ("data", "model_config", "epochs", "batch_size", "learning_rate", "seed", "num_train")
     return all(a.get(k) == b.get(k) for k in keys)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.common import launch, records, repair, runs
 from hf_backdoor.defenses import RNPConfig
+from hf_backdoor.vision import VIT_PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VIT = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,patch_size=8"
@@ -422,3 +423,7 @@ def test_vit_config_benchmark_keeps_its_models_in_the_zoo_and_gives_attacked_run
     assert attacked["zoo_key"] != clean["zoo_key"]
     stored = json.loads(output.read_text())
     assert [r["attack"] for r in stored] == ["none", "badnet"]  # the second clean run replaced the first
+    spelled_out = ",".join(f"{k}={v}" for k, v in {**VIT_PRESETS["cpu"], "num_hidden_layers": 1}.items())
+    preset = bench.main(["--configs", "cpu,num_hidden_layers=1", *tiny[2:], "--epochs", "0.5"])[0]
+    again = bench.main(["--configs", spelled_out, *tiny[2:], "--epochs", "0.5", "--attack", "badnet"])[0]
+    assert preset["model_config"]["hidden_size"] == 128 and again["asr_floor"] == preset["asr"]  # one architecture
