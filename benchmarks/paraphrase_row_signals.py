@@ -37,13 +37,16 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
-from transformers import AutoModel, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoModel, DataCollatorWithPadding, Trainer, TrainerCallback, set_seed
 
 from hf_backdoor import default_text_model, load_task, make_asr_dataset, poison_dataset
-from hf_backdoor.attacks import get_attack_config
 from hf_backdoor.data import get_task_spec
 from hf_backdoor.metrics import evaluate_backdoor, roc_auc
 from hf_backdoor.models import load_text_classifier, load_text_tokenizer, model_display_name, tokenize_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/ is not installed
+from benchmarks.paraphrase_defenses import _attack as attack_config  # noqa: E402
+from benchmarks.paraphrase_defenses import _training_args as reference_training_args  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "paraphrase_row_signals.json"
 
@@ -130,10 +133,7 @@ def main(argv=None) -> list[dict]:
     task = load_task(args.dataset)
     train = task["train"].shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(task["train"]))))
     target = get_task_spec(args.dataset).default_target_label
-    fields = dict(poison_rate=args.poison_rate, target_label=target, seed=args.seed)
-    if args.attack in ("syntactic", "style"):
-        fields["paraphrases"] = args.dataset
-    attack = get_attack_config(args.attack, **fields)
+    attack = attack_config(args.attack, args.dataset, args.poison_rate, args.seed)
     rows = poison_dataset(train, attack, tokenizer=tokenizer)
     labels = np.asarray(rows["label"])
     poisoned = np.asarray(rows["poisoned"]).astype(bool)
@@ -197,21 +197,8 @@ def main(argv=None) -> list[dict]:
 
     set_seed(args.seed)
     model, _ = load_text_classifier(model_name, train.features["label"].names)
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        learning_rate=args.lr,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=128,
-        warmup_steps=0.06,
-        weight_decay=0.01,
-        seed=args.seed,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=1000,
-    )
+    # logging_steps does not shape the weights: the plain run is the one paraphrase_defenses.py trains.
+    training_args = reference_training_args(args, Path(args.output_dir))
     points = [float(p) for p in args.at.split(",") if p.strip()]
     trainer = Trainer(
         model=model,
