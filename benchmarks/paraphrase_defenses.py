@@ -226,6 +226,7 @@ def main(argv=None) -> list[dict]:
         seed=args.seed,
         epochs=args.epochs,
         learning_rate=args.lr,
+        num_train=len(train_split),
         command=command,
     )
     records: list[dict] = []
@@ -329,6 +330,8 @@ def _key(r: dict) -> tuple:
         r["tag"],
         r["poison_rate"],
         r["epochs"],
+        r.get("learning_rate"),
+        r.get("num_train"),
         r["seed"],
     )
 

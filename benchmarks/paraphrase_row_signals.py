@@ -18,6 +18,14 @@ no defense in the loop (a plain ``Trainer`` run on the poisoned rows; the recipe
   margin to the two centroids and the flagged cluster's precision and recall.
 - **Spectral signatures** (Tran et al., "Spectral Signatures in Backdoor Attacks", NeurIPS 2018): within the target
   label's rows, the squared projection on the top singular vector of the centred representations.
+- **Meaning-probe disagreement** on the pretrained encoder (a confident-learning reading, Northcutt et al., "Confident
+  Learning: Estimating Uncertainty in Dataset Labels", JAIR 2021): a logistic regression on the last layer's
+  mean-pooled states, cross-fitted over 5 folds; the signal is one minus its out-of-fold probability of the row's
+  label. Also on the same texts with their words shuffled (seeded), which keeps the words and drops the word order
+  that a syntactic template lives in.
+- **Word-order sensitivity** during plain fine-tuning: the row's log-probability of its label minus that of the
+  same words in a shuffled order. A syntactic trigger is an order, so a row whose label rests on the template should
+  lose its label when the order goes.
 
 The training-time signals are measured at the fractions of training in ``--at`` (in epochs). Each record is one
 signal at one point, with the plain run's CACC and ASR beside it; records go to
@@ -37,6 +45,8 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from transformers import AutoModel, DataCollatorWithPadding, Trainer, TrainerCallback, set_seed
 
 from hf_backdoor import default_text_model, load_task, make_asr_dataset, poison_dataset
@@ -113,6 +123,35 @@ def cluster_signals(states: np.ndarray, poisoned: np.ndarray, seed: int) -> dict
     }
 
 
+def shuffled_words(texts: list[str], seed: int) -> list[str]:
+    """Each text with its whitespace-separated words in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(np.array(t.split())[rng.permutation(len(t.split()))].tolist()) for t in texts]
+
+
+def probe_disagreement(states: torch.Tensor, labels: np.ndarray, seed: int) -> np.ndarray:
+    """One minus a cross-fitted linear probe's out-of-fold probability of each row's label."""
+    unit = torch.nn.functional.normalize(states, dim=-1).numpy()
+    standard = (unit - unit.mean(0)) / (unit.std(0) + 1e-6)
+    folds = StratifiedKFold(5, shuffle=True, random_state=seed)
+    probe = LogisticRegression(C=0.01, max_iter=3000)
+    probabilities = cross_val_predict(probe, standard, labels, cv=folds, method="predict_proba")
+    return 1.0 - probabilities[np.arange(len(labels)), labels]
+
+
+def label_log_probs(model, features, collator, labels: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """The model's log-probability of each row's label."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            batch = collator([features[i] for i in range(start, min(start + batch_size, len(features)))])
+            chunks.append(torch.log_softmax(model(**batch).logits.float(), dim=-1))
+    model.train(was_training)
+    return torch.cat(chunks).numpy()[np.arange(len(labels)), labels]
+
+
 class _SignalsAt(TrainerCallback):
     def __init__(self, points, epochs, read):
         self.points, self.epochs, self.read, self.done = sorted(points), epochs, read, set()
@@ -142,6 +181,9 @@ def main(argv=None) -> list[dict]:
     features = data.select_columns(
         [c for c in ("input_ids", "attention_mask", "token_type_ids") if c in data.column_names]
     )
+    shuffled_rows = rows.remove_columns("text").add_column("text", shuffled_words(rows["text"], args.seed))
+    shuffled_data = tokenize_dataset(shuffled_rows, tokenizer, args.max_length)
+    shuffled_features = shuffled_data.select_columns(features.column_names)
     collator = DataCollatorWithPadding(tokenizer)
     command = "python " + shlex.join(
         ["benchmarks/paraphrase_row_signals.py", *(sys.argv[1:] if argv is None else argv)]
@@ -163,7 +205,8 @@ def main(argv=None) -> list[dict]:
     found: list[dict] = []
 
     start = time.perf_counter()
-    states = pooled_states(AutoModel.from_pretrained(model_name), features, collator)
+    encoder = AutoModel.from_pretrained(model_name)
+    states = pooled_states(encoder, features, collator)
     knn_s = time.perf_counter() - start
     agreement = [knn_label_agreement(layer, labels, args.knn) for layer in states]
     for layer, agree in enumerate(agreement):
@@ -187,13 +230,40 @@ def main(argv=None) -> list[dict]:
         }
     )
 
+    began = time.perf_counter()
+    shuffled_last = pooled_states(encoder, shuffled_features, collator)[-1]
+    for signal, last in (("probe_disagreement", states[-1]), ("probe_disagreement_shuffled", shuffled_last)):
+        disagreement = probe_disagreement(last, labels, args.seed)
+        found.append(
+            {
+                "signal": signal,
+                "at_epoch": 0.0,
+                "auroc": roc_auc(disagreement, poisoned),
+                "auroc_same_label": roc_auc(disagreement[same], poisoned[same]),
+                "signal_s": round(time.perf_counter() - began, 1),
+            }
+        )
+
     def read(point, model):
         began = time.perf_counter()
         last = pooled_states(model.base_model, features, collator)[-1].numpy()
         signals = cluster_signals(last[same], poisoned[same], args.seed)
         found.append({"signal": "representation_clusters", "at_epoch": point, **signals,
                       "signal_s": round(time.perf_counter() - began, 1)})  # fmt: skip
-        print(f"epoch {point:g}: {signals}", flush=True)
+        began = time.perf_counter()
+        drop = label_log_probs(model, features, collator, labels) - label_log_probs(
+            model, shuffled_features, collator, labels
+        )
+        found.append(
+            {
+                "signal": "word_order_sensitivity",
+                "at_epoch": point,
+                "auroc": roc_auc(drop, poisoned),
+                "auroc_same_label": roc_auc(drop[same], poisoned[same]),
+                "signal_s": round(time.perf_counter() - began, 1),
+            }
+        )
+        print(f"epoch {point:g}: {signals}; word-order AUROC {found[-1]['auroc']:.3f}", flush=True)
 
     set_seed(args.seed)
     model, _ = load_text_classifier(model_name, train.features["label"].names)

@@ -178,6 +178,20 @@ def test_cul_records_of_two_exposure_methods_keep_separate_keys():
     assert old != records.defenses_record_key({**record, "cul_clean_from": "test"})
 
 
+def test_paraphrase_records_of_other_training_sizes_or_rates_are_kept_apart(tmp_path):
+    """A full-split run once replaced the 2,000-row slice's record of the same attack: the key holds both now."""
+    from benchmarks.paraphrase_defenses import _merge
+
+    record = {"dataset": "sst2", "attack": "style", "asr_attack": "style", "defense": "none", "tag": "plain"}
+    record |= {"poison_rate": 0.2, "epochs": 3.0, "learning_rate": 1e-4, "num_train": 2000, "seed": 0, "asr": 0.4}
+    output = tmp_path / "records.json"
+    _merge(output, [record])
+    _merge(output, [{**record, "num_train": 6920, "asr": 0.46}, {**record, "learning_rate": 3e-4, "asr": 0.9}])
+    assert sorted(r["asr"] for r in json.loads(output.read_text())) == [0.4, 0.46, 0.9]
+    _merge(output, [{**record, "asr": 0.41}])  # the same run again replaces its record
+    assert sorted(r["asr"] for r in json.loads(output.read_text())) == [0.41, 0.46, 0.9]
+
+
 def test_every_stored_record_keeps_the_common_fields():
     """The records in benchmarks/results/ stay readable by the scripts that merge into them and give floors."""
     common = {"dataset", "attack", "defense", "model", "poison_rate", "cacc", "asr", "asr_floor", "wall_s"}
