@@ -29,7 +29,8 @@ no defense in the loop (a plain ``Trainer`` run on the poisoned rows; the recipe
 
 The training-time signals are measured at the fractions of training in ``--at`` (in epochs). Each record is one
 signal at one point, with the plain run's CACC and ASR beside it; records go to
-``benchmarks/results/paraphrase_row_signals.json`` (same dataset, attack, rate, seed, signal and point replaced).
+``benchmarks/results/paraphrase_row_signals.json`` (same dataset, attack, rate, training size, seed,
+signal and point replaced).
 """
 
 from __future__ import annotations
@@ -302,7 +303,12 @@ def main(argv=None) -> list[dict]:
     if not args.no_save:
         output = Path(args.output)
         existing = json.loads(output.read_text()) if output.exists() else []
-        key = lambda r: (r["dataset"], r["attack"], r["poison_rate"], r["seed"], r["signal"], r["at_epoch"])  # noqa: E731
+
+        def key(r):
+            return tuple(
+                r.get(k) for k in ("dataset", "attack", "poison_rate", "num_train", "seed", "signal", "at_epoch")
+            )
+
         replaced = {key(r) for r in records}
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps([r for r in existing if key(r) not in replaced] + records, indent=1) + "\n")
