@@ -374,3 +374,28 @@ def test_badnets_old_name_still_works_with_a_warning():
     with pytest.warns(FutureWarning, match="'badnets' is deprecated; use 'badnet'"):
         config = get_image_attack_config("badnets", patch_size=4)
     assert isinstance(config, ImageBadNetsConfig) and config.name == "badnet"
+
+
+def test_backdoor_location_probes_find_the_trigger_patch_and_patching_every_token_restores_the_clean_forward(cifar):
+    """benchmarks/backdoor_location.py: BadNets' corner patch is the one token it changes; restoring every token at
+    a layer's input gives the trigger-free logits; zeroing a layer's top units through masks changes the output."""
+    from benchmarks.backdoor_location import Probe, _masks, _pixels, _trigger_tokens, effect_sizes
+    from hf_backdoor.attacks import get_image_attack_config
+    from hf_backdoor.vision import default_image_processor
+    from tests.conftest import tiny_cifar_vit
+
+    test = cifar["test"].select(range(40))
+    asr_rows = make_asr_dataset(test, get_image_attack_config("badnet", target_label=0))
+    processor = default_image_processor()
+    triggered, clean = _pixels(asr_rows, processor), _pixels(test.select(asr_rows["row_index"]), processor)
+    model = tiny_cifar_vit()
+    grid = model.config.image_size // model.config.patch_size
+    assert _trigger_tokens(clean, triggered, model.config.patch_size) == [grid * grid]  # bottom-right, CLS is 0
+    probe = Probe(model)
+    every_token = list(range(grid * grid + 1))
+    torch.testing.assert_close(probe.patched_logits(triggered, clean, 0, every_token), probe.logits(clean))
+    assert not torch.allclose(probe.logits(triggered), probe.logits(clean))
+    d = effect_sizes(probe, clean, triggered)
+    assert [len(x) for x in d] == [model.config.intermediate_size]
+    zeroed = probe.logits(triggered, _masks(probe, {0: np.argsort(-d[0])[:8]}))
+    assert not torch.allclose(zeroed, probe.logits(triggered))
