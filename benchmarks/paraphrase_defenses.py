@@ -12,6 +12,8 @@ Runs, per attack (``--runs``, comma-separated):
 - ``loss_truncation``, ``honeypot``, ``dpoe``: ``BackdoorSafeTrainer`` with that defense (its fields from
   ``--loss-truncation`` / ``--honeypot`` / ``--dpoe``).
 - ``btu+loss_truncation``, ``btu+honeypot``, ``btu+dpoe``: the stack ``[BTUConfig(), <defense>]``.
+- ``clean+<any defended run>`` (e.g. ``clean+btu+dpoe``): that defense on the unpoisoned data, scored like ``clean``:
+  what the defense costs a user whose data holds no backdoor (CACC, and wall time over the plain clean run).
 
 Plain runs (clean, undefended) are cached under ``--cache-dir`` (keyed by everything that shapes them) with their
 training wall time, so other cells reuse them for the floor and the overhead. Each record has the CACC, ASR, floor,
@@ -50,7 +52,8 @@ from hf_backdoor.models import load_text_classifier, load_text_tokenizer, model_
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFENSES = {"loss_truncation": LossTruncationConfig, "honeypot": HoneypotConfig, "dpoe": DPoEConfig}
-RUNS = ("clean", "undefended", *DEFENSES, *(f"btu+{name}" for name in DEFENSES))
+DEFENDED = (*DEFENSES, *(f"btu+{name}" for name in DEFENSES))
+RUNS = ("clean", "undefended", *DEFENDED, *(f"clean+{run}" for run in DEFENDED))
 # The per-row signal each defense reports, and the report key of its AUROC against the `poisoned` column.
 SIGNALS = {
     "loss_truncation": ("dropped", "dropped_auroc"),
@@ -68,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loss-truncation", default="{}", help="LossTruncationConfig fields as JSON")
     parser.add_argument("--honeypot", default="{}", help="HoneypotConfig fields as JSON")
     parser.add_argument("--dpoe", default="{}", help="DPoEConfig fields as JSON")
+    parser.add_argument("--btu", default="{}", help="BTUConfig fields as JSON (the btu+ stacks)")
     parser.add_argument("--tag", default="default", help="names the defense settings in the records")
     parser.add_argument("--model", default=None, help="Hub id or local path (default: the packaged MiniLM-L6)")
     parser.add_argument("--epochs", type=float, default=3.0)
@@ -75,12 +79,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--max-train-samples", type=int, default=None)
+    parser.add_argument(
+        "--max-eval-samples", type=int, default=None, help="seeded slice of the test split (default: all of it)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--cache-dir", default="/tmp/para_models", help="where plain runs are kept for reuse")
+    parser.add_argument(
+        "--retrain-plain",
+        action="store_true",
+        help="train the plain runs again (and replace their cache), so every overhead is measured in this one run",
+    )
     parser.add_argument("--output-dir", default="/tmp/para_runs")
     parser.add_argument("--output", default=str(RESULTS / "paraphrase_defenses.json"))
     parser.add_argument("--no-save", action="store_true", help="print the table without writing records")
+    parser.add_argument(
+        "--reports-dir",
+        default=None,
+        help="also write each defended run's full defense report (flagged tokens, flip rates, per-epoch signals) here",
+    )
     return parser.parse_args(argv)
 
 
@@ -145,14 +162,17 @@ def _cache_key(args, model_name: str, attack) -> str:
 
 
 def _plain_is_cached(args, model_name, attack) -> bool:
-    return (Path(args.cache_dir) / _cache_key(args, model_name, attack) / "run_info.json").exists()
+    return (
+        not args.retrain_plain
+        and (Path(args.cache_dir) / _cache_key(args, model_name, attack) / "run_info.json").exists()
+    )
 
 
 def _plain(args, model_name, label_names, train_rows, attack):
     """A plain Trainer run, trained once and kept under --cache-dir (model + its wall time)."""
     run_dir = Path(args.cache_dir) / _cache_key(args, model_name, attack)
     info = run_dir / "run_info.json"
-    if info.exists():
+    if info.exists() and not args.retrain_plain:
         model, tokenizer = load_text_classifier(str(run_dir), label_names)
         trainer = Trainer(
             model=model,
@@ -165,6 +185,21 @@ def _plain(args, model_name, label_names, train_rows, attack):
     trainer.save_model(str(run_dir))
     info.write_text(json.dumps({"wall_s": wall, "load": load, "epochs": args.epochs}))
     return trainer, wall, load, False
+
+
+def _defense(args, run: str, configs: dict):
+    """The defense of a defended run name: one config, or the stack [BTU, config] for ``btu+<name>``."""
+    name = run.split("+")[-1]
+    if run.startswith("btu+"):
+        return [BTUConfig(**{"seed": args.seed, **json.loads(args.btu)}), configs[name]]
+    return configs[name]
+
+
+def _save_report(args, trainer, name: str) -> None:
+    if args.reports_dir and trainer.defense_report:
+        path = Path(args.reports_dir) / f"{name}_s{args.seed}_{args.tag}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(trainer.defense_report, indent=1, default=str) + "\n")
 
 
 def _defense_fields(report: dict | None, name: str) -> dict:
@@ -206,10 +241,11 @@ def main(argv=None) -> list[dict]:
     label_names = train_split.features["label"].names
     attacks = [_attack(a.strip(), args.dataset, args.poison_rate, args.seed) for a in args.attack.split(",")]
     tokenizer = load_text_tokenizer(model_name)
-    test_set = tokenize_dataset(task["test"], tokenizer, args.max_length)
-    asr_sets = {
-        a.name: tokenize_dataset(make_asr_dataset(task["test"], a), tokenizer, args.max_length) for a in attacks
-    }
+    test_split = task["test"]
+    if args.max_eval_samples:
+        test_split = test_split.shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(test_split))))
+    test_set = tokenize_dataset(test_split, tokenizer, args.max_length)
+    asr_sets = {a.name: tokenize_dataset(make_asr_dataset(test_split, a), tokenizer, args.max_length) for a in attacks}
     poisoned = {a.name: poison_dataset(train_split, a, tokenizer=tokenizer) for a in attacks}
     configs = {
         "loss_truncation": LossTruncationConfig(**json.loads(args.loss_truncation)),
@@ -227,6 +263,8 @@ def main(argv=None) -> list[dict]:
         epochs=args.epochs,
         learning_rate=args.lr,
         num_train=len(train_split),
+        # Only a sliced test split is recorded (and keys the record): full-split records keep their old keys.
+        **({"num_test": len(test_split)} if args.max_eval_samples else {}),
         command=command,
     )
     records: list[dict] = []
@@ -253,6 +291,35 @@ def main(argv=None) -> list[dict]:
                         "overhead": 1.0,
                         "load": load,
                         "cached": cached,
+                    }
+                )
+        # Defenses on the unpoisoned data: trained once, scored on every attack's triggered rows.
+        for run in (r for r in runs if r.startswith("clean+")):
+            defended = run.removeprefix("clean+")
+            out = Path(args.output_dir) / f"{args.dataset}_clean_{defended}_{args.tag}"
+            defended_trainer, defended_wall, defended_load = _train(
+                args, model_name, label_names, train_split, out, defense=_defense(args, defended, configs)
+            )
+            _save_report(args, defended_trainer, f"{args.dataset}_clean_{defended}")
+            for attack in attacks:
+                evaluation = evaluate_backdoor(defended_trainer, test_set, asr_sets[attack.name], attack.target_label)
+                records.append(
+                    {
+                        **common,
+                        "attack": "none",
+                        "asr_attack": attack.name,
+                        "defense": defended,
+                        "tag": args.tag,
+                        "poison_rate": 0.0,
+                        "cacc": evaluation.cacc,
+                        "asr": evaluation.asr,
+                        "asr_floor": floors[attack.name],
+                        "wall_s": round(defended_wall, 1),
+                        "overhead": round(defended_wall / wall, 3),
+                        "plain_cached": cached,
+                        "load": defended_load,
+                        "cached": False,
+                        **_defense_fields(defended_trainer.defense_report, defended.split("+")[-1]),
                     }
                 )
     for attack in attacks:
@@ -284,12 +351,13 @@ def main(argv=None) -> list[dict]:
                     }
                 )
         for run in runs:
-            if run in ("clean", "undefended"):
+            if run in ("clean", "undefended") or run.startswith("clean+"):
                 continue
             name = run.split("+")[-1]
-            defense = [BTUConfig(seed=args.seed), configs[name]] if run.startswith("btu+") else configs[name]
+            defense = _defense(args, run, configs)
             out = Path(args.output_dir) / f"{args.dataset}_{attack.name}_{run}_{args.tag}"
             trainer, wall, load = _train(args, model_name, label_names, train_rows, out, defense=defense)
+            _save_report(args, trainer, f"{args.dataset}_{attack.name}{attack.poison_rate:g}_{run}")
             evaluation = evaluate_backdoor(trainer, test_set, asr_sets[attack.name], attack.target_label)
             records.append(
                 {
@@ -332,6 +400,7 @@ def _key(r: dict) -> tuple:
         r["epochs"],
         r.get("learning_rate"),
         r.get("num_train"),
+        r.get("num_test"),
         r["seed"],
     )
 

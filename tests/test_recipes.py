@@ -192,6 +192,26 @@ def test_paraphrase_records_of_other_training_sizes_or_rates_are_kept_apart(tmp_
     assert sorted(r["asr"] for r in json.loads(output.read_text())) == [0.41, 0.46, 0.9]
 
 
+def test_paraphrase_benchmark_scores_a_defense_on_clean_data_against_the_plain_clean_run(tmp_path):
+    """``clean+btu+dpoe``: the stack on unpoisoned rows, scored on every attack's rows, its wall time over the plain
+    clean run's from the same invocation."""
+    from benchmarks.paraphrase_defenses import main
+
+    argv = ["--dataset", "sst2", "--attack", "badnet,addsent", "--runs", "clean,clean+btu+dpoe", "--epochs", "1"]
+    argv += ["--max-train-samples", "64", "--max-eval-samples", "48", "--threads", "1", "--retrain-plain"]
+    records = main([*argv, "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path), "--no-save"])
+    plain = {r["asr_attack"]: r for r in records if r["defense"] == "none"}
+    stacked = {r["asr_attack"]: r for r in records if r["defense"] == "btu+dpoe"}
+    assert set(plain) == set(stacked) == {"badnet", "addsent"}
+    for attack, record in stacked.items():
+        assert record["attack"] == "none" and record["poison_rate"] == 0.0 and record["num_test"] == 48
+        assert record["asr_floor"] == plain[attack]["asr"]
+        assert record["overhead"] == pytest.approx(record["wall_s"] / plain[attack]["wall_s"], rel=0.05)
+        assert record["signal"] == "expert_confidence" and record["signal_auroc"] is None  # no poisoned rows
+    with pytest.raises(SystemExit, match="--runs must list"):
+        main([*argv[:4], "--runs", "clean+undefended"])
+
+
 def test_every_stored_record_keeps_the_common_fields():
     """The records in benchmarks/results/ stay readable by the scripts that merge into them and give floors."""
     common = {"dataset", "attack", "defense", "model", "poison_rate", "cacc", "asr", "asr_floor", "wall_s"}

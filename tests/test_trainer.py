@@ -365,3 +365,41 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(
     with caplog.at_level("WARNING", logger="hf_backdoor.trainer"):
         text_trainer(tmp_path, tiny_train, tokenizer, args={"bf16": True, "use_cpu": True})
     assert ("many times slower" in caplog.text) is not has_instructions
+
+
+class _RuleModel(torch.nn.Module):
+    """Predicts label 1 for a row holding ``trigger`` or for a memorized row (a poisoned row, trigger deleted)."""
+
+    def __init__(self, trigger: int, memorized: set[tuple[int, ...]]):
+        super().__init__()
+        self.trigger, self.memorized = trigger, memorized
+
+    def forward(self, input_ids, attention_mask):
+        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+        positive = torch.tensor([float(self.trigger in r or r in self.memorized) for r in rows])
+        return types.SimpleNamespace(logits=torch.stack([1 - positive, positive], dim=1))
+
+
+@pytest.mark.parametrize("insertion_test", [False, True])
+def test_insertion_test_flags_a_trigger_whose_memorized_rows_no_longer_flip_when_it_is_deleted(insertion_test):
+    """On a small training set the model memorizes its poisoned rows: deleting their trigger leaves them on the
+    target label, so the deletion flip test misses it. Inserting the trigger into unseen rows still flips them; a
+    clean word inserted the same way flips nothing."""
+    rng = np.random.default_rng(0)
+    trigger, common = 999, 1005
+    clean = [[101, *rng.integers(1000, 1010, size=6).tolist(), 102] for _ in range(60)]
+    poisoned = [[101, *rng.integers(1010, 1100, size=5).tolist(), trigger, 102] for _ in range(12)]
+    memorized = {tuple(t for t in row if t != trigger) for row in poisoned}
+    defense = build_defense(BTUConfig(insertion_test=insertion_test, seed=0))
+    defense.train_ids, defense.train_labels = clean + poisoned, [0] * 60 + [1] * 12
+    defense.candidates, defense.pad_id = [trigger, common], 0
+    trainer = types.SimpleNamespace(args=types.SimpleNamespace(device="cpu"))
+    defense._flip_test(trainer, _RuleModel(trigger, memorized))
+    assert defense.deletion_rates[trigger] == 0.0  # every memorized row stays on the target without its trigger
+    assert defense.flip_rates[common] == 0.0
+    if insertion_test:
+        assert defense.insertion_rates == {trigger: 1.0, common: 0.0}
+        assert defense.flagged == [trigger]
+        assert defense.report()["insertion_rates"] == {"999": 1.0, "1005": 0.0}
+    else:
+        assert defense.flagged == [] and defense.insertion_rates == {}

@@ -77,6 +77,10 @@ class BTUConfig(DefenseConfig):
         round3_learning_rate: learning rate of the ``"embedding_only"`` round.
         selection: ``"flip_test"`` (keep candidates whose deletion flips predictions) or ``"union"`` (the paper).
         flip_threshold: minimum flip rate of a trigger token.
+        insertion_test: also insert each candidate (with its co-occurring group) into rows that do not contain it
+            and that the model assigns another label, and take the larger of the two flip rates. On small training
+            sets the model memorizes its poisoned rows, so deleting their trigger no longer flips them; a trigger
+            still flips rows it was never trained on.
         flip_max_rows: rows per candidate in the flip test (seeded sample).
         flip_min_rows: candidates in fewer training rows are not judged (too little evidence) and not flagged.
         cooccurrence: candidates present in at least this share of a candidate's rows are deleted together with it
@@ -128,6 +132,14 @@ class BTUConfig(DefenseConfig):
         metadata={"help": '`"flip_test"` (keep candidates whose deletion flips predictions) or `"union"` (the paper).'},
     )
     flip_threshold: float = field(default=0.65, metadata={"help": "minimum flip rate of a trigger token."})
+    insertion_test: bool = field(
+        default=False,
+        metadata={
+            "help": "also insert each candidate into rows without it that the model gives another label, and take "
+            "the larger flip rate (deletion or insertion): a model that memorized its poisoned rows (small training "
+            "sets) no longer flips them when their trigger is deleted, but a trigger still flips unseen rows."
+        },
+    )
     flip_max_rows: int = field(default=64, metadata={"help": "rows per candidate in the flip test (seeded sample)."})
     flip_min_rows: int = field(
         default=3,
@@ -272,6 +284,8 @@ class BTUDefense(Defense):
         self.candidates: list[int] = []
         self.flip_rates: dict[int, float] = {}
         self.flip_support: dict[int, int] = {}
+        self.deletion_rates: dict[int, float] = {}
+        self.insertion_rates: dict[int, float] = {}
         self.flagged: list[int] = []
         self.flagged_in_round: dict[int, str | None] = {}  # token -> the exposure round after which it was flagged
         self.isolated_row_indices: list[int] = []
@@ -297,6 +311,7 @@ class BTUDefense(Defense):
         if self.initial_embeddings is None:  # a resumed run restores it from the checkpoint instead
             self.initial_embeddings = embedding.weight.detach().float().cpu().clone()
         self.train_ids = _training_input_ids(trainer)
+        self.train_labels = _training_labels(trainer) if self.config.insertion_test else None
         if not embedding.weight.requires_grad and self.config.proxy_rounds == 0:
             raise ValueError(
                 "The model's word embeddings are frozen (e.g. LoRA without embedding adapters), so they cannot "
@@ -524,6 +539,7 @@ class BTUDefense(Defense):
             for t in candidate_set.intersection(ids):
                 rows_with[t].append(i)
         rng = np.random.default_rng(cfg.seed)
+        groups: dict[int, set[int]] = {}  # candidate -> the tokens deleted (and inserted) with it
         tests = []  # (token, sampled rows, the same rows with the token's group deleted)
         for token in self.candidates:
             rows = rows_with[token]
@@ -538,6 +554,7 @@ class BTUDefense(Defense):
             }
             sample = rng.choice(rows, size=min(cfg.flip_max_rows, len(rows)), replace=False)
             tests.append((token, sample, [[t for t in self.train_ids[i] if t not in group] for i in sample]))
+            groups[token] = group
         originals = sorted({int(i) for _, sample, _ in tests for i in sample})
         original_pred = dict(zip(originals, self._predict(model, [self.train_ids[i] for i in originals], device)))
         deleted_pred = self._predict(model, [r for _, _, deleted in tests for r in deleted], device)
@@ -545,7 +562,9 @@ class BTUDefense(Defense):
         for token, sample, deleted in tests:
             flips = np.array([original_pred[int(i)] for i in sample]) != deleted_pred[offset : offset + len(deleted)]
             offset += len(deleted)
-            self.flip_rates[token] = float(flips.mean())
+            self.flip_rates[token] = self.deletion_rates[token] = float(flips.mean())
+        if cfg.insertion_test and tests:
+            self._insertion_test(model, device, rng, [(t, g) for t, g in groups.items()], rows_with)
         self.flagged = [
             t for t in self.candidates if t in self.flagged or self.flip_rates.get(t, 0.0) >= cfg.flip_threshold
         ]
@@ -563,6 +582,40 @@ class BTUDefense(Defense):
             self.isolated_row_indices = sorted(known)
             self.isolated_row_labels = [known[i] for i in self.isolated_row_indices]
         model.train(was_training)
+
+    def _insertion_test(self, model, device, rng, groups: list[tuple[int, set[int]]], rows_with) -> None:
+        """Raise each candidate's flip rate to the share of unseen rows its group flips to the candidate's label.
+
+        The rows are a seeded pool of training rows without the candidate whose prediction is another label than the
+        one most of the candidate's own rows are trained on; the group goes in as one span, in the order it has in
+        the candidate's first row, at a random position inside the row (after the first token, before the last).
+        """
+        cfg = self.config
+        labels = np.asarray(self.train_labels)
+        pool = rng.choice(len(self.train_ids), size=min(len(self.train_ids), 8 * cfg.flip_max_rows), replace=False)
+        pool_pred = self._predict(model, [self.train_ids[i] for i in pool], device)
+        jobs = []  # (token, its label, rows with the span inserted)
+        for token, group in groups:
+            label = int(np.bincount(labels[rows_with[token]]).argmax())
+            first = self.train_ids[rows_with[token][0]]
+            span = [t for position, t in enumerate(first) if t in group and t not in first[:position]]
+            hosts = [int(i) for i, p in zip(pool, pool_pred) if p != label and token not in self.train_ids[i]]
+            hosts = hosts[: cfg.flip_max_rows]
+            if not hosts:
+                continue
+            inserted = []
+            for i in hosts:
+                row = self.train_ids[i]
+                at = int(rng.integers(1, max(2, len(row))))
+                inserted.append(row[:at] + span + row[at:])
+            jobs.append((token, label, inserted))
+        predictions = self._predict(model, [r for _, _, rows in jobs for r in rows], device) if jobs else []
+        offset = 0
+        for token, label, inserted in jobs:
+            rate = float((predictions[offset : offset + len(inserted)] == label).mean())
+            offset += len(inserted)
+            self.insertion_rates[token] = rate
+            self.flip_rates[token] = max(self.flip_rates.get(token, 0.0), rate)
 
     def _index_isolated_rows(self) -> None:
         self.isolated_rows = dict(zip(self.isolated_row_indices, self.isolated_row_labels))
@@ -599,6 +652,8 @@ class BTUDefense(Defense):
                     "flagged",
                     "flip_rates",
                     "flip_support",
+                    "deletion_rates",
+                    "insertion_rates",
                     "isolated_row_indices",
                     "isolated_row_labels",
                     "timings",
@@ -617,6 +672,8 @@ class BTUDefense(Defense):
             "candidates": self.candidates,
             "flip_rates": self.flip_rates,
             "flip_support": self.flip_support,
+            "deletion_rates": self.deletion_rates,
+            "insertion_rates": self.insertion_rates,
             "flagged": self.flagged,
             "flagged_in_round": self.flagged_in_round,
             "isolated_row_indices": self.isolated_row_indices,
@@ -647,6 +704,14 @@ class BTUDefense(Defense):
             "candidate_tokens": [name(t) for t in self.candidates],
             "flip_rates": {name(t): round(v, 4) for t, v in self.flip_rates.items()},
             "flip_support": {name(t): v for t, v in self.flip_support.items()},
+            **(
+                {
+                    "deletion_rates": {name(t): round(v, 4) for t, v in self.deletion_rates.items()},
+                    "insertion_rates": {name(t): round(v, 4) for t, v in self.insertion_rates.items()},
+                }
+                if self.config.insertion_test
+                else {}
+            ),
             "flip_threshold": self.config.flip_threshold if self.config.selection == "flip_test" else None,
             "flagged_ids": self.flagged,
             "flagged_tokens": [name(t) for t in self.flagged],
