@@ -78,9 +78,9 @@ class BTUConfig(DefenseConfig):
         selection: ``"flip_test"`` (keep candidates whose deletion flips predictions) or ``"union"`` (the paper).
         flip_threshold: minimum flip rate of a trigger token.
         insertion_test: also insert each candidate (with its co-occurring group) into rows that do not contain it
-            and that the model assigns another label, and take the larger of the two flip rates. On small training
-            sets the model memorizes its poisoned rows, so deleting their trigger no longer flips them; a trigger
-            still flips rows it was never trained on.
+            and that the model assigns another label, and take the larger of the two flip rates: a trigger flips
+            rows it was never trained on, even where a model that fit its own rows keeps them on the target label
+            without it. Off by default: on clean SST-2 it also flags strong sentiment words (see the README).
         flip_max_rows: rows per candidate in the flip test (seeded sample).
         flip_min_rows: candidates in fewer training rows are not judged (too little evidence) and not flagged.
         cooccurrence: candidates present in at least this share of a candidate's rows are deleted together with it
@@ -136,8 +136,9 @@ class BTUConfig(DefenseConfig):
         default=False,
         metadata={
             "help": "also insert each candidate into rows without it that the model gives another label, and take "
-            "the larger flip rate (deletion or insertion): a model that memorized its poisoned rows (small training "
-            "sets) no longer flips them when their trigger is deleted, but a trigger still flips unseen rows."
+            "the larger flip rate (deletion or insertion): a trigger flips rows it was never trained on, even where "
+            "a model that fit its own rows keeps them on the target label without it. Off by default: on clean "
+            "SST-2 it also flags strong sentiment words."
         },
     )
     flip_max_rows: int = field(default=64, metadata={"help": "rows per candidate in the flip test (seeded sample)."})
