@@ -43,6 +43,7 @@ from benchmarks.common.runs import limit_splits  # noqa: E402
 from hf_backdoor import make_asr_dataset  # noqa: E402
 from hf_backdoor.attacks import get_image_attack_config  # noqa: E402
 from hf_backdoor.defenses import ExposeConfig, TransformerUnits, expose_model, sanitize_model  # noqa: E402
+from hf_backdoor.metrics import attack_success_rate, clean_accuracy  # noqa: E402
 from hf_backdoor.vision import describe_default_vit, load_image_task, prepare_image_dataset  # noqa: E402
 
 BATCH = 500
@@ -155,19 +156,14 @@ def effect_sizes(probe: Probe, clean: torch.Tensor, triggered: torch.Tensor) -> 
     return [((a - b).mean(0) / (b.std(0) + 1e-6)).numpy() for b, a in zip(before, after)]
 
 
-def _scores(logits: torch.Tensor, labels: np.ndarray, target: int | None = None) -> float:
-    predicted = logits.argmax(-1).numpy()
-    return float((predicted == target).mean()) if target is not None else float((predicted == labels).mean())
-
-
 class Scorer:
     def __init__(self, test_pixels, test_labels, asr_pixels, asr_clean_pixels, target):
         self.test_pixels, self.test_labels = test_pixels, test_labels
         self.asr_pixels, self.asr_clean_pixels, self.target = asr_pixels, asr_clean_pixels, target
 
     def __call__(self, probe: Probe, masks=None) -> tuple[float, float]:
-        cacc = _scores(probe.logits(self.test_pixels, masks), self.test_labels)
-        asr = _scores(probe.logits(self.asr_pixels, masks), None, self.target)
+        cacc = clean_accuracy(probe.logits(self.test_pixels, masks).argmax(-1).numpy(), self.test_labels)
+        asr = attack_success_rate(probe.logits(self.asr_pixels, masks).argmax(-1).numpy(), self.target)
         return cacc, asr
 
 
@@ -236,8 +232,9 @@ def patching(probe: Probe, score: Scorer, tokens: list[int]) -> dict:
     for name, which in (("trigger_patches", tokens), ("cls", [0])):
         out[f"patch_{name}_asr_per_position"] = [
             round(
-                _scores(
-                    probe.patched_logits(score.asr_pixels, score.asr_clean_pixels, position, which), None, score.target
+                attack_success_rate(
+                    probe.patched_logits(score.asr_pixels, score.asr_clean_pixels, position, which).argmax(-1).numpy(),
+                    score.target,
                 ),
                 4,
             )

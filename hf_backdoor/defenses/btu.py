@@ -565,7 +565,7 @@ class BTUDefense(Defense):
             offset += len(deleted)
             self.flip_rates[token] = self.deletion_rates[token] = float(flips.mean())
         if cfg.insertion_test and tests:
-            self._insertion_test(model, device, rng, [(t, g) for t, g in groups.items()], rows_with)
+            self._insertion_test(model, device, rng, groups.items(), rows_with)
         self.flagged = [
             t for t in self.candidates if t in self.flagged or self.flip_rates.get(t, 0.0) >= cfg.flip_threshold
         ]
@@ -584,7 +584,7 @@ class BTUDefense(Defense):
             self.isolated_row_labels = [known[i] for i in self.isolated_row_indices]
         model.train(was_training)
 
-    def _insertion_test(self, model, device, rng, groups: list[tuple[int, set[int]]], rows_with) -> None:
+    def _insertion_test(self, model, device, rng, groups, rows_with) -> None:
         """Raise each candidate's flip rate to the share of unseen rows its group flips to the candidate's label.
 
         The rows are a seeded pool of training rows without the candidate whose prediction is another label than the
