@@ -31,9 +31,9 @@ same slice and recipe (``None`` when there is none); the undefended run is there
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -46,10 +46,12 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from hf_backdoor import default_text_model, load_task, make_asr_dataset, poison_dataset
-from hf_backdoor.attacks import get_attack_config
-from hf_backdoor.data import get_task_spec
 from hf_backdoor.metrics import evaluate_backdoor, roc_auc
 from hf_backdoor.models import load_text_classifier, load_text_tokenizer, model_display_name, tokenize_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
+from benchmarks.common.records import command_line, device_name, merge_records  # noqa: E402
+from benchmarks.paraphrase_defenses import _attack, _training_args  # noqa: E402  (the same attack and recipe)
 
 PUNCTUATION = {",", ".", "!", "?", ";", ":", "'s", "n't", "--", "-", "'"}
 # Kept visible when function words are blanked: they carry sentiment.
@@ -70,6 +72,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-train-samples", type=int, default=2000)
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output-dir", default="/tmp/hf_backdoor_surface_probes")
@@ -139,11 +142,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     task = load_task(args.dataset)
     train = task["train"].shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(task["train"]))))
-    target = get_task_spec(args.dataset).default_target_label
-    kwargs = dict(poison_rate=args.poison_rate, target_label=target, seed=args.seed)
-    if args.attack in ("syntactic", "style"):
-        kwargs["paraphrases"] = args.dataset
-    attack = get_attack_config(args.attack, **kwargs)
+    attack = _attack(args.attack, args.dataset, args.poison_rate, args.seed)
     model_name = default_text_model()
     tokenizer = load_text_tokenizer(model_name)
     rows = poison_dataset(train, attack, tokenizer=tokenizer)
@@ -163,19 +162,9 @@ def main(argv=None) -> dict:
     else:
         record["blanked_tokens"] = blank_function_words(model, tokenizer)
     data = data.remove_columns([c for c in data.column_names if c not in columns])
-    training_args = TrainingArguments(
-        output_dir=args.output_dir,
-        learning_rate=args.lr,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=32,
-        warmup_steps=0.06,
-        weight_decay=0.01,
-        seed=args.seed,
-        save_strategy="no",
-        logging_steps=50,
-        report_to="none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
+    # The expert's column must reach compute_loss, so the Trainer may not drop the columns the model does not take.
+    training_args = _training_args(
+        args, Path(args.output_dir), cls=functools.partial(TrainingArguments, remove_unused_columns=False)
     )
     trainer = trainer_cls(
         model=model,
@@ -197,7 +186,7 @@ def main(argv=None) -> dict:
         scorer,
         tokenize_dataset(test, tokenizer, 128),
         tokenize_dataset(make_asr_dataset(test, attack), tokenizer, 128),
-        target,
+        attack.target_label,
     )
     record = {
         "dataset": args.dataset,
@@ -212,18 +201,14 @@ def main(argv=None) -> dict:
         "asr_floor": recorded_floor(args),
         "wall_s": round(wall, 1),
         "overhead": None,
-        "device": f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(),
         "seed": args.seed,
         **record,
-        "command": "python " + shlex.join(["benchmarks/paraphrase_surface_probes.py", *(argv or sys.argv[1:])]),
+        "command": command_line("benchmarks/paraphrase_surface_probes.py", sys.argv[1:] if argv is None else argv),
     }
     print(json.dumps(record))
-    output = Path(args.output)
-    records = json.loads(output.read_text()) if output.exists() else []
     key = ("dataset", "attack", "probe", "poison_rate", "num_train", "seed")
-    records = [r for r in records if tuple(r.get(k) for k in key) != tuple(record[k] for k in key)] + [record]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(records, indent=1) + "\n")
+    merge_records(Path(args.output), [record], key=lambda r: tuple(r.get(k) for k in key))
     return record
 
 
