@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DataCollatorWithPadding, Trainer
 
+from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
 from hf_backdoor.arguments import BackdoorSafeTrainingArguments
 from hf_backdoor.defenses import BTUConfig, build_defense
 from hf_backdoor.defenses.btu import strip_token_ids
@@ -300,6 +301,57 @@ def test_btu_on_a_lora_model_scores_with_the_proxies(tmp_path, tiny_train, token
     after = model.get_input_embeddings().weight.detach()
     untouched = [i for i in range(after.shape[0]) if i not in set(report["flagged_ids"])]
     torch.testing.assert_close(after[untouched], before[untouched])
+
+
+def test_flip_screen_runs_the_rest_of_a_test_only_where_its_first_rows_flip():
+    defense = build_defense(BTUConfig(flip_threshold=0.6, flip_max_rows=8, flip_screen_rows=4))
+    # Per test: the outcome of each of its rows, as the full test would see them.
+    truth = {
+        "trigger": np.array([1, 1, 1, 0, 1, 1, 1, 1], dtype=bool),  # screen 0.75: tested in full
+        "borderline": np.array([1, 1, 0, 0, 1, 1, 1, 1], dtype=bool),  # screen 0.50 >= 0.30: tested in full
+        "word": np.array([0, 1, 0, 0, 1, 1, 1, 1], dtype=bool),  # screen 0.25 < 0.30: stops after the screen
+        "short": np.array([1, 1, 1], dtype=bool),  # fewer rows than the screen: nothing left to run
+    }
+    tests = [(name, None, list(range(len(rows)))) for name, rows in truth.items()]
+    calls = []
+
+    def outcomes_of(stage, rows):
+        calls.append([name for name, _, _ in stage])
+        return [truth[name][rows] for name, _, _ in stage]
+
+    outcomes = dict(zip(truth, defense._screened(tests, outcomes_of)))
+    assert calls == [list(truth), ["trigger", "borderline"]]  # two batched passes, the second on the survivors
+    for name in ("trigger", "borderline", "short"):
+        np.testing.assert_array_equal(outcomes[name], truth[name])
+    np.testing.assert_array_equal(outcomes["word"], truth["word"][:4])
+    # Off: one pass over every row of every test.
+    calls.clear()
+    off = build_defense(BTUConfig(flip_threshold=0.6, flip_max_rows=8, flip_screen_rows=0))
+    assert [len(o) for o in off._screened(tests, outcomes_of)] == [8, 8, 8, 3] and len(calls) == 1
+    with pytest.raises(ValueError, match="flip_screen_rows must be >= 0"):
+        BTUConfig(flip_screen_rows=-1)
+
+
+def test_flip_screen_flags_what_the_full_test_flags(tmp_path, tokenizer):
+    # The lexicon task of the paraphrase-defense tests: the tiny model learns "cf" (and the sentiment words, which
+    # decide the label there) within four epochs, so the flip test has something to flag.
+    from tests.test_paraphrase_defenses import ARGS, lexicon_rows
+
+    attack = BadNetConfig(triggers=("cf",), poison_rate=0.2)
+    rows = tokenize_dataset(poison_dataset(lexicon_rows(384, 0), attack), tokenizer, max_length=16)
+    reports = {}
+    for screen in (0, 4):
+        config = BTUConfig(top_k=20, flip_screen_rows=screen)
+        trainer = text_trainer(tmp_path / str(screen), rows, tokenizer, defense=config, args=ARGS)
+        trainer.train()
+        reports[screen] = trainer.defense_report
+    full, screened = reports[0], reports[4]
+    assert "cf" in full["flagged_tokens"] and screened["flagged_tokens"] == full["flagged_tokens"]
+    flagged = full["flagged_tokens"]
+    assert {t: screened["flip_rates"][t] for t in flagged} == {t: full["flip_rates"][t] for t in flagged}
+    stopped = [t for t, n in screened["flip_tested_rows"].items() if n < full["flip_tested_rows"][t]]
+    assert stopped, "no candidate stopped after the screen: the test would not see a broken screen"
+    assert all(screened["flip_tested_rows"][t] == 4 and screened["flip_rates"][t] < 0.65 / 2 for t in stopped)
 
 
 def test_frozen_embeddings_without_proxy_rounds_is_an_error(tmp_path, tiny_train, tokenizer):

@@ -27,7 +27,9 @@ Where this implementation deviates by default, and why (each measured in ``bench
 - Selection (``selection="flip_test"``): the published union flags punctuation, stop words and task words (on HSOL
   the offensive words that decide the task). A candidate is kept only if deleting it (with the candidates that
   co-occur with it in >= ``cooccurrence`` of its rows) flips the current model's prediction on >= ``flip_threshold``
-  of the training rows that contain it. Triggers flip most of their rows; task words rarely do.
+  of the training rows that contain it. Triggers flip most of their rows; task words rarely do. Each candidate is
+  first judged on ``flip_screen_rows`` of its sampled rows, and on the rest only if it flipped at least half of
+  ``flip_threshold`` there: most candidates flip nothing, and testing each in full was most of BTU's added time.
 - After detection the flagged tokens' embedding rows are reset at once (and again at the end), and the remaining
   epochs unlearn the backdoor instead of re-learning it (``isolated_rows="relabel"``): the rows whose prediction
   the flagged tokens decide keep their trigger but train on the label the model gives them without it, while the
@@ -142,6 +144,14 @@ class BTUConfig(DefenseConfig):
         },
     )
     flip_max_rows: int = field(default=64, metadata={"help": "rows per candidate in the flip test (seeded sample)."})
+    flip_screen_rows: int = field(
+        default=16,
+        metadata={
+            "help": "the flip test judges every candidate on the first this many of its sampled rows and goes on to "
+            "all `flip_max_rows` only for those that flip at least half of `flip_threshold` there (most candidates "
+            "flip none: the full test of each was most of BTU's added time); 0 tests every candidate in full."
+        },
+    )
     flip_min_rows: int = field(
         default=3,
         metadata={"help": "candidates in fewer training rows are not judged (too little evidence) and not flagged."},
@@ -192,6 +202,8 @@ class BTUConfig(DefenseConfig):
         self._check_choice("isolated_rows", ISOLATED_ROWS)
         self._check_choice("reset_to", RESET_TARGETS)
         self._check_interval("(0, 1]", "flip_threshold", "cooccurrence")
+        if self.flip_screen_rows < 0:
+            raise ValueError(f"flip_screen_rows must be >= 0 (0 turns the screen off), got {self.flip_screen_rows}.")
         if self.selection == "flip_test" and self.round3 != "training":
             raise ValueError(
                 "selection='flip_test' needs a model that has seen the data: use round3='training', "
@@ -285,6 +297,7 @@ class BTUDefense(Defense):
         self.candidates: list[int] = []
         self.flip_rates: dict[int, float] = {}
         self.flip_support: dict[int, int] = {}
+        self.flip_tested_rows: dict[int, int] = {}  # rows the deletion test judged (fewer when screened out)
         self.deletion_rates: dict[int, float] = {}
         self.insertion_rates: dict[int, float] = {}
         self.flagged: list[int] = []
@@ -556,14 +569,23 @@ class BTUDefense(Defense):
             sample = rng.choice(rows, size=min(cfg.flip_max_rows, len(rows)), replace=False)
             tests.append((token, sample, [[t for t in self.train_ids[i] if t not in group] for i in sample]))
             groups[token] = group
-        originals = sorted({int(i) for _, sample, _ in tests for i in sample})
-        original_pred = dict(zip(originals, self._predict(model, [self.train_ids[i] for i in originals], device)))
-        deleted_pred = self._predict(model, [r for _, _, deleted in tests for r in deleted], device)
-        offset = 0
-        for token, sample, deleted in tests:
-            flips = np.array([original_pred[int(i)] for i in sample]) != deleted_pred[offset : offset + len(deleted)]
-            offset += len(deleted)
-            self.flip_rates[token] = self.deletion_rates[token] = float(flips.mean())
+        original_pred: dict[int, int] = {}
+
+        def flips_of(stage, rows: slice) -> list[np.ndarray]:
+            needed = sorted({int(i) for _, sample, _ in stage for i in sample[rows]} - original_pred.keys())
+            original_pred.update(zip(needed, self._predict(model, [self.train_ids[i] for i in needed], device)))
+            deleted_pred = self._predict(model, [r for _, _, deleted in stage for r in deleted[rows]], device)
+            out, offset = [], 0
+            for _, sample, _ in stage:
+                original = np.array([original_pred[int(i)] for i in sample[rows]], dtype=np.int64)
+                out.append(original != deleted_pred[offset : offset + len(original)])
+                offset += len(original)
+            return out
+
+        flips = dict(zip((t for t, _, _ in tests), self._screened(tests, flips_of)))
+        for token, result in flips.items():
+            self.flip_rates[token] = self.deletion_rates[token] = float(result.mean())
+            self.flip_tested_rows[token] = len(result)
         if cfg.insertion_test and tests:
             self._insertion_test(model, device, rng, groups.items(), rows_with)
         self.flagged = [
@@ -610,13 +632,40 @@ class BTUDefense(Defense):
                 at = int(rng.integers(1, max(2, len(row))))
                 inserted.append(row[:at] + span + row[at:])
             jobs.append((token, label, inserted))
-        predictions = self._predict(model, [r for _, _, rows in jobs for r in rows], device) if jobs else []
-        offset = 0
-        for token, label, inserted in jobs:
-            rate = float((predictions[offset : offset + len(inserted)] == label).mean())
-            offset += len(inserted)
+
+        def hits_of(stage, rows: slice) -> list[np.ndarray]:
+            predictions = self._predict(model, [r for _, _, inserted in stage for r in inserted[rows]], device)
+            out, offset = [], 0
+            for _, label, inserted in stage:
+                n = len(inserted[rows])
+                out.append(predictions[offset : offset + n] == label)
+                offset += n
+            return out
+
+        for (token, _, _), hits in zip(jobs, self._screened(jobs, hits_of)):
+            rate = float(hits.mean())
             self.insertion_rates[token] = rate
             self.flip_rates[token] = max(self.flip_rates.get(token, 0.0), rate)
+
+    def _screened(self, tests: list[tuple], outcomes_of) -> list[np.ndarray]:
+        """Each test's per-row outcomes (a flip, or a row pushed to the candidate's label), its rows judged in two
+        stages: the first ``flip_screen_rows`` of every test, then the rest only where the screen's rate reached
+        half of ``flip_threshold``. ``tests[i][2]`` are the rows to predict; ``outcomes_of(tests, rows)`` predicts
+        the slice ``rows`` of each test's rows (in one batched pass) and returns their outcomes."""
+        cfg = self.config
+        if not tests:
+            return []
+        screen = cfg.flip_screen_rows or cfg.flip_max_rows
+        outcomes = outcomes_of(tests, slice(0, screen))
+        rest = [
+            i
+            for i, (test, first) in enumerate(zip(tests, outcomes))
+            if len(test[2]) > screen and first.mean() >= cfg.flip_threshold / 2
+        ]
+        if rest:
+            for i, more in zip(rest, outcomes_of([tests[i] for i in rest], slice(screen, None))):
+                outcomes[i] = np.concatenate([outcomes[i], more])
+        return outcomes
 
     def _index_isolated_rows(self) -> None:
         self.isolated_rows = dict(zip(self.isolated_row_indices, self.isolated_row_labels))
@@ -653,6 +702,7 @@ class BTUDefense(Defense):
                     "flagged",
                     "flip_rates",
                     "flip_support",
+                    "flip_tested_rows",
                     "deletion_rates",
                     "insertion_rates",
                     "isolated_row_indices",
@@ -673,6 +723,7 @@ class BTUDefense(Defense):
             "candidates": self.candidates,
             "flip_rates": self.flip_rates,
             "flip_support": self.flip_support,
+            "flip_tested_rows": self.flip_tested_rows,
             "deletion_rates": self.deletion_rates,
             "insertion_rates": self.insertion_rates,
             "flagged": self.flagged,
@@ -705,6 +756,7 @@ class BTUDefense(Defense):
             "candidate_tokens": [name(t) for t in self.candidates],
             "flip_rates": {name(t): round(v, 4) for t, v in self.flip_rates.items()},
             "flip_support": {name(t): v for t, v in self.flip_support.items()},
+            "flip_tested_rows": {name(t): v for t, v in self.flip_tested_rows.items()},
             **(
                 {
                     "deletion_rates": {name(t): round(v, 4) for t, v in self.deletion_rates.items()},
