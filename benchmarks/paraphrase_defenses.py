@@ -11,6 +11,7 @@ Runs, per attack (``--runs``, comma-separated):
 - ``undefended``: the plain Trainer on the poisoned data.
 - ``loss_truncation``, ``honeypot``, ``dpoe``: ``BackdoorSafeTrainer`` with that defense (its fields from
   ``--loss-truncation`` / ``--honeypot`` / ``--dpoe``).
+- ``btu``: ``BackdoorSafeTrainer`` with BTU alone (its fields from ``--btu``), to tell a stack's cost apart.
 - ``btu+loss_truncation``, ``btu+honeypot``, ``btu+dpoe``: the stack ``[BTUConfig(), <defense>]``.
 - ``clean+<any defended run>`` (e.g. ``clean+btu+dpoe``): that defense on the unpoisoned data, scored like ``clean``:
   what the defense costs a user whose data holds no backdoor (CACC, and wall time over the plain clean run).
@@ -52,7 +53,7 @@ from hf_backdoor.models import load_text_classifier, load_text_tokenizer, model_
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFENSES = {"loss_truncation": LossTruncationConfig, "honeypot": HoneypotConfig, "dpoe": DPoEConfig}
-DEFENDED = (*DEFENSES, *(f"btu+{name}" for name in DEFENSES))
+DEFENDED = ("btu", *DEFENSES, *(f"btu+{name}" for name in DEFENSES))
 RUNS = ("clean", "undefended", *DEFENDED, *(f"clean+{run}" for run in DEFENDED))
 # The per-row signal each defense reports, and the report key of its AUROC against the `poisoned` column.
 SIGNALS = {
@@ -71,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--loss-truncation", default="{}", help="LossTruncationConfig fields as JSON")
     parser.add_argument("--honeypot", default="{}", help="HoneypotConfig fields as JSON")
     parser.add_argument("--dpoe", default="{}", help="DPoEConfig fields as JSON")
-    parser.add_argument("--btu", default="{}", help="BTUConfig fields as JSON (the btu+ stacks)")
+    parser.add_argument("--btu", default="{}", help="BTUConfig fields as JSON (the btu run and the btu+ stacks)")
     parser.add_argument("--tag", default="default", help="names the defense settings in the records")
     parser.add_argument("--model", default=None, help="Hub id or local path (default: the packaged MiniLM-L6)")
     parser.add_argument("--epochs", type=float, default=3.0)
@@ -188,10 +189,11 @@ def _plain(args, model_name, label_names, train_rows, attack):
 
 
 def _defense(args, run: str, configs: dict):
-    """The defense of a defended run name: one config, or the stack [BTU, config] for ``btu+<name>``."""
+    """The defense of a defended run name: BTU alone, one config, or the stack [BTU, config] for ``btu+<name>``."""
     name = run.split("+")[-1]
-    if run.startswith("btu+"):
-        return [BTUConfig(**{"seed": args.seed, **json.loads(args.btu)}), configs[name]]
+    if name == "btu" or run.startswith("btu+"):
+        btu = BTUConfig(**{"seed": args.seed, **json.loads(args.btu)})
+        return btu if name == "btu" else [btu, configs[name]]
     return configs[name]
 
 
@@ -210,17 +212,22 @@ def _defense_fields(report: dict | None, name: str) -> dict:
     own = next((r for r in reports if r.get("defense") == name), None)
     if own is None:
         return {}
-    signal, key = SIGNALS[name]
-    by_epoch = own.get("signals", {}).get(signal, {})
     fields = {
-        "signal": signal,
-        "signal_auroc": own.get(key),
-        "signal_auroc_by_epoch": {e: v.get("auroc") for e, v in by_epoch.items()},
-        "signal_mean_poisoned": (by_epoch[max(by_epoch)] if by_epoch else {}).get("mean_poisoned"),
-        "signal_mean_clean": (by_epoch[max(by_epoch)] if by_epoch else {}).get("mean_clean"),
         "defense_time_s": sum((own.get("timings_s") or {}).values()),
         "defense_config": own.get("config"),
     }
+    if name in SIGNALS:  # BTU flags tokens, not rows: its record has the flagged tokens instead
+        signal, key = SIGNALS[name]
+        by_epoch = own.get("signals", {}).get(signal, {})
+        fields.update(
+            {
+                "signal": signal,
+                "signal_auroc": own.get(key),
+                "signal_auroc_by_epoch": {e: v.get("auroc") for e, v in by_epoch.items()},
+                "signal_mean_poisoned": (by_epoch[max(by_epoch)] if by_epoch else {}).get("mean_poisoned"),
+                "signal_mean_clean": (by_epoch[max(by_epoch)] if by_epoch else {}).get("mean_clean"),
+            }
+        )
     btu = next((r for r in reports if r.get("defense") == "btu"), None)
     if btu is not None:
         fields["btu_flagged_tokens"] = " ".join(btu.get("flagged_tokens", []))
