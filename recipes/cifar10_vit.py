@@ -39,7 +39,12 @@ ABL_DEFAULTS = {"isolation_epochs": 10}  # T_te of the official code; ABLConfig'
 class ScriptArguments(vision.ImageRecipeArguments):
     runs: str = field(default=",".join(RUNS), metadata={"help": f"Comma-separated subset of {','.join(RUNS)}."})
     crop_padding: int = field(
-        default=4, metadata={"help": "Random-crop reflect padding (0: flip only; a corner trigger then stays put)."}
+        default=4,
+        metadata={
+            "help": "Random-crop reflect padding (0: flip only; a corner trigger then stays put). With the crop the "
+            "`cpu` preset learns BadNets too late for ABL's isolation, which then misses; with 0 ABL met its bar on "
+            "it (README, 'ABL on the cpu preset')."
+        },
     )
     save_models: bool = field(default=False, metadata={"help": "Save each run's model to OUTPUT_DIR/RUN."})
     clean_model: str | None = field(
