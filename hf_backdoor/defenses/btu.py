@@ -202,8 +202,7 @@ class BTUConfig(DefenseConfig):
         self._check_choice("isolated_rows", ISOLATED_ROWS)
         self._check_choice("reset_to", RESET_TARGETS)
         self._check_interval("(0, 1]", "flip_threshold", "cooccurrence")
-        if self.flip_screen_rows < 0:
-            raise ValueError(f"flip_screen_rows must be >= 0 (0 turns the screen off), got {self.flip_screen_rows}.")
+        self._check_at_least(0, "flip_screen_rows")
         if self.selection == "flip_test" and self.round3 != "training":
             raise ValueError(
                 "selection='flip_test' needs a model that has seen the data: use round3='training', "
@@ -582,10 +581,9 @@ class BTUDefense(Defense):
                 offset += len(original)
             return out
 
-        flips = dict(zip((t for t, _, _ in tests), self._screened(tests, flips_of)))
-        for token, result in flips.items():
-            self.flip_rates[token] = self.deletion_rates[token] = float(result.mean())
-            self.flip_tested_rows[token] = len(result)
+        for (token, _, _), flips in zip(tests, self._screened(tests, flips_of)):
+            self.flip_rates[token] = self.deletion_rates[token] = float(flips.mean())
+            self.flip_tested_rows[token] = len(flips)
         if cfg.insertion_test and tests:
             self._insertion_test(model, device, rng, groups.items(), rows_with)
         self.flagged = [
