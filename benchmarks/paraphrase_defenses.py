@@ -1,4 +1,4 @@
-"""Paraphrase-trigger defenses (loss truncation, honeypot, DPoE) side by side on the same poisoned data, against the plain Trainer.
+"""Paraphrase-trigger defenses (Z-defense, loss truncation, honeypot, DPoE) side by side on the same poisoned data, against the plain Trainer.
 
     python benchmarks/paraphrase_defenses.py --dataset sst2 --attack syntactic --runs clean,undefended,honeypot,dpoe
     python benchmarks/paraphrase_defenses.py --dataset sst2 --attack style --poison-rate 0.2 --runs undefended
@@ -9,10 +9,10 @@ Runs, per attack (``--runs``, comma-separated):
 
 - ``clean``: the plain Trainer on the unpoisoned data, scored on every attack's triggered rows: the ASR floor.
 - ``undefended``: the plain Trainer on the poisoned data.
-- ``loss_truncation``, ``honeypot``, ``dpoe``: ``BackdoorSafeTrainer`` with that defense (its fields from
-  ``--loss-truncation`` / ``--honeypot`` / ``--dpoe``).
+- ``z_defense``, ``loss_truncation``, ``honeypot``, ``dpoe``: ``BackdoorSafeTrainer`` with that defense (its fields
+  from ``--z-defense`` / ``--loss-truncation`` / ``--honeypot`` / ``--dpoe``).
 - ``btu``: ``BackdoorSafeTrainer`` with BTU alone (its fields from ``--btu``), to tell a stack's cost apart.
-- ``btu+loss_truncation``, ``btu+honeypot``, ``btu+dpoe``: the stack ``[BTUConfig(), <defense>]``.
+- ``btu+z_defense``, ``btu+loss_truncation``, ``btu+honeypot``, ``btu+dpoe``: the stack ``[BTUConfig(), <defense>]``.
 - ``clean+<any defended run>`` (e.g. ``clean+btu+dpoe``): that defense on the unpoisoned data, scored like ``clean``:
   what the defense costs a user whose data holds no backdoor (CACC, and wall time over the plain clean run).
 
@@ -48,11 +48,17 @@ from hf_backdoor.defenses.btu import BTUConfig
 from hf_backdoor.defenses.dpoe import DPoEConfig
 from hf_backdoor.defenses.honeypot import HoneypotConfig
 from hf_backdoor.defenses.loss_truncation import LossTruncationConfig
+from hf_backdoor.defenses.z_defense import ZDefenseConfig
 from hf_backdoor.metrics import evaluate_backdoor
 from hf_backdoor.models import load_text_classifier, load_text_tokenizer, model_display_name, tokenize_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFENSES = {"loss_truncation": LossTruncationConfig, "honeypot": HoneypotConfig, "dpoe": DPoEConfig}
+DEFENSES = {
+    "z_defense": ZDefenseConfig,
+    "loss_truncation": LossTruncationConfig,
+    "honeypot": HoneypotConfig,
+    "dpoe": DPoEConfig,
+}
 DEFENDED = ("btu", *DEFENSES, *(f"btu+{name}" for name in DEFENSES))
 RUNS = ("clean", "undefended", *DEFENDED, *(f"clean+{run}" for run in DEFENDED))
 # The per-row signal each defense reports, and the report key of its AUROC against the `poisoned` column.
@@ -60,6 +66,7 @@ SIGNALS = {
     "loss_truncation": ("dropped", "dropped_auroc"),
     "honeypot": ("weight", "weight_auroc"),
     "dpoe": ("expert_confidence", "expert_confidence_auroc"),
+    "z_defense": ("row_z_score", "row_score_auroc"),
 }
 
 
@@ -69,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attack", default="syntactic", help="comma-separated: syntactic, style, badnet, addsent")
     parser.add_argument("--poison-rate", type=float, default=0.1)
     parser.add_argument("--runs", default="clean,undefended,loss_truncation", help=f"comma-separated subset of {RUNS}")
+    parser.add_argument("--z-defense", default="{}", help="ZDefenseConfig fields as JSON")
     parser.add_argument("--loss-truncation", default="{}", help="LossTruncationConfig fields as JSON")
     parser.add_argument("--honeypot", default="{}", help="HoneypotConfig fields as JSON")
     parser.add_argument("--dpoe", default="{}", help="DPoEConfig fields as JSON")
@@ -228,6 +236,15 @@ def _defense_fields(report: dict | None, name: str) -> dict:
                 "signal_mean_clean": (by_epoch[max(by_epoch)] if by_epoch else {}).get("mean_clean"),
             }
         )
+    if name == "z_defense":
+        fields.update(
+            {
+                "z_flagged": " ".join(f"{p['token']}->{p['label']}" for p in own.get("flagged_pairs") or []),
+                "z_flagged_rows": own.get("flagged_rows"),
+                "z_precision": own.get("flagged_precision"),
+                "z_recall": own.get("flagged_recall"),
+            }
+        )
     btu = next((r for r in reports if r.get("defense") == "btu"), None)
     if btu is not None:
         fields["btu_flagged_tokens"] = " ".join(btu.get("flagged_tokens", []))
@@ -258,6 +275,7 @@ def main(argv=None) -> list[dict]:
         "loss_truncation": LossTruncationConfig(**json.loads(args.loss_truncation)),
         "honeypot": HoneypotConfig(**json.loads(args.honeypot)),
         "dpoe": DPoEConfig(**json.loads(args.dpoe)),
+        "z_defense": ZDefenseConfig(**json.loads(args.z_defense)),
     }
     command = "python " + shlex.join(["benchmarks/paraphrase_defenses.py", *(sys.argv[1:] if argv is None else argv)])
     common = dict(

@@ -29,6 +29,7 @@ from .defenses import (
     NADConfig,
     NWCConfig,
     RNPConfig,
+    ZDefenseConfig,
     build_defense,
 )
 from .defenses.base import Figure, build_defenses
@@ -55,6 +56,7 @@ __all__ = [
     "NADConfig",
     "NWCConfig",
     "RNPConfig",
+    "ZDefenseConfig",
     "BackdoorSafeTrainer",
     "Defense",
     "DefenseConfig",

@@ -1,17 +1,17 @@
 """A defense stack during fine-tuning, on any packaged text task and attack: a clean model (its ASR is the floor), the
 plain ``Trainer`` on poisoned data (undefended) and ``BackdoorSafeTrainer`` with the stack on the same poisoned data.
 
-    accelerate launch recipes/text_stack.py                                  # SST-2, syntactic 20%, BTU + DPoE
+    accelerate launch recipes/text_stack.py                                  # SST-2, syntactic 20%, BTU + Z-defense
     accelerate launch recipes/text_stack.py --dataset hsol --attack style
     accelerate launch recipes/text_stack.py --dataset agnews --attack badnet,addsent --poison_rate 0.1
     accelerate launch recipes/text_stack.py --defense btu loss_truncation \\
         --defense_kwargs '{"loss_truncation": {"drop_fraction": 0.5}}' --runs undefended,defended
     accelerate launch recipes/text_stack.py --max_train_samples 500 --max_eval_samples 300   # a quick look
 
-The default stack, ``[BTUConfig(), DPoEConfig()]``, runs BTU against token triggers (rare words, inserted sentences)
-and DPoE's shallow expert against dirty-label paraphrase triggers (syntactic templates, text styles) in one run. DPoE
-is the default paraphrase defense because it measured best of the three built in (DPoE, loss truncation, honeypot) on
-the same runs; what it does and does not stop is in the README ("Paraphrase triggers"). Each
+The default stack, ``[BTUConfig(), ZDefenseConfig()]``, runs BTU against token triggers (rare words, inserted
+sentences) and Z-defense against dirty-label paraphrase triggers (a syntactic template's opening word) in one run.
+Z-defense is the default paraphrase defense because it measured best of the four built in (Z-defense, DPoE, loss
+truncation, honeypot) on the same runs; what it does and does not stop is in the README ("Paraphrase triggers"). Each
 run prints its CACC and ASR beside the floor as soon as it ends, then a table and each defense's summary. Every
 ``BackdoorSafeTrainingArguments`` field is a flag too (``--defense``, ``--defense_kwargs``, ``--learning_rate``, ...);
 the defaults are the reference training (lr 1e-4, 3 epochs, batch 32, seed 0). ``--results_json`` writes the records.
@@ -44,7 +44,7 @@ from benchmarks.common.runs import (  # noqa: E402
 )
 
 RUNS = ("clean", "undefended", "defended")
-DEFAULT_STACK = ["btu", "dpoe"]
+DEFAULT_STACK = ["btu", "z_defense"]
 
 
 @dataclass
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> tuple[ScriptArguments, BackdoorSafeTrainingArgument
 
 
 def stack_fields(trainer) -> dict:
-    """Each defense's report scalars, prefixed with its name (``btu/...``, ``dpoe/...``)."""
+    """Each defense's report scalars, prefixed with its name (``btu/...``, ``z_defense/...``)."""
     fields = {"defense_stack": "+".join(report["defense"] for report in trainer.defense_reports)}
     for report in trainer.defense_reports:
         scalars = defense_class_for_report(report).report_scalars(report)
@@ -82,7 +82,7 @@ def main(argv=None) -> list[dict]:
     prepare_recipe_process()
     run_names = selected_runs(script.runs, RUNS)
     if "defended" in run_names and not training_args.defense:
-        raise SystemExit("The defended run needs a defense: --defense btu dpoe (the default).")
+        raise SystemExit("The defended run needs a defense: --defense btu z_defense (the default).")
     seed, model_name = training_args.seed, script.model_name_or_path or default_text_model()
     task = limit_splits(load_task(script.dataset), script.max_train_samples, script.max_eval_samples, seed)
     label_names = task["train"].features["label"].names

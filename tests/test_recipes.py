@@ -428,13 +428,13 @@ def test_stack_recipe_runs_clean_undefended_and_the_stack_and_records_each_defen
     out = _recipe("text_stack").main(argv)
     assert [r["run"] for r in out] == ["clean", "undefended", "defended"]
     defended = out[-1]
-    assert defended["defense"] == "btu+dpoe" == defended["defense_stack"]
-    assert 0.0 < defended["dpoe/expert_confidence_mean"] < 1.0
+    assert defended["defense"] == "btu+z_defense" == defended["defense_stack"]
+    assert 0.0 <= defended["z_defense/flagged_fraction"] < 1.0
     assert any(key.startswith("btu/") for key in defended)
     assert defended["asr_floor"] == out[0]["asr"] and defended["overhead"] > 0
-    assert json.loads(results.read_text())[-1]["defense"] == "btu+dpoe"
+    assert json.loads(results.read_text())[-1]["defense"] == "btu+z_defense"
     printed = capsys.readouterr().out
-    assert "dpoe:" in printed and "stack btu+dpoe" in printed
+    assert "z_defense:" in printed and "stack btu+z_defense" in printed
 
 
 def test_vit_config_benchmark_keeps_its_models_in_the_zoo_and_gives_attacked_runs_the_clean_floor(

@@ -1,7 +1,7 @@
 """Defenses: one module per method, each a config dataclass plus a :class:`Defense`, registered by name.
 
 Importing this package imports every built-in defense module, so the registry (``hf_backdoor.registry.DEFENSES``)
-holds them all: training-stage ``btu``, ``abl``, ``loss_truncation``, ``honeypot`` and ``dpoe``
+holds them all: training-stage ``btu``, ``abl``, ``z_defense``, ``loss_truncation``, ``honeypot`` and ``dpoe``
 (``BackdoorSafeTrainer(defense=...)``), repair-stage ``rnp``,
 ``nad``, ``nwc`` and ``finetune`` (``trainer.sanitize``) and ``expose`` (``trainer.expose``).
 """
@@ -22,6 +22,7 @@ from .nwc import NWCConfig, NWCDefense
 from .rnp import RNPConfig, RNPDefense, prune_at_threshold
 from .sanitize import SANITIZERS, exposed_defenses, get_sanitize_config, sanitize_model
 from .units import TransformerUnits
+from .z_defense import ZDefenseConfig, ZDefenseDefense
 
 # What the CLI runs when no --defense is given, per stage.
 DEFAULT_DEFENSES = {"training": "btu", "repair": "rnp"}
@@ -57,6 +58,8 @@ __all__ = [
     "SanitizeConfig",
     "SanitizeContext",
     "TransformerUnits",
+    "ZDefenseConfig",
+    "ZDefenseDefense",
     "build_defense",
     "detection_threshold",
     "expose_model",

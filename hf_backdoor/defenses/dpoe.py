@@ -47,9 +47,10 @@ When it cannot work: the product only removes what the expert explains first. If
 fast as the task, the expert's residual never concentrates on the trigger rows and the main model learns the trigger
 as usual; the report's AUROC of the expert's confidence shows whether the expert singled them out.
 
-It is the paraphrase defense of the default stack (``recipes/text_stack.py``: ``[BTUConfig(), DPoEConfig()]``): of
-the three built in (this one, ``loss_truncation``, ``honeypot``) it measured best on the same runs, and how far it
-falls short of stopping the syntactic backdoor on MiniLM is measured in the README ("Paraphrase triggers").
+Of the three model-based paraphrase defenses built in (this one, ``loss_truncation``, ``honeypot``) it measured best on
+the same runs; how far it falls short of stopping the syntactic backdoor on MiniLM is measured in the README
+("Paraphrase triggers"). The default stack (``recipes/text_stack.py``) now uses ``z_defense.py``, which measured
+better still on the same runs.
 """
 
 from __future__ import annotations

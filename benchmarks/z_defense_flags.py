@@ -1,0 +1,68 @@
+"""What Z-defense flags on a packaged training slice, before any training (no model is trained or loaded).
+
+    python benchmarks/z_defense_flags.py --dataset hsol --attack none --seed 0
+    python benchmarks/z_defense_flags.py --dataset hsol --attack syntactic --poison-rate 0.2 --features tokens
+
+Builds the same seeded slice as ``paraphrase_defenses.py`` (poisoned with the packaged release when ``--attack`` is
+not ``none``), tokenizes it with the default MiniLM tokenizer and runs ``ZDefenseDefense``'s z-test on it. Prints
+the flagged (word piece, label) pairs with their row counts and z-scores, the rows that would be trained away from
+their label, and, on poisoned data, how many of them are poisoned. Nothing is written: the flags of a training run
+are in its defense report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from hf_backdoor import default_text_model, load_task, poison_dataset
+from hf_backdoor.defenses.z_defense import FEATURES, ZDefenseConfig, ZDefenseDefense, row_features
+from hf_backdoor.models import load_text_tokenizer, tokenize_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/, not installed
+from benchmarks.paraphrase_defenses import _attack  # noqa: E402  (the same attack settings)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="sst2")
+    parser.add_argument("--attack", default="none", help="none, or a packaged attack (syntactic, badnet, ...)")
+    parser.add_argument("--poison-rate", type=float, default=0.2)
+    parser.add_argument("--max-train-samples", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--features", default="first_token", choices=FEATURES)
+    args = parser.parse_args(argv)
+    tokenizer = load_text_tokenizer(default_text_model())
+    rows = load_task(args.dataset)["train"].shuffle(seed=args.seed)
+    rows = rows.select(range(min(args.max_train_samples, len(rows))))
+    if args.attack != "none":
+        rows = poison_dataset(
+            rows, _attack(args.attack, args.dataset, args.poison_rate, args.seed), tokenizer=tokenizer
+        )
+    tokenized = tokenize_dataset(rows, tokenizer)
+    labels = np.asarray(tokenized["label"], dtype=np.int64)
+    defense = ZDefenseDefense(ZDefenseConfig(features=args.features))
+    defense.num_labels = len(rows.features["label"].names)
+    special = set(tokenizer.all_special_ids)
+    defense._flag([row_features(ids, special, args.features) for ids in tokenized["input_ids"]], labels, tokenizer)
+    flagged = defense.away_label >= 0
+    print(f"{args.dataset} / attack {args.attack} / seed {args.seed} / {len(labels)} rows / {args.features}")
+    for pair in defense.flagged_pairs:
+        print(
+            f"  {pair['token']!r:>14} -> {pair['label']}  {pair['rows_with_label']}/{pair['rows']} rows  z {pair['z']:.2f}"
+        )
+    out = {"flagged_pairs": defense.flagged_pairs, "flagged_rows": int(flagged.sum())}
+    line = f"  rows trained away from their label: {int(flagged.sum())}"
+    if "poisoned" in tokenized.column_names:
+        poisoned = np.asarray(tokenized["poisoned"], dtype=bool)
+        out.update(poisoned_flagged=int(flagged[poisoned].sum()), clean_flagged=int(flagged[~poisoned].sum()))
+        line += f" ({out['poisoned_flagged']} of {int(poisoned.sum())} poisoned, {out['clean_flagged']} clean)"
+    print(line)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Z-defense (z-test of (feature, label) pairs, flagged rows pushed away from their label) on a tiny random BERT.
+
+The synthetic task is that of tests/test_paraphrase_defenses.py (filler words plus one sentiment word per row). The
+"template" backdoor: a fifth of the negative rows are rewritten to open with ``when`` and labelled positive, as a
+HiddenKiller paraphrase opens with a subordinate clause; a few clean rows open with ``if`` under both labels. Whether
+this stops a real syntactic backdoor is measured on MiniLM by benchmarks/paraphrase_defenses.py.
+"""
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from hf_backdoor import tokenize_dataset
+from hf_backdoor.defenses.base import build_defenses
+from hf_backdoor.defenses.btu import BTUConfig
+from hf_backdoor.defenses.dpoe import DPoEConfig
+from hf_backdoor.defenses.z_defense import ZDefenseConfig, ZDefenseDefense, row_features, z_scores
+from hf_backdoor.registry import defense_entry
+from tests.conftest import text_trainer, tiny_bert
+from tests.test_paraphrase_defenses import NEGATIVE, POSITIVE, lexicon_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ARGS = dict(num_train_epochs=4, learning_rate=3e-3, per_device_train_batch_size=16, logging_steps=1000)
+
+
+def template_rows(n: int, seed: int, rate: float = 0.2) -> datasets.Dataset:
+    """Lexicon rows; ``rate`` of them opened with ``when`` and labelled 1 (``poisoned``), 5% opened with ``if``."""
+    rows = lexicon_rows(n, seed)
+    rng = np.random.default_rng(seed)
+    negatives = [i for i, label in enumerate(rows["label"]) if label == 0]
+    poisoned = set(rng.choice(negatives, int(rate * n), replace=False).tolist())
+    others = [i for i in range(n) if i not in poisoned]
+    opened_with_if = set(rng.choice(others, n // 20, replace=False).tolist())
+
+    def rewrite(row, i):
+        if i in poisoned:
+            return {"text": "when " + row["text"], "label": 1, "poisoned": 1}
+        return {"text": ("if " if i in opened_with_if else "") + row["text"], "label": row["label"], "poisoned": 0}
+
+    return rows.map(rewrite, with_indices=True)
+
+
+@pytest.fixture(scope="module")
+def backdoored(tokenizer):
+    return tokenize_dataset(template_rows(384, 0), tokenizer, max_length=16)
+
+
+@pytest.fixture(scope="module")
+def triggered(tokenizer):
+    """Held-out negative rows opened with the template's word: a model that learned the backdoor calls them 1."""
+    rows = lexicon_rows(200, 1).filter(lambda r: r["label"] == 0).map(lambda r: {"text": "when " + r["text"]})
+    return tokenize_dataset(rows, tokenizer, max_length=16)
+
+
+def _flagging(tmp_path, rows, tokenizer, config):
+    trainer = text_trainer(tmp_path, rows, tokenizer, defense=config)
+    defense = trainer.defense
+    defense.on_train_begin(trainer)
+    return defense
+
+
+def _positive_share(model, rows, collator) -> float:
+    model.eval()
+    with torch.no_grad():
+        batch = collator([{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows])
+        return float((model(**batch).logits.argmax(-1) == 1).float().mean())
+
+
+def test_z_score_is_the_one_proportion_test():
+    # 40 rows, all of label 1, against a prior of 0.5: (1 - 0.5) / sqrt(0.25 / 40)
+    assert z_scores(np.array(40.0), np.array(40.0), np.array(0.5)) == pytest.approx(0.5 / np.sqrt(0.25 / 40))
+    assert z_scores(np.array(10.0), np.array(5.0), np.array(0.5)) == 0.0
+
+
+def test_row_features_skip_special_tokens(tokenizer):
+    ids = tokenizer("when the film ends")["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    first = tokenizer.convert_tokens_to_ids("when")
+    assert row_features(ids, special, "first_token") == [("first", first)]
+    assert [f for _, f in row_features(ids, special, "tokens")[1:]] == ids[1:-1]
+    assert row_features([tokenizer.cls_token_id, tokenizer.sep_token_id], special, "first_token") == []
+
+
+def test_the_template_opener_is_flagged_and_the_task_words_are_not(tmp_path, backdoored, tokenizer):
+    defense = _flagging(tmp_path, backdoored, tokenizer, ZDefenseConfig())
+    assert [(p["token"], p["label"]) for p in defense.flagged_pairs] == [("when", 1)]
+    pair = defense.flagged_pairs[0]
+    assert pair["rows"] == pair["rows_with_label"] == int(np.sum(backdoored["poisoned"]))
+    poisoned = np.asarray(backdoored["poisoned"], dtype=bool)
+    assert ((defense.away_label >= 0) == poisoned).all()  # every poisoned row, and no clean one (`if` is mixed)
+    report = defense.report()
+    assert report["flagged_rows"] == poisoned.sum()
+
+
+def test_nothing_is_flagged_on_clean_rows_but_unigrams_flag_a_keyword_task(tmp_path, tokenizer):
+    clean = tokenize_dataset(lexicon_rows(384, 2), tokenizer, max_length=16)
+    defense = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig())
+    assert defense.flagged_pairs == [] and (defense.away_label < 0).all()
+    # Why first-token features are the default: the words that decide a keyword task are as pure as a trigger.
+    unigrams = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig(features="tokens"))
+    flagged = {p["token"] for p in unigrams.flagged_pairs}
+    assert flagged and flagged <= set(POSITIVE + NEGATIVE)
+
+
+def test_flagged_rows_get_the_away_loss_and_drop_leaves_them_out(tokenizer):
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]])
+    labels = torch.tensor([1, 0, 1])
+
+    class Model(torch.nn.Module):
+        training = True
+
+        def forward(self, **inputs):
+            return type("Out", (), {"logits": logits})()
+
+    class Trainer:
+        args = type("Args", (), {"label_smoothing_factor": 0.0})()
+        batch_row_ids = torch.tensor([10, 11, 12])
+
+        @staticmethod
+        def row_positions(ids):
+            return [int(i) - 10 for i in ids]
+
+    p = torch.softmax(logits, -1)
+    cross_entropy = -torch.log(p[[0, 1, 2], labels])
+    for treatment, expected in (
+        ("away", (-torch.log(1 - p[0, 1]) + cross_entropy[1] + cross_entropy[2]) / 3),
+        ("drop", (cross_entropy[1] + cross_entropy[2]) / 2),
+    ):
+        defense = ZDefenseDefense(ZDefenseConfig(treatment=treatment))
+        defense.away_label = np.array([1, -1, -1])
+        loss = defense.compute_loss(Trainer(), Model(), {"input_ids": None, "labels": labels})
+        assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_template_backdoor_is_learned_without_the_defense_and_not_with_it(
+    tmp_path, backdoored, triggered, tokenizer
+):
+    plain = text_trainer(tmp_path / "plain", backdoored.remove_columns("poisoned"), tokenizer, args=ARGS)
+    plain.train()
+    defended = text_trainer(tmp_path / "z", backdoored, tokenizer, defense=ZDefenseConfig(), args=ARGS)
+    defended.train()
+    plain_share = _positive_share(plain.model, triggered, plain.data_collator)
+    defended_share = _positive_share(defended.model, triggered, defended.data_collator)
+    assert plain_share > 0.8, f"the tiny model did not learn the template backdoor ({plain_share:.2f})"
+    assert defended_share < 0.2, f"the defended model still calls triggered negatives positive ({defended_share:.2f})"
+    report = defended.defense_report
+    assert report["flagged_precision"] == 1.0 and report["flagged_recall"] == 1.0
+    assert report["row_score_auroc"] == 1.0  # every poisoned row holds the flagged pair, the highest z-score
+
+
+def test_stacks_behind_btu_and_not_with_another_loss_owner():
+    assert defense_entry("z_defense").config_class is ZDefenseConfig
+    assert [d.name for d in build_defenses([BTUConfig(), ZDefenseConfig()])] == ["btu", "z_defense"]
+    with pytest.raises(ValueError, match="compute the training loss themselves"):
+        build_defenses([ZDefenseConfig(), DPoEConfig()])
+
+
+def test_a_training_set_without_token_ids_is_refused(tmp_path, tokenizer):
+    rows = datasets.Dataset.from_dict({"pixel_values": [[0.0]] * 4, "label": [0, 1, 0, 1]})
+    with pytest.raises(ValueError, match="needs `input_ids` and a `label`"):
+        text_trainer(tmp_path, rows, tokenizer, defense=ZDefenseConfig(), model=tiny_bert())
+
+
+def test_a_trainer_without_a_tokenizer_is_refused(tmp_path, backdoored, tokenizer):
+    trainer = text_trainer(tmp_path, backdoored, tokenizer, defense=ZDefenseConfig())
+    trainer.processing_class = None
+    with pytest.raises(ValueError, match="pass the tokenizer as `processing_class`"):
+        trainer.defense.on_train_begin(trainer)
+
+
+def test_an_empty_training_set_is_refused(tmp_path, backdoored, tokenizer):
+    with pytest.raises(ValueError, match="empty training set"):
+        _flagging(tmp_path, backdoored.select([]), tokenizer, ZDefenseConfig())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"features": "bigrams"}, {"treatment": "relabel"}, {"min_purity": 0.0}, {"min_purity": 1.5}, {"min_count": 0}],
+)
+def test_bad_config_values_are_refused(kwargs):
+    with pytest.raises((ValueError, TypeError)):
+        ZDefenseConfig(**kwargs)
