@@ -11,20 +11,21 @@ What this module does, and where it departs from the paper:
 
 - **Features.** ``features="first_token"`` (the default) uses the row's first word piece: the one place where a
   syntactic template's shape shows without a parser. HiddenKiller's template ``S(SBAR)(,)(NP)(VP)(.)`` opens with a
-  subordinating conjunction, and on the packaged releases 75-83% of the poisoned rows start with ``if``, ``when`` or
+  subordinating conjunction, and on the packaged releases 72-85% of the poisoned rows start with ``if``, ``when`` or
   ``as``. No parser is needed (none can be installed offline here). ``"tokens"`` adds the paper's unigram features
   (every word piece of the row) for a defense used without BTU.
 - **Which pairs are flagged.** The paper takes pairs beyond a multiple of the z-scores' standard deviation, which on
   a 2,000-row slice separates nothing (z grows with the square root of the feature's count). Here a pair is flagged
   when it is significant (``z >= min_z``), nearly pure (``p(label | feature) >= min_purity``: a backdoor's rows all
   carry the target label) and frequent enough to matter (``count >= min_count``). The thresholds are a conventional
-  significance level and a purity a task feature rarely reaches, fixed before any model was trained.
+  significance level and a purity a task feature rarely reaches, chosen on the SST-2 and HSOL slices' feature counts
+  before any model was trained (README, "Paraphrase triggers").
 - **What happens to the flagged rows.** The paper drops them. Dropping the 75% of poisoned rows that the first-token
-  features find left SST-2's syntactic backdoor in place (ASR 0.623, floor 0.286): the rest of the poisoned rows
-  still teach it. With ``treatment="away"`` (the default) the flagged rows stay in training with the loss
-  ``-log(1 - p(label))``: the model is taught that the template does *not* mean the label, which also unlearns what
-  the unflagged poisoned rows teach (measured in the README, "Paraphrase triggers"). ``treatment="drop"`` is the
-  paper's removal.
+  features find (``treatment="drop"``: their loss masked) left much of SST-2's syntactic backdoor in place (ASR
+  0.505, floor 0.286): the rest of the poisoned rows still teach it. With ``treatment="away"`` (the default) the
+  flagged rows stay in training with the loss ``-log(1 - p(label))``: the model is taught that the template does
+  *not* mean the label, which also unlearns what the unflagged poisoned rows teach (ASR 0.181 on the same run;
+  README, "Paraphrase triggers").
 - The statistics are computed once, at ``on_train_begin``, from the tokenized training set: no clean data, no extra
   forward pass; the loss is one cross-entropy per row.
 
