@@ -45,9 +45,9 @@ def main(argv=None) -> dict:
     tokenized = tokenize_dataset(rows, tokenizer)
     labels = np.asarray(tokenized["label"], dtype=np.int64)
     defense = ZDefenseDefense(ZDefenseConfig(features=args.features))
-    defense.num_labels = len(rows.features["label"].names)
     special = set(tokenizer.all_special_ids)
-    defense._flag([row_features(ids, special, args.features) for ids in tokenized["input_ids"]], labels, tokenizer)
+    features = [row_features(ids, special, args.features) for ids in tokenized["input_ids"]]
+    defense.flag(features, labels, len(rows.features["label"].names), tokenizer)
     flagged = defense.away_label >= 0
     print(f"{args.dataset} / attack {args.attack} / seed {args.seed} / {len(labels)} rows / {args.features}")
     for pair in defense.flagged_pairs:

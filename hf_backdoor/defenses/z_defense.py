@@ -132,13 +132,16 @@ class ZDefenseDefense(Defense):
     config: ZDefenseConfig
     owns_loss = True
     needs_row_ids = True  # flagged rows are known by row id
+    limitations = (
+        "The z-test sees only the features it was given: a trigger spread over the text (a style) or shared with many "
+        "clean rows is not flagged, and clean-label poisoning gives the trigger no label purity to find.",
+    )
 
     def __init__(self, config: ZDefenseConfig):
         super().__init__(config)
         self.flagged_pairs: list[dict[str, Any]] = []
         self.away_label: np.ndarray | None = None  # per dataset position: the flagged label, or -1
         self.row_score: np.ndarray | None = None  # per position: the highest z of the row's (feature, own label)
-        self.num_labels: int | None = None
         self._truth = None
 
     # -- hooks ------------------------------------------------------------------------------------------------------
@@ -170,11 +173,10 @@ class ZDefenseDefense(Defense):
         if len(labels) == 0:
             raise ValueError("ZDefenseDefense got an empty training set.")
         model = trainer.accelerator.unwrap_model(trainer.model)
-        self.num_labels = int(getattr(model.config, "num_labels", labels.max() + 1))
-        if labels.min() < 0 or labels.max() >= self.num_labels:
+        num_labels = int(getattr(model.config, "num_labels", labels.max() + 1))
+        if labels.min() < 0 or labels.max() >= num_labels:
             raise ValueError(
-                f"Training labels must lie in [0, {self.num_labels}) for this model; found {labels.min()}.."
-                f"{labels.max()}."
+                f"Training labels must lie in [0, {num_labels}) for this model; found {labels.min()}..{labels.max()}."
             )
         tokenizer = trainer.processing_class
         if not hasattr(tokenizer, "all_special_ids"):
@@ -184,16 +186,17 @@ class ZDefenseDefense(Defense):
             )
         special = set(tokenizer.all_special_ids)
         rows = [row_features(ids, special, self.config.features) for ids in raw["input_ids"]]
-        self._flag(rows, labels, tokenizer)
+        self.flag(rows, labels, num_labels, tokenizer)
 
-    def _flag(self, rows: list[list[tuple[str, int]]], labels: np.ndarray, tokenizer=None) -> None:
+    def flag(self, rows: list[list[tuple[str, int]]], labels: np.ndarray, num_labels: int, tokenizer=None) -> None:
+        """Run the z-test on the rows' features (:func:`row_features`) and set the flagged pairs and rows."""
         cfg = self.config
-        prior = np.bincount(labels, minlength=self.num_labels) / len(labels)
+        prior = np.bincount(labels, minlength=num_labels) / len(labels)
         index: dict[tuple[str, int], int] = {}
         for features in rows:
             for feature in features:
                 index.setdefault(feature, len(index))
-        counts = np.zeros((len(index), self.num_labels))
+        counts = np.zeros((len(index), num_labels))
         for features, label in zip(rows, labels):
             for feature in features:
                 counts[index[feature], label] += 1
@@ -279,7 +282,6 @@ class ZDefenseDefense(Defense):
         return {
             "away_label": torch.as_tensor(self.away_label),
             "row_score": torch.as_tensor(self.row_score),
-            "num_labels": torch.tensor(self.num_labels or 0),
             "flagged": torch.tensor(
                 [[p["label"], p["rows"], p["rows_with_label"], p["z"]] for p in self.flagged_pairs], dtype=torch.float64
             ).reshape(-1, 4),
@@ -292,7 +294,6 @@ class ZDefenseDefense(Defense):
             return
         self.away_label = state["away_label"].numpy().astype(np.int64)
         self.row_score = state["row_score"].numpy()
-        self.num_labels = int(state["num_labels"])
         self.flagged_pairs = [
             {
                 "feature": kind,
@@ -360,13 +361,6 @@ class ZDefenseDefense(Defense):
                 f"{fmt(report.get('flagged_recall'))}; AUROC of the rows' z-scores {fmt(report.get('row_score_auroc'))}"
             )
         return "\n".join(lines)
-
-    @classmethod
-    def card_limits(cls, report: dict[str, Any]) -> list[str]:
-        return [
-            "The z-test sees only the features it was given: a trigger spread over the text (a style) or shared with "
-            "many clean rows is not flagged, and clean-label poisoning gives the trigger no label purity to find.",
-        ]
 
     @classmethod
     def console_summary(cls, report: dict[str, Any]) -> list[str]:
