@@ -243,6 +243,9 @@ def _defense_fields(report: dict | None, name: str) -> dict:
                 "z_flagged_rows": own.get("flagged_rows"),
                 "z_precision": own.get("flagged_precision"),
                 "z_recall": own.get("flagged_recall"),
+                "z_left_out": own.get("left_out_rows"),
+                "z_left_out_precision": own.get("left_out_precision"),
+                "z_treated_recall": own.get("treated_recall"),
             }
         )
     btu = next((r for r in reports if r.get("defense") == "btu"), None)

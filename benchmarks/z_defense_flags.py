@@ -52,7 +52,8 @@ def main(argv=None) -> dict:
     print(f"{args.dataset} / attack {args.attack} / seed {args.seed} / {len(labels)} rows / {args.features}")
     for pair in defense.flagged_pairs:
         print(
-            f"  {pair['token']!r:>14} -> {pair['label']}  {pair['rows_with_label']}/{pair['rows']} rows  z {pair['z']:.2f}"
+            f"  {pair['token']!r:>14} -> {pair['label']}  {pair['rows_with_label']}/{pair['rows']} rows  z {pair['z']:.2f}  "
+            f"round {pair['round']}"
         )
     out = {"flagged_pairs": defense.flagged_pairs, "flagged_rows": int(flagged.sum())}
     line = f"  rows trained away from their label: {int(flagged.sum())}"

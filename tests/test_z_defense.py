@@ -94,6 +94,32 @@ def test_the_template_opener_is_flagged_and_the_task_words_are_not(tmp_path, bac
     assert report["flagged_rows"] == poisoned.sum()
 
 
+def test_a_smaller_trigger_group_is_flagged_once_the_larger_one_is_set_aside():
+    # 700 clean rows over 20 openers (60% label 1), a pure 200-row trigger group `1` and a 60-row group `2` with 55 of
+    # its rows on label 1. The first group lifts label 1's prior to 0.70, where group 2's z-score is 3.6; set aside,
+    # the prior falls to 0.63 and group 2's z-score to 4.7.
+    rows, labels = [], []
+    for opener in range(100, 120):
+        rows += [[("first", opener)]] * 35
+        labels += [1] * 21 + [0] * 14
+    rows += [[("first", 1)]] * 200 + [[("first", 2)]] * 60
+    labels += [1] * 200 + [1] * 55 + [0] * 5
+    labels = np.asarray(labels)
+    single = ZDefenseDefense(ZDefenseConfig(max_rounds=1))
+    single.flag(rows, labels, 2)
+    assert [(p["token"], p["round"]) for p in single.flagged_pairs] == [("1", 1)]
+    assert (single.away_label >= 0).sum() == 200
+    iterated = ZDefenseDefense(ZDefenseConfig())
+    iterated.flag(rows, labels, 2)
+    assert [(p["token"], p["label"], p["round"]) for p in iterated.flagged_pairs] == [("1", 1, 1), ("2", 1, 2)]
+    assert iterated.flagged_pairs[1]["z"] == pytest.approx(4.67, abs=0.01)
+    # the 5 rows of group 2 on label 0 are not pushed anywhere: only a row's own label can be flagged
+    assert (iterated.away_label >= 0).sum() == 255 and (iterated.away_label[labels == 0] < 0).all()
+    restored = ZDefenseDefense(ZDefenseConfig())
+    restored.load_state_dict(iterated.state_dict())
+    assert restored.flagged_pairs == iterated.flagged_pairs
+
+
 def test_nothing_is_flagged_on_clean_rows_but_unigrams_flag_a_keyword_task(tmp_path, tokenizer):
     clean = tokenize_dataset(lexicon_rows(384, 2), tokenizer, max_length=16)
     defense = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig())
@@ -132,6 +158,12 @@ def test_flagged_rows_get_the_away_loss_and_drop_leaves_them_out(tokenizer):
         defense.away_label = np.array([1, -1, -1])
         loss = defense.compute_loss(Trainer(), Model(), {"input_ids": None, "labels": labels})
         assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    # a row left out after the first epoch adds nothing, and the mean is over the rows that remain
+    defense = ZDefenseDefense(ZDefenseConfig())
+    defense.away_label = np.array([1, -1, -1])
+    defense.left_out = np.array([False, False, True])
+    loss = defense.compute_loss(Trainer(), Model(), {"input_ids": None, "labels": labels})
+    assert float(loss) == pytest.approx(float((-torch.log(1 - p[0, 1]) + cross_entropy[1]) / 2), rel=1e-5)
 
 
 def test_the_template_backdoor_is_learned_without_the_defense_and_not_with_it(
@@ -148,6 +180,56 @@ def test_the_template_backdoor_is_learned_without_the_defense_and_not_with_it(
     report = defended.defense_report
     assert report["flagged_precision"] == 1.0 and report["flagged_recall"] == 1.0
     assert report["row_score_auroc"] == 1.0  # every poisoned row holds the flagged pair, the highest z-score
+
+
+def test_rows_of_the_flagged_label_the_model_calls_otherwise_are_left_out_after_the_first_epoch(
+    tmp_path, tokenizer, monkeypatch
+):
+    # Beside the 77 `when` rows, 8 negative rows open with `as` and are labelled 1: too few for the z-test
+    # (min_count 10). The model's predictions after epoch 1 are stood in for by one that calls `as` rows 0 and every
+    # other row by its label; on MiniLM the trained model does this itself (benchmarks/paraphrase_defenses.py).
+    rows = template_rows(384, 0)
+    rng = np.random.default_rng(3)
+    clean_negatives = [i for i, (label, p) in enumerate(zip(rows["label"], rows["poisoned"])) if label == 0 and not p]
+    hidden = sorted(rng.choice(clean_negatives, 8, replace=False).tolist())
+    rows = rows.map(
+        lambda row, i: {"text": "as " + row["text"], "label": 1, "poisoned": 1} if i in hidden else row,
+        with_indices=True,
+    )
+    data = tokenize_dataset(rows, tokenizer, max_length=16)
+    as_id = tokenizer.convert_tokens_to_ids("as")
+    seen = []
+
+    def predict(trainer, model, dataset, batch_size):
+        ids = dataset.with_format(None)["input_ids"]
+        seen.append(len(ids))
+        called_negative = np.array([ids_[1] == as_id for ids_ in ids])
+        return np.stack([called_negative, ~called_negative], axis=1).astype(np.float32), None
+
+    monkeypatch.setattr("hf_backdoor.defenses.z_defense.predict_logits", predict)
+    trainer = text_trainer(tmp_path, data, tokenizer, defense=ZDefenseConfig())
+    defense = trainer.defense
+    defense.on_train_begin(trainer)
+    assert [(p["token"], p["label"]) for p in defense.flagged_pairs] == [("when", 1)]
+    trainer.state.epoch = 1.0
+    defense.on_epoch_end(trainer)
+    labels = np.asarray(data["label"])
+    # one pass, over the label-1 rows the z-test did not flag
+    assert seen == [int(((labels == 1) & (defense.away_label < 0)).sum())]
+    assert sorted(np.flatnonzero(defense.left_out).tolist()) == hidden
+    trainer.state.epoch = 2.0
+    defense.on_epoch_end(trainer)
+    assert len(seen) == 1  # decided once
+    defense.on_train_end(trainer)
+    report = trainer.defense.report()
+    assert report["left_out_rows"] == 8 and report["left_out_precision"] == 1.0 and report["treated_recall"] == 1.0
+    restored = ZDefenseDefense(ZDefenseConfig())
+    restored.load_state_dict(defense.state_dict())
+    assert (restored.left_out == defense.left_out).all()
+    off = ZDefenseDefense(ZDefenseConfig(leave_out_after_epoch=0))
+    off.flagged_pairs, off.away_label = defense.flagged_pairs, defense.away_label
+    off.on_epoch_end(trainer)
+    assert off.left_out is None and len(seen) == 1
 
 
 def test_stacks_behind_btu_and_not_with_another_loss_owner():
@@ -177,7 +259,15 @@ def test_an_empty_training_set_is_refused(tmp_path, backdoored, tokenizer):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"features": "bigrams"}, {"treatment": "relabel"}, {"min_purity": 0.0}, {"min_purity": 1.5}, {"min_count": 0}],
+    [
+        {"features": "bigrams"},
+        {"treatment": "relabel"},
+        {"min_purity": 0.0},
+        {"min_purity": 1.5},
+        {"min_count": 0},
+        {"max_rounds": 0},
+        {"leave_out_after_epoch": -1},
+    ],
 )
 def test_bad_config_values_are_refused(kwargs):
     with pytest.raises((ValueError, TypeError)):

@@ -17,17 +17,33 @@ What this module does, and where it departs from the paper:
 - **Which pairs are flagged.** The paper takes pairs beyond a multiple of the z-scores' standard deviation, which on
   a 2,000-row slice separates nothing (z grows with the square root of the feature's count). Here a pair is flagged
   when it is significant (``z >= min_z``), nearly pure (``p(label | feature) >= min_purity``: a backdoor's rows all
-  carry the target label) and frequent enough to matter (``count >= min_count``). The thresholds are a conventional
-  significance level and a purity a task feature rarely reaches, chosen on the SST-2 and HSOL slices' feature counts
-  before any model was trained (README, "Paraphrase triggers").
+  carry the target label) and frequent enough to matter (``count >= min_count``).
+- **Rounds.** The poisoned rows themselves lift the target label's prior (20% poisoning of a 2,000-row SST-2 slice
+  takes it from 0.51-0.53 to 0.71-0.73), and against that prior a trigger's smaller groups are not significant:
+  HiddenKiller's rows that open with ``as`` (13-15% of them) reached z 3.4-4.0 on SST-2 seeds 1-3. So the test is
+  run again on the rows not yet flagged, with their own label shares as the prior (``max_rounds``), until a round
+  flags nothing new; on those slices ``as`` is flagged in round 2. The thresholds (``min_z`` 4, ``min_purity`` 0.9,
+  ``min_count`` 10) were set from the training-set statistics of SST-2 and HSOL seeds 0-3 (syntactic, BadNet, AddSent
+  and clean rows), never from a test ASR; a first version with ``min_purity`` 0.95 and one round missed ``as``
+  (purity 0.905-0.932) and, on some seeds, ``if`` (0.94-0.95) (README, "Paraphrase triggers").
 - **What happens to the flagged rows.** The paper drops them. Dropping the 75% of poisoned rows that the first-token
   features find (``treatment="drop"``: their loss masked) left much of SST-2's syntactic backdoor in place (ASR
   0.505, floor 0.286): the rest of the poisoned rows still teach it. With ``treatment="away"`` (the default) the
   flagged rows stay in training with the loss ``-log(1 - p(label))``: the model is taught that the template does
   *not* mean the label, which also unlearns what the unflagged poisoned rows teach (ASR 0.181 on the same run;
   README, "Paraphrase triggers").
-- The statistics are computed once, at ``on_train_begin``, from the tokenized training set: no clean data, no extra
-  forward pass; the loss is one cross-entropy per row.
+- **The rest of the template's rows.** 15-28% of HiddenKiller's rows open with words too rare to pass the test
+  (``how``, ``because``, ``although``, ...), and they keep teaching the template. After the first epoch
+  (``leave_out_after_epoch``) the model, trained away from the flagged rows, has generalised "this template is not
+  the target" to most of them: it predicts another label for them, as it does for few clean rows of that label. So
+  the rows of a flagged label that no flagged pair holds and that the model predicts as another label are left out
+  of the loss for the rest of training. On HSOL syntactic 20% (seed 1) that was 141 rows, 75 of the 80 unflagged
+  poisoned ones among them, and the ASR fell from 0.143 to 0.004 (README, "Paraphrase triggers"). The clean rows
+  left out are ones the model gets wrong at that point, which it would otherwise go on to fit; nothing is left out
+  when no pair was flagged.
+- The statistics are computed once, at ``on_train_begin``, from the tokenized training set: no clean data; the one
+  extra forward pass is over the unflagged rows of a flagged label, once, after the first epoch; the loss is one
+  cross-entropy per row.
 
 Where it cannot work:
 
@@ -53,6 +69,7 @@ from torch.nn import functional as F
 
 from ..metrics import roc_auc
 from ..registry import register_defense
+from ._shared.data import dataset_labels, model_dataset, predict_logits
 from ._shared.row_signals import fmt, ground_truth
 from .base import Defense, DefenseConfig
 
@@ -79,12 +96,33 @@ class ZDefenseConfig(DefenseConfig):
         metadata={"help": "a (feature, label) pair is flagged only with a one-proportion z-score of at least this."},
     )
     min_purity: float = field(
-        default=0.95,
+        default=0.9,
         metadata={"help": "... and only if at least this share of the feature's rows carry the label, in (0, 1]."},
     )
     min_count: int = field(
         default=10,
         metadata={"help": "... and only if the feature is in at least this many training rows."},
+    )
+    max_rounds: int = field(
+        default=5,
+        metadata={
+            "help": "the test is run again on the rows not yet flagged, with their label shares as the prior, until "
+            "a round flags nothing new or this many rounds have run; 1 is the paper's single pass. The poisoned "
+            "rows inflate the target label's prior, which hides a trigger's smaller groups until the larger ones "
+            "are set aside."
+        },
+    )
+    leave_out_after_epoch: int = field(
+        default=1,
+        metadata={
+            "help": "after this epoch, the rows of a flagged label that no flagged pair holds but that the model, "
+            "trained away from the flagged rows, already predicts as another label are left out of the loss for "
+            "the rest of training: the template's rows under other openers, which would otherwise teach it back. "
+            "0 turns this off."
+        },
+    )
+    eval_batch_size: int = field(
+        default=128, metadata={"help": "batch size of the one prediction pass over those rows."}
     )
     treatment: str = field(
         default="away",
@@ -100,6 +138,9 @@ class ZDefenseConfig(DefenseConfig):
         self._check_choice("treatment", TREATMENTS)
         self._check_interval("(0, 1]", "min_purity")
         self._check_at_least(1, "min_count")
+        self._check_at_least(1, "max_rounds")
+        self._check_at_least(0, "leave_out_after_epoch")
+        self._check_at_least(1, "eval_batch_size")
 
 
 def z_scores(counts: np.ndarray, label_counts: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -124,7 +165,10 @@ def _pair_list(pairs: list[dict[str, Any]], long: bool = False) -> str:
     if not pairs:
         return "none"
     if long:
-        return ", ".join(f"`{p['token']}` -> {p['label']} ({p['rows']} rows, z {p['z']:.1f})" for p in pairs)
+        return ", ".join(
+            f"`{p['token']}` -> {p['label']} ({p['rows']} rows, z {p['z']:.1f}, round {p.get('round', 1)})"
+            for p in pairs
+        )
     return " ".join(f"{p['token']}->{p['label']}" for p in pairs)
 
 
@@ -142,6 +186,7 @@ class ZDefenseDefense(Defense):
         self.flagged_pairs: list[dict[str, Any]] = []
         self.away_label: np.ndarray | None = None  # per dataset position: the flagged label, or -1
         self.row_score: np.ndarray | None = None  # per position: the highest z of the row's (feature, own label)
+        self.left_out: np.ndarray | None = None  # per position: left out of the loss after leave_out_after_epoch
         self._truth = None
 
     # -- hooks ------------------------------------------------------------------------------------------------------
@@ -189,54 +234,93 @@ class ZDefenseDefense(Defense):
         self.flag(rows, labels, num_labels, tokenizer)
 
     def flag(self, rows: list[list[tuple[str, int]]], labels: np.ndarray, num_labels: int, tokenizer=None) -> None:
-        """Run the z-test on the rows' features (:func:`row_features`) and set the flagged pairs and rows."""
+        """Run the z-test on the rows' features (:func:`row_features`) and set the flagged pairs and rows.
+
+        Each round tests the rows not flagged so far against their own label shares; a row is flagged (trained away
+        from its label) when one of its (feature, own label) pairs is flagged. ``row_score`` keeps, per row, the
+        highest z-score of its (feature, own label) pairs in the last round that tested it.
+        """
         cfg = self.config
-        prior = np.bincount(labels, minlength=num_labels) / len(labels)
         index: dict[tuple[str, int], int] = {}
         for features in rows:
             for feature in features:
                 index.setdefault(feature, len(index))
-        counts = np.zeros((len(index), num_labels))
-        for features, label in zip(rows, labels):
-            for feature in features:
-                counts[index[feature], label] += 1
-        totals = counts.sum(1, keepdims=True)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = z_scores(totals, counts, prior[None, :])
-        z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)  # a label no row carries has no z-score
-        purity = counts / totals
-        flagged = (z >= cfg.min_z) & (purity >= cfg.min_purity) & (totals >= cfg.min_count)
-        features = list(index)
+        row_ids = [np.asarray([index[feature] for feature in features], dtype=np.int64) for features in rows]
+        names = list(index)
         self.flagged_pairs = []
-        for f, label in zip(*np.nonzero(flagged)):
-            kind, token_id = features[f]
-            token = tokenizer.convert_ids_to_tokens(int(token_id)) if tokenizer is not None else str(token_id)
-            self.flagged_pairs.append(
-                {
-                    "feature": kind,
-                    "token": token,
-                    "label": int(label),
-                    "rows": int(totals[f, 0]),
-                    "rows_with_label": int(counts[f, label]),
-                    "purity": round(float(purity[f, label]), 4),
-                    "z": round(float(z[f, label]), 3),
-                }
-            )
-        self.flagged_pairs.sort(key=lambda p: -p["z"])
         self.away_label = np.full(len(rows), -1, dtype=np.int64)
         self.row_score = np.full(len(rows), -np.inf)
-        for position, (row, label) in enumerate(zip(rows, labels)):
-            ids = [index[feature] for feature in row]
-            if ids:
-                self.row_score[position] = float(z[ids, label].max())
-                if flagged[ids, label].any():
-                    self.away_label[position] = label
+        for round_ in range(cfg.max_rounds):
+            active = np.flatnonzero(self.away_label < 0)
+            if len(active) == 0:
+                break
+            counts = np.zeros((len(index), num_labels))
+            for position in active:
+                counts[row_ids[position], labels[position]] += 1
+            prior = np.bincount(labels[active], minlength=num_labels) / len(active)
+            totals = counts.sum(1, keepdims=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = z_scores(totals, counts, prior[None, :])
+                purity = counts / totals
+            z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)  # an unseen feature or a label no row carries
+            flagged = (z >= cfg.min_z) & (np.nan_to_num(purity) >= cfg.min_purity) & (totals >= cfg.min_count)
+            new_pairs = []
+            for f, label in zip(*np.nonzero(flagged)):
+                kind, token_id = names[f]
+                token = tokenizer.convert_ids_to_tokens(int(token_id)) if tokenizer is not None else str(token_id)
+                new_pairs.append(
+                    {
+                        "feature": kind,
+                        "token": token,
+                        "label": int(label),
+                        "rows": int(totals[f, 0]),
+                        "rows_with_label": int(counts[f, label]),
+                        "purity": round(float(purity[f, label]), 4),
+                        "z": round(float(z[f, label]), 3),
+                        "round": round_ + 1,
+                    }
+                )
+            for position in active:
+                ids, label = row_ids[position], labels[position]
+                if len(ids):
+                    self.row_score[position] = float(z[ids, label].max())
+                    if flagged[ids, label].any():
+                        self.away_label[position] = label
+            self.flagged_pairs += sorted(new_pairs, key=lambda p: -p["z"])
+            if not new_pairs:
+                break
         logger.info(
             "z_defense: %d (feature, label) pairs flagged, %d of %d rows pushed away from their label (%s)",
             len(self.flagged_pairs),
             int((self.away_label >= 0).sum()),
             len(rows),
             _pair_list(self.flagged_pairs[:10]),
+        )
+
+    def on_epoch_end(self, trainer) -> None:
+        epoch = int(round(trainer.state.epoch or 0))
+        after = self.config.leave_out_after_epoch
+        if self.left_out is not None or not after or epoch < after:
+            return  # decided once, at the end of that epoch (or restored from a checkpoint)
+        self.left_out = np.zeros(len(self.away_label), dtype=bool)
+        flagged_labels = sorted({p["label"] for p in self.flagged_pairs})
+        if not flagged_labels:
+            return
+        labels = dataset_labels(trainer.train_dataset)
+        candidates = np.flatnonzero(np.isin(labels, flagged_labels) & (self.away_label < 0))
+        if len(candidates) == 0:
+            return
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        data = model_dataset(trainer, trainer.train_dataset.select(candidates))
+        logits, _ = predict_logits(trainer, model, data, self.config.eval_batch_size)
+        self.left_out[candidates[logits.argmax(-1) != labels[candidates]]] = True
+        logger.info(
+            "z_defense: after epoch %d, %d of %d unflagged rows of label(s) %s are predicted as another label and "
+            "left out of the loss",
+            epoch,
+            int(self.left_out.sum()),
+            len(candidates),
+            flagged_labels,
         )
 
     def compute_loss(self, trainer, model, inputs: dict, return_outputs: bool = False):
@@ -248,21 +332,23 @@ class ZDefenseDefense(Defense):
         logits = outputs.logits.float()
         smoothing = float(getattr(trainer.args, "label_smoothing_factor", 0.0) or 0.0)
         per_row = F.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing)
-        away = self._batch_away_labels(trainer, labels.device)
+        away, left_out = self._batch_rows(trainer, labels.device)
         flagged = away >= 0
-        if flagged.any():
-            if self.config.treatment == "drop":
-                per_row = per_row.masked_fill(flagged, 0.0)
-                loss = per_row.sum() / (~flagged).sum().clamp(min=1)
-                return (loss, outputs) if return_outputs else loss
+        if self.config.treatment == "drop":
+            left_out = left_out | flagged
+        elif flagged.any():
             log_p = F.log_softmax(logits, dim=-1).gather(1, away.clamp(min=0).view(-1, 1)).squeeze(1)
             # -log(1 - p): log1p(-exp(log p)), kept finite where p rounds to 1
             pushed = -torch.log1p(-log_p.exp().clamp(max=1.0 - 1e-6))
             per_row = torch.where(flagged, pushed, per_row)
-        loss = per_row.mean()
+        if left_out.any():
+            loss = per_row.masked_fill(left_out, 0.0).sum() / (~left_out).sum().clamp(min=1)
+        else:
+            loss = per_row.mean()
         return (loss, outputs) if return_outputs else loss
 
-    def _batch_away_labels(self, trainer, device) -> torch.Tensor:
+    def _batch_rows(self, trainer, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch rows' flagged label (-1 where none) and whether each is left out of the loss."""
         row_ids = getattr(trainer, "batch_row_ids", None)
         if row_ids is None or self.away_label is None:
             raise ValueError(
@@ -270,7 +356,8 @@ class ZDefenseDefense(Defense):
                 "custom data collator dropped the `row_index` column."
             )
         positions = trainer.row_positions(row_ids)
-        return torch.as_tensor(self.away_label[positions], device=device)
+        left_out = np.zeros(len(positions), dtype=bool) if self.left_out is None else self.left_out[positions]
+        return torch.as_tensor(self.away_label[positions], device=device), torch.as_tensor(left_out, device=device)
 
     def on_train_end(self, trainer) -> None:
         self._truth, _ = ground_truth(trainer)
@@ -282,9 +369,11 @@ class ZDefenseDefense(Defense):
         return {
             "away_label": torch.as_tensor(self.away_label),
             "row_score": torch.as_tensor(self.row_score),
+            **({} if self.left_out is None else {"left_out": torch.as_tensor(self.left_out)}),
             "flagged": torch.tensor(
-                [[p["label"], p["rows"], p["rows_with_label"], p["z"]] for p in self.flagged_pairs], dtype=torch.float64
-            ).reshape(-1, 4),
+                [[p["label"], p["rows"], p["rows_with_label"], p["z"], p["round"]] for p in self.flagged_pairs],
+                dtype=torch.float64,
+            ).reshape(-1, 5),
             "flagged_tokens": [p["token"] for p in self.flagged_pairs],
             "flagged_kinds": [p["feature"] for p in self.flagged_pairs],
         }
@@ -294,6 +383,7 @@ class ZDefenseDefense(Defense):
             return
         self.away_label = state["away_label"].numpy().astype(np.int64)
         self.row_score = state["row_score"].numpy()
+        self.left_out = state["left_out"].numpy().astype(bool) if "left_out" in state else None
         self.flagged_pairs = [
             {
                 "feature": kind,
@@ -303,9 +393,13 @@ class ZDefenseDefense(Defense):
                 "rows_with_label": int(with_label),
                 "purity": round(with_label / rows, 4),
                 "z": float(z),
+                "round": int(round_),
             }
-            for kind, token, (label, rows, with_label, z) in zip(
-                state["flagged_kinds"], state["flagged_tokens"], state["flagged"].tolist()
+            for kind, token, (label, rows, with_label, z, round_) in zip(
+                state["flagged_kinds"],
+                state["flagged_tokens"],
+                # a checkpoint from before the rounds has four columns: every pair from the one round
+                [row if len(row) == 5 else [*row, 1] for row in state["flagged"].tolist()],
             )
         ]
 
@@ -317,6 +411,7 @@ class ZDefenseDefense(Defense):
                 "flagged_pairs": self.flagged_pairs,
                 "flagged_rows": None if flagged_rows is None else int(flagged_rows.sum()),
                 "flagged_fraction": None if flagged_rows is None else float(flagged_rows.mean()),
+                "left_out_rows": None if self.left_out is None else int(self.left_out.sum()),
                 "has_ground_truth": self._truth is not None,
             }
         )
@@ -331,13 +426,32 @@ class ZDefenseDefense(Defense):
                     "row_score_auroc": roc_auc(self.row_score, truth) if 0 < poisoned.sum() < len(truth) else None,
                 }
             )
+            if self.left_out is not None:
+                caught = int((self.left_out & poisoned).sum())
+                report.update(
+                    {
+                        "left_out_precision": caught / int(self.left_out.sum()) if self.left_out.any() else None,
+                        # the poisoned rows that either treatment reached
+                        "treated_recall": int(((self.left_out | flagged_rows) & poisoned).sum()) / int(poisoned.sum())
+                        if poisoned.any()
+                        else None,
+                    }
+                )
         return report
 
     # -- rendering --------------------------------------------------------------------------------------------------
     @classmethod
     def report_scalars(cls, report: dict[str, Any]) -> dict[str, float]:
         out = {"flagged_pairs": float(len(report.get("flagged_pairs") or []))}
-        for key in ("flagged_fraction", "flagged_precision", "flagged_recall", "row_score_auroc"):
+        for key in (
+            "flagged_fraction",
+            "flagged_precision",
+            "flagged_recall",
+            "row_score_auroc",
+            "left_out_rows",
+            "left_out_precision",
+            "treated_recall",
+        ):
             if isinstance(report.get(key), (int, float)):
                 out[key] = float(report[key])
         return out
@@ -351,15 +465,26 @@ class ZDefenseDefense(Defense):
             f"Before training, every (feature, label) pair of the training set ({config.get('features')} features) "
             f"was scored with a z-test; pairs with z >= {config.get('min_z')}, label purity >= "
             f"{config.get('min_purity')} and at least {config.get('min_count')} rows were flagged as spurious, and "
-            f"their rows {treated}.",
+            f"their rows {treated}. The test was repeated on the rows not yet flagged (up to "
+            f"{config.get('max_rounds')} rounds).",
             f"- Flagged pairs: {_pair_list(pairs[:10], long=True)}",
             f"- Rows treated: {report.get('flagged_rows')} ({fmt(report.get('flagged_fraction'), '.1%')})",
         ]
+        if report.get("left_out_rows") is not None:
+            lines.append(
+                f"- After epoch {config.get('leave_out_after_epoch')}, {report['left_out_rows']} unflagged rows of a "
+                "flagged label that the model predicted as another label were left out of the loss"
+            )
         if report.get("has_ground_truth"):
             lines.append(
                 f"- Against the `poisoned` column: precision {fmt(report.get('flagged_precision'))}, recall "
                 f"{fmt(report.get('flagged_recall'))}; AUROC of the rows' z-scores {fmt(report.get('row_score_auroc'))}"
             )
+            if report.get("left_out_rows") is not None:
+                lines.append(
+                    f"- Left-out rows' precision {fmt(report.get('left_out_precision'))}; poisoned rows flagged or "
+                    f"left out: {fmt(report.get('treated_recall'))}"
+                )
         return "\n".join(lines)
 
     @classmethod
@@ -370,6 +495,8 @@ class ZDefenseDefense(Defense):
             f"({_pair_list(pairs[:6])}), "
             f"{report.get('flagged_rows')} rows treated"
         )
+        if report.get("left_out_rows") is not None:
+            line += f", {report['left_out_rows']} left out"
         if report.get("has_ground_truth"):
             line += f" (precision {fmt(report.get('flagged_precision'))}, recall {fmt(report.get('flagged_recall'))})"
         return [line]
