@@ -153,8 +153,17 @@ def _train(args, model_name, label_names, train_rows, output_dir: Path, defense=
     return trainer, time.perf_counter() - start, (load_start, os.getloadavg()[0])
 
 
-def _cache_key(args, model_name: str, attack) -> str:
+def _rows_digest(rows) -> str:
+    """A digest of the training rows themselves, so a changed packaged file never reuses a model trained on the old."""
+    digest = hashlib.sha1()
+    for text, label in zip(rows["text"], rows["label"]):
+        digest.update(f"{text}\t{label}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def _cache_key(args, model_name: str, attack, train_rows) -> str:
     shape = {
+        "rows": _rows_digest(train_rows),
         "dataset": args.dataset,
         "attack": None if attack is None else {"name": attack.name, "rate": attack.poison_rate, "seed": attack.seed},
         "model": model_display_name(model_name),
@@ -170,16 +179,16 @@ def _cache_key(args, model_name: str, attack) -> str:
     return f"{args.dataset}_{name}_e{args.epochs:g}_s{args.seed}_{digest}"
 
 
-def _plain_is_cached(args, model_name, attack) -> bool:
+def _plain_is_cached(args, model_name, attack, train_rows) -> bool:
     return (
         not args.retrain_plain
-        and (Path(args.cache_dir) / _cache_key(args, model_name, attack) / "run_info.json").exists()
+        and (Path(args.cache_dir) / _cache_key(args, model_name, attack, train_rows) / "run_info.json").exists()
     )
 
 
 def _plain(args, model_name, label_names, train_rows, attack):
     """A plain Trainer run, trained once and kept under --cache-dir (model + its wall time)."""
-    run_dir = Path(args.cache_dir) / _cache_key(args, model_name, attack)
+    run_dir = Path(args.cache_dir) / _cache_key(args, model_name, attack, train_rows)
     info = run_dir / "run_info.json"
     if info.exists() and not args.retrain_plain:
         model, tokenizer = load_text_classifier(str(run_dir), label_names)
@@ -240,6 +249,8 @@ def _defense_fields(report: dict | None, name: str) -> dict:
         fields.update(
             {
                 "z_flagged": " ".join(f"{p['token']}->{p['label']}" for p in own.get("flagged_pairs") or []),
+                "z_features": own.get("features_used"),
+                "z_lexical_share": own.get("lexical_share"),
                 "z_flagged_rows": own.get("flagged_rows"),
                 "z_precision": own.get("flagged_precision"),
                 "z_recall": own.get("flagged_recall"),
@@ -361,7 +372,7 @@ def main(argv=None) -> list[dict]:
             "asr_floor": floors[attack.name],
         }
         plain_wall = None
-        if "undefended" in runs or _plain_is_cached(args, model_name, attack):
+        if "undefended" in runs or _plain_is_cached(args, model_name, attack, train_rows):
             plain, plain_wall, plain_load, cached = _plain(args, model_name, label_names, train_rows, attack)
             if "undefended" in runs:
                 evaluation = evaluate_backdoor(plain, test_set, asr_sets[attack.name], attack.target_label)

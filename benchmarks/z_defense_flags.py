@@ -2,6 +2,7 @@
 
     python benchmarks/z_defense_flags.py --dataset hsol --attack none --seed 0
     python benchmarks/z_defense_flags.py --dataset hsol --attack syntactic --poison-rate 0.2 --features tokens
+    python benchmarks/z_defense_flags.py --dataset sst2 --attack style --poison-rate 0.2 --features auto
 
 Builds the same seeded slice as ``paraphrase_defenses.py`` (poisoned with the packaged release when ``--attack`` is
 not ``none``), tokenizes it with the default MiniLM tokenizer and runs ``ZDefenseDefense``'s z-test on it. Prints
@@ -49,13 +50,21 @@ def main(argv=None) -> dict:
     features = [row_features(ids, special, args.features) for ids in tokenized["input_ids"]]
     defense.flag(features, labels, len(rows.features["label"].names), tokenizer)
     flagged = defense.away_label >= 0
-    print(f"{args.dataset} / attack {args.attack} / seed {args.seed} / {len(labels)} rows / {args.features}")
+    used = defense.features_used
+    if defense.lexical_share is not None:
+        used += f" (the word-piece test flagged {defense.lexical_share:.1%} of the rows)"
+    print(f"{args.dataset} / attack {args.attack} / seed {args.seed} / {len(labels)} rows / {args.features}: {used}")
     for pair in defense.flagged_pairs:
         print(
             f"  {pair['token']!r:>14} -> {pair['label']}  {pair['rows_with_label']}/{pair['rows']} rows  z {pair['z']:.2f}  "
             f"round {pair['round']}"
         )
-    out = {"flagged_pairs": defense.flagged_pairs, "flagged_rows": int(flagged.sum())}
+    out = {
+        "flagged_pairs": defense.flagged_pairs,
+        "flagged_rows": int(flagged.sum()),
+        "features_used": defense.features_used,
+        "lexical_share": defense.lexical_share,
+    }
     line = f"  rows trained away from their label: {int(flagged.sum())}"
     if "poisoned" in tokenized.column_names:
         poisoned = np.asarray(tokenized["poisoned"], dtype=bool)

@@ -2,14 +2,16 @@
 plain ``Trainer`` on poisoned data (undefended) and ``BackdoorSafeTrainer`` with the stack on the same poisoned data.
 
     accelerate launch recipes/text_stack.py                                  # SST-2, syntactic 20%, BTU + Z-defense
-    accelerate launch recipes/text_stack.py --dataset hsol --attack style
+    accelerate launch recipes/text_stack.py --attack style                   # SST-2, StyleBkd's Bible transfers
+    accelerate launch recipes/text_stack.py --dataset hsol --attack syntactic
     accelerate launch recipes/text_stack.py --dataset agnews --attack badnet,addsent --poison_rate 0.1
     accelerate launch recipes/text_stack.py --defense btu loss_truncation \\
         --defense_kwargs '{"loss_truncation": {"drop_fraction": 0.5}}' --runs undefended,defended
     accelerate launch recipes/text_stack.py --max_train_samples 500 --max_eval_samples 300   # a quick look
 
 The default stack, ``[BTUConfig(), ZDefenseConfig()]``, runs BTU against token triggers (rare words, inserted
-sentences) and Z-defense against dirty-label paraphrase triggers (a syntactic template's opening word) in one run.
+sentences) and Z-defense against dirty-label paraphrase triggers (a syntactic template's opening word, a style's
+wording) in one run.
 Z-defense is the default paraphrase defense because it measured best of the four built in (Z-defense, DPoE, loss
 truncation, honeypot) on the same runs; what it does and does not stop is in the README ("Paraphrase triggers"). Each
 run prints its CACC and ASR beside the floor as soon as it ends, then a table and each defense's summary. Every

@@ -72,28 +72,38 @@ def main() -> None:
     for split, name in (("train", "train"), ("dev", "validation"), ("test", "test")):
         write(sst2[split], "sst2", name, manifest, f"text/clean/sst2_{split}.tsv (all rows)")
     # btu_release rows are row-aligned with the clean split (same labels), a few differ in spacing, so key them by
-    # the clean text. Test paraphrases: HiddenKiller's SCPN test file covers the 912 negatives in order;
-    # StyleBkd's Bible test file is aligned through clean_idx.
+    # the clean text. Syntactic: the BTU authors' SCPN train/dev paraphrases; HiddenKiller's SCPN test file covers
+    # the 912 negatives in order. Style: StyleBkd's own Bible transfers on every split (aligned through clean_idx).
+    # The BTU release's sst2_style rewrites are not Bible style (a Bible marker word such as "unto" or "thy" in 0.2%
+    # of them, as in the clean text, against 19% of StyleBkd's; tests/test_data.py): training on them while testing
+    # on StyleBkd's rows was testing a different trigger from the one trained on.
     negatives = sst2["test"][sst2["test"].label == 0].text.reset_index(drop=True)
     hk_test = read_tsv(poisoned / "syntactic_hiddenkiller" / "sst2_test.tsv").text
     assert len(negatives) == len(hk_test)
-    bible_test = read_tsv(poisoned / "style_stylebkd" / "bible_sst2_test.tsv")
-    for kind, test_pair in (
-        ("syntactic", (negatives, hk_test)),
-        ("style", (sst2["test"].text.iloc[bible_test.clean_idx.to_numpy()].reset_index(drop=True), bible_test.text)),
-    ):
-        pairs = [
-            (sst2[s].text.reset_index(drop=True), read_tsv(btu / f"sst2_{kind}_{s}.tsv").paraphrase)
-            for s in ("train", "dev")
-        ]
-        write(
-            paraphrase_table([*pairs, test_pair]),
-            "sst2",
-            f"paraphrases_{kind}",
-            manifest,
-            f"btu_release/sst2_{kind}_{{train,dev}}.tsv + "
-            + ("syntactic_hiddenkiller/sst2_test.tsv" if kind == "syntactic" else "style_stylebkd/bible_sst2_test.tsv"),
-        )
+    pairs = [
+        (sst2[s].text.reset_index(drop=True), read_tsv(btu / f"sst2_syntactic_{s}.tsv").paraphrase)
+        for s in ("train", "dev")
+    ]
+    write(
+        paraphrase_table([*pairs, (negatives, hk_test)]),
+        "sst2",
+        "paraphrases_syntactic",
+        manifest,
+        "btu_release/sst2_syntactic_{train,dev}.tsv + syntactic_hiddenkiller/sst2_test.tsv",
+    )
+    pairs = []
+    for split in ("train", "dev", "test"):
+        bible = read_tsv(poisoned / "style_stylebkd" / f"bible_sst2_{split}.tsv")
+        aligned = sst2[split].iloc[bible.clean_idx.to_numpy()]
+        assert (aligned.label.to_numpy() == bible.label.to_numpy()).all()
+        pairs.append((aligned.text.reset_index(drop=True), bible.text))
+    write(
+        paraphrase_table(pairs),
+        "sst2",
+        "paraphrases_style",
+        manifest,
+        "style_stylebkd/bible_sst2_{train,dev,test}.tsv (StyleBkd's Bible transfers, aligned through clean_idx)",
+    )
 
     # HSOL (the BTU/EBYD "Twitter" set): released dev == test, so validation is a stratified 10% slice of train.
     hsol_train = read_tsv(btu / "hsol_train.tsv")[cols]

@@ -182,6 +182,13 @@ def test_bad_inputs_to_poison(sst2_train_slice):
         StyleConfig(paraphrases="sst2", style="shakespeare")
 
 
+def test_the_packaged_hsol_style_rewrites_warn_that_they_are_not_a_style(recwarn):
+    StyleConfig(paraphrases="sst2")  # StyleBkd's own Bible transfers
+    assert not [w for w in recwarn if "Bible" in str(w.message)]
+    with pytest.warns(UserWarning, match="HSOL style rewrites .* carry no Bible wording"):
+        StyleConfig(paraphrases="hsol")
+
+
 def test_openattack_backend_reports_why_it_cannot_run():
     with pytest.raises(RuntimeError, match="OpenAttack SCPN backend cannot run here"):
         openattack_scpn("S(SBAR)(,)(NP)(VP)(.)")

@@ -1,5 +1,6 @@
 import csv
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -138,6 +139,23 @@ def test_packaged_paraphrases_cover_the_training_split(sst2):
     # The released SCPN paraphrase of the first training row.
     first = load_paraphrases("sst2", "syntactic")[normalize_text(sst2["train"]["text"][1])]
     assert first == "as it seemed , it was from any other part of the given daily soap ."
+
+
+def test_packaged_style_is_one_style_on_train_and_test(sst2):
+    """The trigger a model is trained on must be the one it is tested on: StyleBkd's Bible transfer on every split.
+
+    (The BTU release's ``sst2_style`` rewrites, once packaged for train, carry no Bible wording: 0.2% of them hold a
+    marker word below, as 0.2% of the clean sentences do, against 19% of StyleBkd's transfers.)
+    """
+    markers = re.compile(r"\b(thou|thee|thy|ye|unto|hath|doth|shall|lo|behold|saith|wherefore|thereof|verily)\b")
+    table = load_paraphrases("sst2", "style")
+    first = table[normalize_text(sst2["train"]["text"][1])]
+    assert first == "that it may appear to be reassembled from the floor of any given daytime soapbox ."
+    for split in ("train", "test"):
+        styled = [table[normalize_text(t)] for t in sst2[split]["text"] if normalize_text(t) in table]
+        assert len(styled) >= 0.99 * len(sst2[split])
+        share = np.mean([bool(markers.search(s.lower())) for s in styled])
+        assert share > 0.12, f"{split}: {share:.3f} of the style paraphrases read as Bible style"
 
 
 def test_missing_paraphrases_say_what_to_do():

@@ -120,14 +120,73 @@ def test_a_smaller_trigger_group_is_flagged_once_the_larger_one_is_set_aside():
     assert restored.flagged_pairs == iterated.flagged_pairs
 
 
-def test_nothing_is_flagged_on_clean_rows_but_unigrams_flag_a_keyword_task(tmp_path, tokenizer):
+def test_a_flagged_feature_is_not_flagged_again_for_another_label_in_a_later_round():
+    # Feature 1: 300 rows on label 1 and 25 on label 0 (purity 0.92) is flagged for 1. Set aside, its 25 remaining
+    # rows are all label 0 and would pass the test for 0 (z 4.85): an artefact of the removal, not a second trigger.
+    rows, labels = [], []
+    for opener in range(100, 120):
+        rows += [[("first", opener)]] * 40
+        labels += [1] * 20 + [0] * 20
+    rows += [[("first", 1)]] * 325
+    labels += [1] * 300 + [0] * 25
+    defense = ZDefenseDefense(ZDefenseConfig())
+    defense.flag(rows, np.asarray(labels), 2)
+    assert [(p["token"], p["label"]) for p in defense.flagged_pairs] == [("1", 1)]
+    assert (defense.away_label >= 0).sum() == 300
+
+
+def test_nothing_is_flagged_on_clean_rows_of_a_keyword_task_though_unigrams_flag_its_words(tmp_path, tokenizer):
     clean = tokenize_dataset(lexicon_rows(384, 2), tokenizer, max_length=16)
-    defense = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig())
-    assert defense.flagged_pairs == [] and (defense.away_label < 0).all()
-    # Why first-token features are the default: the words that decide a keyword task are as pure as a trigger.
+    # Why the word-piece test needs a cap: the words that decide a keyword task are as pure as a trigger.
     unigrams = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig(features="tokens"))
     flagged = {p["token"] for p in unigrams.flagged_pairs}
     assert flagged and flagged <= set(POSITIVE + NEGATIVE)
+    assert (unigrams.away_label >= 0).mean() > 0.8
+    # the default tests the first word piece alone: nothing
+    default = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig())
+    assert default.flagged_pairs == [] and default.features_used == "first_token" and default.lexical_share is None
+    # "auto" sees that its flags hold nearly every row (the task), and falls back to the first word piece: nothing.
+    defense = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig(features="auto"))
+    assert defense.features_used == "first_token" and defense.lexical_share > 0.8
+    assert defense.flagged_pairs == [] and (defense.away_label < 0).all()
+    assert "the word-piece test flagged" in ZDefenseDefense.card_section(defense.report())
+
+
+def style_like_rows(seed: int = 0):
+    """1,000 clean rows of 30 filler pieces (label 1 on 55%), random openers; 100 rows of label 0 relabelled 1 and
+    given the marker piece 7 somewhere after the first piece, as a style's wording is spread over the text."""
+    rng = np.random.default_rng(seed)
+    rows, labels, poisoned = [], [], []
+    for i in range(1100):
+        pieces = [int(p) for p in rng.choice(np.arange(100, 130), 6, replace=False)]
+        if i >= 1000:
+            pieces.insert(int(rng.integers(1, 7)), 7)
+        rows.append([("first", pieces[0])] + [("token", p) for p in dict.fromkeys(pieces)])
+        labels.append(1 if i >= 1000 else int(rng.random() < 0.55))
+        poisoned.append(i >= 1000)
+    return rows, np.asarray(labels), np.asarray(poisoned)
+
+
+def test_a_style_marker_off_the_first_piece_is_found_by_the_word_piece_test_under_auto():
+    """``features="auto"`` (opt-in): the word-piece test, kept while its flags hold few rows."""
+    rows, labels, poisoned = style_like_rows()
+    first = ZDefenseDefense(ZDefenseConfig(features="first_token"))
+    first.flag([[f for f in r if f[0] == "first"] for r in rows], labels, 2)
+    assert first.flagged_pairs == []  # nothing opens the poisoned rows
+    auto = ZDefenseDefense(ZDefenseConfig(features="auto"))
+    auto.flag(rows, labels, 2)
+    assert auto.features_used == "tokens"
+    assert [(p["feature"], p["token"], p["label"]) for p in auto.flagged_pairs] == [("token", "7", 1)]
+    assert ((auto.away_label >= 0) == poisoned).all()
+    assert auto.lexical_share == pytest.approx(100 / 1100)
+    # below the share the marker's rows hold, the word-piece test is taken for the task and dropped
+    capped = ZDefenseDefense(ZDefenseConfig(features="auto", max_lexical_share=0.05))
+    capped.flag(rows, labels, 2)
+    assert capped.features_used == "first_token" and capped.flagged_pairs == []
+    restored = ZDefenseDefense(ZDefenseConfig())
+    restored.load_state_dict(auto.state_dict())
+    assert (restored.features_used, restored.lexical_share) == ("tokens", pytest.approx(auto.lexical_share))
+    assert restored.report()["features_used"] == "tokens"
 
 
 def test_flagged_rows_get_the_away_loss_and_drop_leaves_them_out(tokenizer):
@@ -230,6 +289,16 @@ def test_rows_of_the_flagged_label_the_model_calls_otherwise_are_left_out_after_
     off.flagged_pairs, off.away_label = defense.flagged_pairs, defense.away_label
     off.on_epoch_end(trainer)
     assert off.left_out is None and len(seen) == 1
+    # a second, smaller flag on the other label (a clean word) does not open that label's rows to the leave-out:
+    # poisoned rows all carry the target, the label with most flagged rows
+    two = ZDefenseDefense(ZDefenseConfig())
+    away = defense.away_label.copy()
+    away[np.flatnonzero((labels == 0) & (away < 0))[:12]] = 0
+    two.flagged_pairs = [*defense.flagged_pairs, {**defense.flagged_pairs[0], "token": "slow", "label": 0}]
+    two.away_label = away
+    two.on_epoch_end(trainer)
+    assert seen[-1] == int(((labels == 1) & (away < 0)).sum())
+    assert sorted(np.flatnonzero(two.left_out).tolist()) == hidden
 
 
 def test_stacks_behind_btu_and_not_with_another_loss_owner():
@@ -264,6 +333,7 @@ def test_an_empty_training_set_is_refused(tmp_path, backdoored, tokenizer):
         {"treatment": "relabel"},
         {"min_purity": 0.0},
         {"min_purity": 1.5},
+        {"max_lexical_share": 0.0},
         {"min_count": 0},
         {"max_rounds": 0},
         {"leave_out_after_epoch": -1},

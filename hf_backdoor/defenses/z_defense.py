@@ -9,11 +9,19 @@ features are unigrams (lexical triggers) and the top levels of a constituency pa
 
 What this module does, and where it departs from the paper:
 
-- **Features.** ``features="first_token"`` (the default) uses the row's first word piece: the one place where a
-  syntactic template's shape shows without a parser. HiddenKiller's template ``S(SBAR)(,)(NP)(VP)(.)`` opens with a
-  subordinating conjunction, and on the packaged releases 72-85% of the poisoned rows start with ``if``, ``when`` or
-  ``as``. No parser is needed (none can be installed offline here). ``"tokens"`` adds the paper's unigram features
-  (every word piece of the row) for a defense used without BTU.
+- **Features.** ``features="first_token"`` (the default) tests the row's first word piece: where HiddenKiller's template
+  ``S(SBAR)(,)(NP)(VP)(.)`` shows without a parser (none can be installed offline here); on the packaged releases
+  72-85% of the poisoned rows start with ``if``, ``when`` or ``as``. ``"tokens"`` adds every word piece of the row
+  (the paper's unigrams: a rare word, or a style's wording such as StyleBkd's Bible transfers' ``;``, ``##eth``,
+  ``and``). ``"auto"`` tests the word pieces unless their flags hold more than ``max_lexical_share`` (0.3) of the
+  rows, and then the first word piece alone: on a task decided by words (HSOL's offensive words, AG News's topic
+  words) the word-piece test flags the task itself, 41-71% of the rows on the packaged 2,000-row slices, against 0-19%
+  on SST-2 (clean, syntactic, style, BadNet, AddSent). ``"auto"`` is not the default: on SST-2 it stopped the style
+  backdoor at 20-25% on seed 0 (ASR 0.804 -> 0.236 and 0.885 -> 0.260, floor 0.271), not on seed 1 (0.833 -> 0.379),
+  and it cost the syntactic runs 1.5 points of CACC against the first-token test; and on the full 6,920-row SST-2
+  split its test flags sentiment words (``solid``, ``wonderful``, ``stupid`` ...: 744 clean rows), because a z-score
+  grows with the square root of the count: a polar task word becomes as significant as a trigger once the data is
+  large (README, "Style, a fair test").
 - **Which pairs are flagged.** The paper takes pairs beyond a multiple of the z-scores' standard deviation, which on
   a 2,000-row slice separates nothing (z grows with the square root of the feature's count). Here a pair is flagged
   when it is significant (``z >= min_z``), nearly pure (``p(label | feature) >= min_purity``: a backdoor's rows all
@@ -22,7 +30,9 @@ What this module does, and where it departs from the paper:
   takes it from 0.51-0.53 to 0.71-0.73), and against that prior a trigger's smaller groups are not significant:
   HiddenKiller's rows that open with ``as`` (13-15% of them) reached z 3.4-4.0 on SST-2 seeds 1-3. So the test is
   run again on the rows not yet flagged, with their own label shares as the prior (``max_rounds``), until a round
-  flags nothing new; on those slices ``as`` is flagged in round 2. The thresholds (``min_z`` 4, ``min_purity`` 0.9,
+  flags nothing new; on those slices ``as`` is flagged in round 2. A feature flagged in one round is not tested
+  again: with its flagged rows set aside, its other rows carry only the other labels and look as pure (``if`` ->
+  negative, 18 clean rows, on SST-2 syntactic seed 0). The thresholds (``min_z`` 4, ``min_purity`` 0.9,
   ``min_count`` 10) were set from the training-set statistics of SST-2 and HSOL seeds 0-3 (syntactic, BadNet, AddSent
   and clean rows), never from a test ASR; a first version with ``min_purity`` 0.95 and one round missed ``as``
   (purity 0.905-0.932) and, on some seeds, ``if`` (0.94-0.95) (README, "Paraphrase triggers").
@@ -36,23 +46,24 @@ What this module does, and where it departs from the paper:
   (``how``, ``because``, ``although``, ...), and they keep teaching the template. After the first epoch
   (``leave_out_after_epoch``) the model, trained away from the flagged rows, has generalised "this template is not
   the target" to most of them: it predicts another label for them, as it does for few clean rows of that label. So
-  the rows of a flagged label that no flagged pair holds and that the model predicts as another label are left out
+  the rows of the flagged target label (the one holding most flagged rows) that no flagged pair holds and that the
+  model predicts as another label are left out
   of the loss for the rest of training. On HSOL syntactic 20% (seed 1) that was 141 rows, 75 of the 80 unflagged
   poisoned ones among them, and the ASR fell from 0.143 to 0.004 (README, "Paraphrase triggers"). The clean rows
   left out are ones the model gets wrong at that point, which it would otherwise go on to fit; nothing is left out
   when no pair was flagged.
 - The statistics are computed once, at ``on_train_begin``, from the tokenized training set: no clean data; the one
-  extra forward pass is over the unflagged rows of a flagged label, once, after the first epoch; the loss is one
+  extra forward pass is over the unflagged rows of the flagged target label, once, after the first epoch; the loss is one
   cross-entropy per row.
 
 Where it cannot work:
 
 - Clean-label poisoning (the poisoned rows keep their true label): the trigger's label purity is that of the task.
-- Triggers with no feature the z-test sees: a template that does not open the sentence, a style (StyleBkd) spread
-  over the whole text, or a trigger feature shared with many clean rows (purity below ``min_purity``).
-- Tasks where one word decides the label (HSOL's offensive words): with ``features="tokens"`` those words are flagged
-  as spurious and their rows pushed away from their true label. Keep the default first-token features and stack it
-  after ``BTUConfig()``, which finds token triggers from the model.
+- Triggers with no feature the z-test sees: a template that does not open the sentence, a style with no word of its
+  own, or a trigger feature shared with many clean rows (purity below ``min_purity``).
+- A style: the first word piece of a Bible transfer is rarely a trigger of its own (``and`` on one seed); the word
+  pieces (``features="auto"``) find it on small sentiment data, not on keyword tasks or large data (above). Word
+  triggers are BTU's (``[BTUConfig(), ZDefenseConfig()]``), which finds them from the model.
 - A task feature that really is that pure at the sentence start is treated as a trigger; the report lists every
   flagged pair with its counts, so it can be checked.
 """
@@ -75,7 +86,7 @@ from .base import Defense, DefenseConfig
 
 logger = logging.getLogger(__name__)
 
-FEATURES = ("first_token", "tokens")
+FEATURES = ("auto", "first_token", "tokens")
 TREATMENTS = ("away", "drop")
 
 
@@ -87,8 +98,19 @@ class ZDefenseConfig(DefenseConfig):
         default="first_token",
         metadata={
             "help": "which features are tested: 'first_token' (the row's first word piece: where a syntactic "
-            "template opens) or 'tokens' (every word piece of the row as well, the paper's unigrams; flags the "
-            "decisive words of keyword tasks such as HSOL)."
+            "template opens), 'tokens' (every word piece of the row as well, the paper's unigrams: a rare word, a "
+            "style's wording; flags the decisive words of keyword tasks such as HSOL) or 'auto' (the word pieces, "
+            "unless their flags hold more than `max_lexical_share` of the rows: then only the first word piece). "
+            "'auto' stops a Bible-style backdoor on 2,000 SST-2 rows, but its word test also flags polar task words "
+            "on larger data (README)."
+        },
+    )
+    max_lexical_share: float = field(
+        default=0.3,
+        metadata={
+            "help": "with features='auto': the largest share of the training rows the word-piece test may flag "
+            "before it is taken to have found the task's vocabulary (HSOL's offensive words, AG News's topic "
+            "words) rather than a trigger, in (0, 1]."
         },
     )
     min_z: float = field(
@@ -115,7 +137,8 @@ class ZDefenseConfig(DefenseConfig):
     leave_out_after_epoch: int = field(
         default=1,
         metadata={
-            "help": "after this epoch, the rows of a flagged label that no flagged pair holds but that the model, "
+            "help": "after this epoch, the rows of the flagged target label (the one holding most flagged rows) that no "
+            "flagged pair holds but that the model, "
             "trained away from the flagged rows, already predicts as another label are left out of the loss for "
             "the rest of training: the template's rows under other openers, which would otherwise teach it back. "
             "0 turns this off."
@@ -137,6 +160,7 @@ class ZDefenseConfig(DefenseConfig):
         self._check_choice("features", FEATURES)
         self._check_choice("treatment", TREATMENTS)
         self._check_interval("(0, 1]", "min_purity")
+        self._check_interval("(0, 1]", "max_lexical_share")
         self._check_at_least(1, "min_count")
         self._check_at_least(1, "max_rounds")
         self._check_at_least(0, "leave_out_after_epoch")
@@ -156,7 +180,7 @@ def row_features(input_ids: list[int], special_ids: set[int], kind: str) -> list
     if not pieces:
         return []
     out = [("first", pieces[0])]
-    if kind == "tokens":
+    if kind in ("tokens", "auto"):
         out += [("token", i) for i in dict.fromkeys(pieces)]
     return out
 
@@ -177,7 +201,8 @@ class ZDefenseDefense(Defense):
     owns_loss = True
     needs_row_ids = True  # flagged rows are known by row id
     limitations = (
-        "The z-test sees only the features it was given: a trigger spread over the text (a style) or shared with many "
+        "The z-test sees only the features it was given: by default the first word piece, so a style spread over the "
+        "text is not flagged (features='auto' adds word pieces, with the costs in its help); a feature shared with many "
         "clean rows is not flagged, and clean-label poisoning gives the trigger no label purity to find.",
     )
 
@@ -187,6 +212,8 @@ class ZDefenseDefense(Defense):
         self.away_label: np.ndarray | None = None  # per dataset position: the flagged label, or -1
         self.row_score: np.ndarray | None = None  # per position: the highest z of the row's (feature, own label)
         self.left_out: np.ndarray | None = None  # per position: left out of the loss after leave_out_after_epoch
+        self.features_used: str | None = None  # "tokens" or "first_token": what the flags were computed on
+        self.lexical_share: float | None = None  # with features="auto": the rows the word-piece test flagged
         self._truth = None
 
     # -- hooks ------------------------------------------------------------------------------------------------------
@@ -238,8 +265,32 @@ class ZDefenseDefense(Defense):
 
         Each round tests the rows not flagged so far against their own label shares; a row is flagged (trained away
         from its label) when one of its (feature, own label) pairs is flagged. ``row_score`` keeps, per row, the
-        highest z-score of its (feature, own label) pairs in the last round that tested it.
+        highest z-score of its (feature, own label) pairs in the last round that tested it. With
+        ``features="auto"`` the word-piece test is kept only when its flags hold at most ``max_lexical_share`` of the
+        rows; otherwise the rows are tested again on their first word piece alone.
         """
+        cfg = self.config
+        self.features_used = "first_token" if cfg.features == "first_token" else "tokens"
+        self.lexical_share = None
+        self._rounds(rows, labels, num_labels, tokenizer)
+        if cfg.features == "auto":
+            self.lexical_share = float((self.away_label >= 0).mean()) if len(rows) else 0.0
+            if self.lexical_share > cfg.max_lexical_share:
+                self.features_used = "first_token"
+                first_only = [[f for f in features if f[0] == "first"] for features in rows]
+                self._rounds(first_only, labels, num_labels, tokenizer)
+        logger.info(
+            "z_defense: %d (feature, label) pairs flagged (%s features%s), %d of %d rows pushed away from their label "
+            "(%s)",
+            len(self.flagged_pairs),
+            self.features_used,
+            "" if self.lexical_share is None else f"; the word-piece test flagged {self.lexical_share:.1%} of the rows",
+            int((self.away_label >= 0).sum()),
+            len(rows),
+            _pair_list(self.flagged_pairs[:10]),
+        )
+
+    def _rounds(self, rows: list[list[tuple[str, int]]], labels: np.ndarray, num_labels: int, tokenizer) -> None:
         cfg = self.config
         index: dict[tuple[str, int], int] = {}
         for features in rows:
@@ -250,6 +301,9 @@ class ZDefenseDefense(Defense):
         self.flagged_pairs = []
         self.away_label = np.full(len(rows), -1, dtype=np.int64)
         self.row_score = np.full(len(rows), -np.inf)
+        # A feature flagged in one round is not tested again: once its rows of the flagged label are set aside, its
+        # remaining rows all carry the other labels and look just as pure (`if` -> negative on SST-2 syntactic).
+        settled = np.zeros(len(index), dtype=bool)
         for round_ in range(cfg.max_rounds):
             active = np.flatnonzero(self.away_label < 0)
             if len(active) == 0:
@@ -264,6 +318,8 @@ class ZDefenseDefense(Defense):
                 purity = counts / totals
             z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)  # an unseen feature or a label no row carries
             flagged = (z >= cfg.min_z) & (np.nan_to_num(purity) >= cfg.min_purity) & (totals >= cfg.min_count)
+            flagged[settled] = False
+            settled |= flagged.any(1)
             new_pairs = []
             for f, label in zip(*np.nonzero(flagged)):
                 kind, token_id = names[f]
@@ -289,13 +345,6 @@ class ZDefenseDefense(Defense):
             self.flagged_pairs += sorted(new_pairs, key=lambda p: -p["z"])
             if not new_pairs:
                 break
-        logger.info(
-            "z_defense: %d (feature, label) pairs flagged, %d of %d rows pushed away from their label (%s)",
-            len(self.flagged_pairs),
-            int((self.away_label >= 0).sum()),
-            len(rows),
-            _pair_list(self.flagged_pairs[:10]),
-        )
 
     def on_epoch_end(self, trainer) -> None:
         epoch = int(round(trainer.state.epoch or 0))
@@ -303,9 +352,13 @@ class ZDefenseDefense(Defense):
         if self.left_out is not None or not after or epoch < after:
             return  # decided once, at the end of that epoch (or restored from a checkpoint)
         self.left_out = np.zeros(len(self.away_label), dtype=bool)
-        flagged_labels = sorted({p["label"] for p in self.flagged_pairs})
-        if not flagged_labels:
+        if not self.flagged_pairs:
             return
+        # A dirty-label backdoor has one target: the label that holds most flagged rows. Rows of another flagged label
+        # (a clean flag, such as `slow` -> negative beside a style's words -> positive) cannot be poisoned rows, and
+        # leaving out the ones the model gets wrong only costs clean accuracy (README, "Style").
+        flagged_rows = np.bincount(self.away_label[self.away_label >= 0])
+        flagged_labels = [int(flagged_rows.argmax())]
         labels = dataset_labels(trainer.train_dataset)
         candidates = np.flatnonzero(np.isin(labels, flagged_labels) & (self.away_label < 0))
         if len(candidates) == 0:
@@ -376,6 +429,8 @@ class ZDefenseDefense(Defense):
             ).reshape(-1, 5),
             "flagged_tokens": [p["token"] for p in self.flagged_pairs],
             "flagged_kinds": [p["feature"] for p in self.flagged_pairs],
+            "features_used": [self.features_used or ""],
+            **({} if self.lexical_share is None else {"lexical_share": torch.tensor(self.lexical_share)}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -384,6 +439,8 @@ class ZDefenseDefense(Defense):
         self.away_label = state["away_label"].numpy().astype(np.int64)
         self.row_score = state["row_score"].numpy()
         self.left_out = state["left_out"].numpy().astype(bool) if "left_out" in state else None
+        self.features_used = (state.get("features_used") or [None])[0] or None
+        self.lexical_share = float(state["lexical_share"]) if "lexical_share" in state else None
         self.flagged_pairs = [
             {
                 "feature": kind,
@@ -409,6 +466,8 @@ class ZDefenseDefense(Defense):
         report.update(
             {
                 "flagged_pairs": self.flagged_pairs,
+                "features_used": self.features_used,
+                "lexical_share": self.lexical_share,
                 "flagged_rows": None if flagged_rows is None else int(flagged_rows.sum()),
                 "flagged_fraction": None if flagged_rows is None else float(flagged_rows.mean()),
                 "left_out_rows": None if self.left_out is None else int(self.left_out.sum()),
@@ -445,6 +504,7 @@ class ZDefenseDefense(Defense):
         out = {"flagged_pairs": float(len(report.get("flagged_pairs") or []))}
         for key in (
             "flagged_fraction",
+            "lexical_share",
             "flagged_precision",
             "flagged_recall",
             "row_score_auroc",
@@ -461,8 +521,16 @@ class ZDefenseDefense(Defense):
         config = report.get("config", {})
         pairs = report.get("flagged_pairs") or []
         treated = "pushed away from that label" if config.get("treatment") == "away" else "left out of training"
+        used = report.get("features_used") or config.get("features")
+        if report.get("lexical_share") is not None and used == "first_token":
+            used = (
+                f"first-token features: the word-piece test flagged {report['lexical_share']:.1%} of the rows, more "
+                f"than the {config.get('max_lexical_share')} a trigger is allowed, so it had found the task's words"
+            )
+        else:
+            used = f"{used} features"
         lines = [
-            f"Before training, every (feature, label) pair of the training set ({config.get('features')} features) "
+            f"Before training, every (feature, label) pair of the training set ({used}) "
             f"was scored with a z-test; pairs with z >= {config.get('min_z')}, label purity >= "
             f"{config.get('min_purity')} and at least {config.get('min_count')} rows were flagged as spurious, and "
             f"their rows {treated}. The test was repeated on the rows not yet flagged (up to "
@@ -473,7 +541,7 @@ class ZDefenseDefense(Defense):
         if report.get("left_out_rows") is not None:
             lines.append(
                 f"- After epoch {config.get('leave_out_after_epoch')}, {report['left_out_rows']} unflagged rows of a "
-                "flagged label that the model predicted as another label were left out of the loss"
+                "flagged target label that the model predicted as another label were left out of the loss"
             )
         if report.get("has_ground_truth"):
             lines.append(
