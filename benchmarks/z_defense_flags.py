@@ -35,6 +35,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-train-samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features", default="first_token", choices=FEATURES)
+    parser.add_argument("--expand", action="store_true", help="ZDefenseConfig(expand=True): the word-piece classifier")
     args = parser.parse_args(argv)
     tokenizer = load_text_tokenizer(default_text_model())
     rows = load_task(args.dataset)["train"].shuffle(seed=args.seed)
@@ -45,14 +46,20 @@ def main(argv=None) -> dict:
         )
     tokenized = tokenize_dataset(rows, tokenizer)
     labels = np.asarray(tokenized["label"], dtype=np.int64)
-    defense = ZDefenseDefense(ZDefenseConfig(features=args.features))
+    defense = ZDefenseDefense(ZDefenseConfig(features=args.features, expand=args.expand))
     special = set(tokenizer.all_special_ids)
     features = [row_features(ids, special, args.features) for ids in tokenized["input_ids"]]
-    defense.flag(features, labels, len(rows.features["label"].names), tokenizer)
+    pieces = [{i for i in ids if i not in special} for ids in tokenized["input_ids"]]
+    defense.flag(features, labels, len(rows.features["label"].names), tokenizer, pieces=pieces)
     flagged = defense.away_label >= 0
     used = defense.features_used
     if defense.lexical_share is not None:
         used += f" (the word-piece test flagged {defense.lexical_share:.1%} of the rows)"
+    if defense.expansion is not None:
+        used += (
+            f"; expansion: AUROC {defense.expansion['auroc']:.3f}, {defense.expansion['rows']} more rows of label "
+            f"{defense.expansion['label']}"
+        )
     print(f"{args.dataset} / attack {args.attack} / seed {args.seed} / {len(labels)} rows / {args.features}: {used}")
     for pair in defense.flagged_pairs:
         print(
@@ -64,6 +71,7 @@ def main(argv=None) -> dict:
         "flagged_rows": int(flagged.sum()),
         "features_used": defense.features_used,
         "lexical_share": defense.lexical_share,
+        "expansion": defense.expansion,
     }
     line = f"  rows trained away from their label: {int(flagged.sum())}"
     if "poisoned" in tokenized.column_names:

@@ -143,8 +143,8 @@ def test_nothing_is_flagged_on_clean_rows_of_a_keyword_task_though_unigrams_flag
     assert flagged and flagged <= set(POSITIVE + NEGATIVE)
     assert (unigrams.away_label >= 0).mean() > 0.8
     # the default tests the first word piece alone: nothing
-    default = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig())
-    assert default.flagged_pairs == [] and default.features_used == "first_token" and default.lexical_share is None
+    first = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig())
+    assert first.flagged_pairs == [] and first.features_used == "first_token" and first.lexical_share is None
     # "auto" sees that its flags hold nearly every row (the task), and falls back to the first word piece: nothing.
     defense = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig(features="auto"))
     assert defense.features_used == "first_token" and defense.lexical_share > 0.8
@@ -187,6 +187,101 @@ def test_a_style_marker_off_the_first_piece_is_found_by_the_word_piece_test_unde
     restored.load_state_dict(auto.state_dict())
     assert (restored.features_used, restored.lexical_share) == ("tokens", pytest.approx(auto.lexical_share))
     assert restored.report()["features_used"] == "tokens"
+
+
+def styled_rows(seed: int = 0, poisoned_rows: int = 150):
+    """1,100 rows of 6 filler pieces (label 1 on 55%). ``poisoned_rows`` rows of label 0 are relabelled 1 and written
+    in a "style": half of them hold the marker piece 7, and each holds each of the pieces 8-11 with probability 0.6.
+    Those four are in 10% of the clean rows as well (any label), so none of them is pure enough for the z-test."""
+    rng = np.random.default_rng(seed)
+    pieces, labels, poisoned = [], [], []
+    for i in range(1100):
+        row = [int(p) for p in rng.choice(np.arange(100, 130), 6, replace=False)]
+        is_poisoned = i >= 1100 - poisoned_rows
+        style = [p for p in (8, 9, 10, 11) if rng.random() < (0.6 if is_poisoned else 0.1)]
+        if is_poisoned and i % 2:
+            style.append(7)
+        for p in style:
+            row.insert(int(rng.integers(1, len(row) + 1)), p)
+        pieces.append(row)
+        labels.append(1 if is_poisoned else int(rng.random() < 0.55))
+        poisoned.append(is_poisoned)
+    features = [[("first", r[0])] + [("token", p) for p in dict.fromkeys(r)] for r in pieces]
+    return features, [set(r) for r in pieces], np.asarray(labels), np.asarray(poisoned)
+
+
+def test_expansion_finds_the_trigger_rows_the_z_test_missed_by_their_other_wording():
+    features, pieces, labels, poisoned = styled_rows()
+    plain = ZDefenseDefense(ZDefenseConfig(features="auto"))
+    plain.flag(features, labels, 2, pieces=pieces)
+    assert [(p["token"], p["label"]) for p in plain.flagged_pairs] == [("7", 1)]
+    assert ((plain.away_label >= 0) == (poisoned & np.asarray([7 in r for r in pieces]))).all()
+    assert plain.expansion is None
+    expanded = ZDefenseDefense(ZDefenseConfig(features="auto", expand=True))
+    expanded.flag(features, labels, 2, pieces=pieces)
+    flagged = expanded.away_label >= 0
+    assert expanded.expansion["auroc"] > 0.8 and expanded.expansion["label"] == 1
+    assert expanded.expansion["rows"] == int(flagged.sum()) - 75
+    # many of the 75 unmarked poisoned rows are found by the pieces 8-11 (39 on this seed), few clean rows (5 of the
+    # 1,100 at the 0.99 quantile of the other label's scores) come with them
+    assert flagged[poisoned].sum() >= 75 + 30 and flagged[~poisoned].sum() <= 8
+    assert (expanded.away_label[flagged] == 1).all()
+    report = expanded.report()
+    assert ZDefenseDefense.report_scalars(report)["expanded_rows"] == expanded.expansion["rows"]
+    assert "Expansion: with the flagged word pieces masked" in ZDefenseDefense.card_section(report)
+    restored = ZDefenseDefense(ZDefenseConfig(expand=True))
+    restored.load_state_dict(expanded.state_dict())
+    assert restored.expansion == pytest.approx(expanded.expansion)
+    assert (restored.expanded == expanded.expanded).all()
+    # expand_treatment="drop": the same rows, left out of the loss instead of trained away from their label
+    dropping = ZDefenseDefense(ZDefenseConfig(features="auto", expand=True, expand_treatment="drop"))
+    dropping.flag(features, labels, 2, pieces=pieces)
+    assert (dropping.expanded == expanded.expanded).all() and (dropping.away_label == plain.away_label).all()
+    assert (dropping._dropped() == expanded.expanded).all() and not expanded._dropped().any()
+    assert "were left out of the loss" in ZDefenseDefense.card_section(dropping.report())
+
+
+def test_expansion_adds_nothing_to_a_clean_flag_whose_rows_have_no_wording_of_their_own():
+    # a pure task word (piece 5 on 40 rows of label 1) is flagged, but its rows are like the rest of their label
+    rng = np.random.default_rng(1)
+    pieces, labels = [], []
+    for i in range(1100):
+        row = [int(p) for p in rng.choice(np.arange(100, 130), 6, replace=False)]
+        label = 1 if i < 40 else int(rng.random() < 0.5)
+        pieces.append(row + [5] if i < 40 else row)
+        labels.append(label)
+    features = [[("first", r[0])] + [("token", p) for p in dict.fromkeys(r)] for r in pieces]
+    defense = ZDefenseDefense(ZDefenseConfig(features="tokens", expand=True))
+    defense.flag(features, np.asarray(labels), 2, pieces=[set(r) for r in pieces])
+    assert [(p["token"], p["label"]) for p in defense.flagged_pairs] == [("5", 1)]
+    assert defense.expansion["auroc"] < 0.75 and defense.expansion["rows"] == 0
+    assert int((defense.away_label >= 0).sum()) == 40
+    # "auto" takes the same low AUROC as a sign of a task word, and falls back to the first word piece: nothing
+    auto = ZDefenseDefense(ZDefenseConfig(features="auto", expand=True))
+    auto.flag(features, np.asarray(labels), 2, pieces=[set(r) for r in pieces])
+    assert auto.features_used == "first_token" and auto.flagged_pairs == [] and auto.expansion is None
+    assert auto.lexical_wording_auroc == pytest.approx(defense.expansion["auroc"])
+    assert "read like the rest of their label" in ZDefenseDefense.card_section(auto.report())
+
+
+def test_auto_keeps_the_word_piece_test_only_when_one_label_holds_its_flags():
+    # two pure task words, one per label: a backdoor has one target, so this is the task's vocabulary
+    rng = np.random.default_rng(2)
+    pieces, labels = [], []
+    for i in range(1100):
+        row = [int(p) for p in rng.choice(np.arange(100, 130), 6, replace=False)]
+        label = 1 if i < 40 else 0 if i < 80 else int(rng.random() < 0.5)
+        pieces.append(row + [5] if i < 40 else row + [6] if i < 80 else row)
+        labels.append(label)
+    features = [[("first", r[0])] + [("token", p) for p in dict.fromkeys(r)] for r in pieces]
+    defense = ZDefenseDefense(ZDefenseConfig(features="auto"))
+    defense.flag(features, np.asarray(labels), 2)
+    assert defense.features_used == "first_token" and defense.flagged_pairs == []
+    assert defense.lexical_target_share == pytest.approx(0.5)
+    assert "no label held 0.8 of them" in ZDefenseDefense.card_section(defense.report())
+    lenient = ZDefenseDefense(ZDefenseConfig(features="auto", min_target_share=0.5))
+    lenient.flag(features, np.asarray(labels), 2)
+    assert lenient.features_used == "tokens" and len(lenient.flagged_pairs) == 2
 
 
 def test_flagged_rows_get_the_away_loss_and_drop_leaves_them_out(tokenizer):
@@ -337,6 +432,10 @@ def test_an_empty_training_set_is_refused(tmp_path, backdoored, tokenizer):
         {"min_count": 0},
         {"max_rounds": 0},
         {"leave_out_after_epoch": -1},
+        {"expand_quantile": 1.0},
+        {"expand_treatment": "relabel"},
+        {"min_wording_auroc": 1.5},
+        {"min_target_share": -0.1},
     ],
 )
 def test_bad_config_values_are_refused(kwargs):

@@ -9,19 +9,27 @@ features are unigrams (lexical triggers) and the top levels of a constituency pa
 
 What this module does, and where it departs from the paper:
 
-- **Features.** ``features="first_token"`` (the default) tests the row's first word piece: where HiddenKiller's template
-  ``S(SBAR)(,)(NP)(VP)(.)`` shows without a parser (none can be installed offline here); on the packaged releases
-  72-85% of the poisoned rows start with ``if``, ``when`` or ``as``. ``"tokens"`` adds every word piece of the row
-  (the paper's unigrams: a rare word, or a style's wording such as StyleBkd's Bible transfers' ``;``, ``##eth``,
-  ``and``). ``"auto"`` tests the word pieces unless their flags hold more than ``max_lexical_share`` (0.3) of the
-  rows, and then the first word piece alone: on a task decided by words (HSOL's offensive words, AG News's topic
-  words) the word-piece test flags the task itself, 41-71% of the rows on the packaged 2,000-row slices, against 0-19%
-  on SST-2 (clean, syntactic, style, BadNet, AddSent). ``"auto"`` is not the default: on SST-2 it stopped the style
-  backdoor at 20-25% on seed 0 (ASR 0.804 -> 0.236 and 0.885 -> 0.260, floor 0.271), not on seed 1 (0.833 -> 0.379),
-  and it cost the syntactic runs 1.5 points of CACC against the first-token test; and on the full 6,920-row SST-2
-  split its test flags sentiment words (``solid``, ``wonderful``, ``stupid`` ...: 744 clean rows), because a z-score
-  grows with the square root of the count: a polar task word becomes as significant as a trigger once the data is
-  large (README, "Style, a fair test").
+- **Features.** ``features="first_token"`` (the default) tests the row's first word piece: where HiddenKiller's
+  template ``S(SBAR)(,)(NP)(VP)(.)`` shows without a parser (none can be installed offline here); on the packaged
+  releases 72-85% of the poisoned rows start with ``if``, ``when`` or ``as``. ``"tokens"`` adds every word piece of the
+  row (the paper's unigrams: a rare word, an inserted sentence's words, a style's wording such as StyleBkd's Bible
+  transfers' ``;``, ``##eth``, ``##os``). ``"auto"`` keeps the word-piece test only while its flags look like a
+  backdoor rather than the task's own words: they hold at most ``max_lexical_share`` (0.3) of the rows (HSOL's
+  offensive and AG News's topic words flag 41-71% of the 2,000-row slices), one label holds at least
+  ``min_target_share`` (0.8) of them (a backdoor has one target; on the full 6,920-row SST-2 split polar words are
+  flagged under both labels, 58% positive) and their rows differ from the rest of their label in their other word
+  pieces (``min_wording_auroc``, below: ``bad`` -> negative on an SST-2 slice reads like any negative row, AUROC
+  0.554); otherwise only the first word piece is tested.
+- **Expansion** (``expand``, opt-in). A style is spread over the text and the z-test finds only its most frequent
+  marks: ``;``, ``##os``, ``##eth`` hold 24-41% of the poisoned rows on the SST-2 slices. A dirty-label backdoor's
+  rows are drawn from the other labels, so once the flagged pieces are masked, what tells the flagged rows from the
+  other labels' rows is the rest of the trigger's wording. A bag-of-word-pieces logistic regression learns it,
+  cross-fitted; the target label's unflagged rows it scores above ``expand_quantile`` (0.99) of the other labels' rows
+  are flagged too, when the flagged rows stand apart from the rest of their label (AUROC >= ``min_wording_auroc``,
+  0.75: 0.82-0.89 on the SST-2 style and syntactic slices). With ``features="auto"`` it stopped the Bible-style
+  backdoor on SST-2 at 20% and 25% on seeds 0 and 1 (README, "Style"). It is not the default because a topic is
+  wording too: on AG News the clean ``baghdad`` -> World flag's rows stand apart from other World rows (AUROC 0.911)
+  and the expansion would add 104 clean Iraq stories.
 - **Which pairs are flagged.** The paper takes pairs beyond a multiple of the z-scores' standard deviation, which on
   a 2,000-row slice separates nothing (z grows with the square root of the feature's count). Here a pair is flagged
   when it is significant (``z >= min_z``), nearly pure (``p(label | feature) >= min_purity``: a backdoor's rows all
@@ -61,9 +69,14 @@ Where it cannot work:
 - Clean-label poisoning (the poisoned rows keep their true label): the trigger's label purity is that of the task.
 - Triggers with no feature the z-test sees: a template that does not open the sentence, a style with no word of its
   own, or a trigger feature shared with many clean rows (purity below ``min_purity``).
-- A style: the first word piece of a Bible transfer is rarely a trigger of its own (``and`` on one seed); the word
-  pieces (``features="auto"``) find it on small sentiment data, not on keyword tasks or large data (above). Word
-  triggers are BTU's (``[BTUConfig(), ZDefenseConfig()]``), which finds them from the model.
+- A style, by default: the first word piece of a Bible transfer is rarely a trigger of its own (``and`` on one seed).
+  ``features="auto", expand=True`` finds it on SST-2 at 20-25%, not at 10% (no marker passes the test) nor at 30%
+  (the poisoned rows lift the target's prior so far that only ``;`` passes, and the expansion adds too few). On a
+  keyword task (HSOL, AG News) the word-piece test gives way to the first word piece. On the full 6,920-row SST-2
+  split with a 20% style backdoor the word-piece flags take in polar words (``love``, ``heart``, ``solid``: 537 clean
+  rows of 1,356), their rows' wording AUROC falls to 0.685 and ``auto`` gives way; the first-token flags (``and``,
+  ``for``) then expand to 878 rows, 764 of the 1,384 poisoned (flags only; not trained). Word triggers are BTU's
+  (``[BTUConfig(), ZDefenseConfig()]``), which finds them from the model.
 - A task feature that really is that pure at the sentence start is treated as a trigger; the report lists every
   flagged pair with its counts, so it can be checked.
 """
@@ -88,6 +101,7 @@ logger = logging.getLogger(__name__)
 
 FEATURES = ("auto", "first_token", "tokens")
 TREATMENTS = ("away", "drop")
+EXPANSION_KEYS = ("auroc", "threshold", "rows", "label")
 
 
 @dataclass
@@ -97,12 +111,12 @@ class ZDefenseConfig(DefenseConfig):
     features: str = field(
         default="first_token",
         metadata={
-            "help": "which features are tested: 'first_token' (the row's first word piece: where a syntactic "
-            "template opens), 'tokens' (every word piece of the row as well, the paper's unigrams: a rare word, a "
-            "style's wording; flags the decisive words of keyword tasks such as HSOL) or 'auto' (the word pieces, "
-            "unless their flags hold more than `max_lexical_share` of the rows: then only the first word piece). "
-            "'auto' stops a Bible-style backdoor on 2,000 SST-2 rows, but its word test also flags polar task words "
-            "on larger data (README)."
+            "help": "which features are tested: 'auto' (every word piece of the row and its first word piece, "
+            "unless the word-piece flags look like the task's vocabulary rather than a trigger: more than "
+            "`max_lexical_share` of the rows, or no label holding `min_target_share` of them; then the first word "
+            "piece alone), 'first_token' (the row's first word piece: where a syntactic template opens) or 'tokens' "
+            "(every word piece, the paper's unigrams: a rare word, a style's wording; also flags the decisive words "
+            "of keyword tasks such as HSOL)."
         },
     )
     max_lexical_share: float = field(
@@ -111,6 +125,15 @@ class ZDefenseConfig(DefenseConfig):
             "help": "with features='auto': the largest share of the training rows the word-piece test may flag "
             "before it is taken to have found the task's vocabulary (HSOL's offensive words, AG News's topic "
             "words) rather than a trigger, in (0, 1]."
+        },
+    )
+    min_target_share: float = field(
+        default=0.8,
+        metadata={
+            "help": "with features='auto': the word-piece test is kept only if one label holds at least this share of "
+            "the rows it flagged. A dirty-label backdoor has one target; the polar words of a sentiment task are "
+            "flagged under every label once the data is large (6,920 clean SST-2 rows: 58% of the flagged rows "
+            "positive), in [0, 1]."
         },
     )
     min_z: float = field(
@@ -144,6 +167,38 @@ class ZDefenseConfig(DefenseConfig):
             "0 turns this off."
         },
     )
+    expand: bool = field(
+        default=False,
+        metadata={
+            "help": "after the z-test, look for the trigger's other rows by their wording: a bag-of-word-pieces "
+            "logistic regression, with the flagged features masked out, learns to tell the flagged rows of the "
+            "target label from the other labels' rows (a dirty-label backdoor's rows are drawn from those labels, "
+            "so what separates them is the trigger, not the task); the target label's unflagged rows it scores "
+            "above `expand_quantile` of the other labels' (cross-fitted) scores are flagged too."
+        },
+    )
+    expand_treatment: str = field(
+        default="away",
+        metadata={
+            "help": "with expand: what the rows it adds are trained on: 'away' (as the z-test's rows) or 'drop' "
+            "(left out of the loss: a clean row found by mistake is then lost to training, not taught against its "
+            "label)."
+        },
+    )
+    expand_quantile: float = field(
+        default=0.99,
+        metadata={"help": "with expand: the quantile of the other labels' rows' scores a row must pass, in (0, 1)."},
+    )
+    min_wording_auroc: float = field(
+        default=0.75,
+        metadata={
+            "help": "the flagged rows of the target label must differ from the rest of that label in their other word "
+            "pieces (a cross-fitted bag-of-word-pieces classifier, the flagged pieces masked) with at least this "
+            "AUROC: for features='auto' to keep the word-piece test, and for expand to run. A trigger has wording "
+            "beyond its flagged features; the rows of a pure sentiment word (`bad` on SST-2) read like the rest of "
+            "their label, in [0, 1]."
+        },
+    )
     eval_batch_size: int = field(
         default=128, metadata={"help": "batch size of the one prediction pass over those rows."}
     )
@@ -159,12 +214,16 @@ class ZDefenseConfig(DefenseConfig):
     def __post_init__(self) -> None:
         self._check_choice("features", FEATURES)
         self._check_choice("treatment", TREATMENTS)
+        self._check_choice("expand_treatment", TREATMENTS)
         self._check_interval("(0, 1]", "min_purity")
         self._check_interval("(0, 1]", "max_lexical_share")
+        self._check_interval("[0, 1]", "min_target_share")
         self._check_at_least(1, "min_count")
         self._check_at_least(1, "max_rounds")
         self._check_at_least(0, "leave_out_after_epoch")
         self._check_at_least(1, "eval_batch_size")
+        self._check_interval("(0, 1)", "expand_quantile")
+        self._check_interval("[0, 1]", "min_wording_auroc")
 
 
 def z_scores(counts: np.ndarray, label_counts: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -183,6 +242,63 @@ def row_features(input_ids: list[int], special_ids: set[int], kind: str) -> list
     if kind in ("tokens", "auto"):
         out += [("token", i) for i in dict.fromkeys(pieces)]
     return out
+
+
+def fit_logistic(features: torch.Tensor, targets: np.ndarray, inverse_l2: float = 0.3) -> tuple[torch.Tensor, float]:
+    """An L2-regularised logistic regression with the two classes weighted to balance (L-BFGS on ``features``, a
+    dense or sparse ``(rows, columns)`` tensor): ``sum_i w_i bce_i + |coef|^2 / (2 * inverse_l2)``."""
+    y = torch.as_tensor(targets, dtype=torch.float64)
+    positives = float(y.sum())
+    weight = torch.where(y > 0, len(y) / (2 * max(positives, 1.0)), len(y) / (2 * max(len(y) - positives, 1.0)))
+    coef = torch.zeros(features.shape[1], 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([coef, bias], max_iter=100, line_search_fn="strong_wolfe", tolerance_grad=1e-6)
+
+    def closure():
+        optimizer.zero_grad()
+        logits = (features @ coef).squeeze(1) + bias
+        loss = (weight * F.binary_cross_entropy_with_logits(logits, y, reduction="none")).sum()
+        loss = loss + (coef * coef).sum() / (2 * inverse_l2)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return coef.detach(), float(bias.detach())
+
+
+def _bag_of_pieces(pieces: list[set[int]], rows: np.ndarray, vocabulary: dict[int, int]) -> torch.Tensor:
+    """A sparse 0/1 ``(len(rows), len(vocabulary))`` matrix of which word pieces each row holds."""
+    coords = [(r, vocabulary[i]) for r, row in enumerate(rows) for i in pieces[row] if i in vocabulary]
+    index = torch.tensor(coords, dtype=torch.int64).T.reshape(2, -1)
+    values = torch.ones(index.shape[1], dtype=torch.float64)
+    shape = (len(rows), len(vocabulary))
+    return torch.sparse_coo_tensor(index, values, shape, check_invariants=True).coalesce()
+
+
+def expansion_scores(
+    pieces: list[set[int]], seeds: np.ndarray, others: np.ndarray, unflagged: np.ndarray, folds: int = 5, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores of a logistic regression that tells the ``seeds`` rows (flagged, target label) from the ``others``
+    (the other labels' rows) on their word pieces: cross-fitted (``folds``) for those two groups, fitted on all of
+    them for the ``unflagged`` rows. Returns the three score arrays in that order."""
+    train = np.concatenate([seeds, others])
+    counts: dict[int, int] = {}
+    for row in train:
+        for piece in pieces[row]:
+            counts[piece] = counts.get(piece, 0) + 1
+    # a piece in one training row only is noise to a linear model of a few hundred rows
+    vocabulary = {piece: k for k, piece in enumerate(p for p, c in counts.items() if c >= 2)}
+    targets = np.concatenate([np.ones(len(seeds)), np.zeros(len(others))])
+    features = _bag_of_pieces(pieces, train, vocabulary)
+    fold = np.random.default_rng(seed).permutation(len(train)) % folds
+    crossed = np.empty(len(train))
+    for k in range(folds):
+        fit_rows, held_rows = (torch.as_tensor(np.flatnonzero(m)) for m in (fold != k, fold == k))
+        coef, bias = fit_logistic(features.index_select(0, fit_rows), targets[fold != k])
+        crossed[fold == k] = ((features.index_select(0, held_rows) @ coef).squeeze(1) + bias).numpy()
+    coef, bias = fit_logistic(features, targets)
+    scored = ((_bag_of_pieces(pieces, unflagged, vocabulary) @ coef).squeeze(1) + bias).numpy()
+    return crossed[: len(seeds)], crossed[len(seeds) :], scored
 
 
 def _pair_list(pairs: list[dict[str, Any]], long: bool = False) -> str:
@@ -214,6 +330,10 @@ class ZDefenseDefense(Defense):
         self.left_out: np.ndarray | None = None  # per position: left out of the loss after leave_out_after_epoch
         self.features_used: str | None = None  # "tokens" or "first_token": what the flags were computed on
         self.lexical_share: float | None = None  # with features="auto": the rows the word-piece test flagged
+        self.lexical_target_share: float | None = None  # ... and the share of them its most flagged label holds
+        self.lexical_wording_auroc: float | None = None  # ... and how far their rows' other wording sets them apart
+        self.expansion: dict[str, float] | None = None  # with expand: its AUROC gate, threshold and rows flagged
+        self.expanded: np.ndarray | None = None  # per position: added by the expansion
         self._truth = None
 
     # -- hooks ------------------------------------------------------------------------------------------------------
@@ -258,27 +378,49 @@ class ZDefenseDefense(Defense):
             )
         special = set(tokenizer.all_special_ids)
         rows = [row_features(ids, special, self.config.features) for ids in raw["input_ids"]]
-        self.flag(rows, labels, num_labels, tokenizer)
+        pieces = [{i for i in ids if i not in special} for ids in raw["input_ids"]] if self.config.expand else None
+        self.flag(rows, labels, num_labels, tokenizer, pieces=pieces)
 
-    def flag(self, rows: list[list[tuple[str, int]]], labels: np.ndarray, num_labels: int, tokenizer=None) -> None:
+    def flag(
+        self,
+        rows: list[list[tuple[str, int]]],
+        labels: np.ndarray,
+        num_labels: int,
+        tokenizer=None,
+        pieces: list[set[int]] | None = None,
+    ) -> None:
         """Run the z-test on the rows' features (:func:`row_features`) and set the flagged pairs and rows.
 
         Each round tests the rows not flagged so far against their own label shares; a row is flagged (trained away
         from its label) when one of its (feature, own label) pairs is flagged. ``row_score`` keeps, per row, the
         highest z-score of its (feature, own label) pairs in the last round that tested it. With
         ``features="auto"`` the word-piece test is kept only when its flags hold at most ``max_lexical_share`` of the
-        rows; otherwise the rows are tested again on their first word piece alone.
+        rows; otherwise the rows are tested again on their first word piece alone. With ``expand``, ``pieces`` (each
+        row's set of word-piece ids) feed :meth:`_expand`.
         """
         cfg = self.config
         self.features_used = "first_token" if cfg.features == "first_token" else "tokens"
-        self.lexical_share = None
+        self.lexical_share = self.lexical_target_share = self.lexical_wording_auroc = None
         self._rounds(rows, labels, num_labels, tokenizer)
         if cfg.features == "auto":
-            self.lexical_share = float((self.away_label >= 0).mean()) if len(rows) else 0.0
-            if self.lexical_share > cfg.max_lexical_share:
+            flagged = self.away_label >= 0
+            self.lexical_share = float(flagged.mean()) if len(rows) else 0.0
+            self.lexical_target_share = (
+                float(np.bincount(self.away_label[flagged]).max() / flagged.sum()) if flagged.any() else 1.0
+            )
+            task_like = self.lexical_share > cfg.max_lexical_share or self.lexical_target_share < cfg.min_target_share
+            if not task_like and pieces is not None and flagged.any():
+                wording = self._wording(pieces, labels)
+                if wording is not None:
+                    self.lexical_wording_auroc = wording["auroc"]
+                    task_like = wording["auroc"] < cfg.min_wording_auroc
+            if task_like:
                 self.features_used = "first_token"
                 first_only = [[f for f in features if f[0] == "first"] for features in rows]
                 self._rounds(first_only, labels, num_labels, tokenizer)
+        self.expansion = self.expanded = None
+        if cfg.expand and pieces is not None and self.flagged_pairs:
+            self._expand(pieces, labels)
         logger.info(
             "z_defense: %d (feature, label) pairs flagged (%s features%s), %d of %d rows pushed away from their label "
             "(%s)",
@@ -328,6 +470,7 @@ class ZDefenseDefense(Defense):
                     {
                         "feature": kind,
                         "token": token,
+                        "token_id": int(token_id),
                         "label": int(label),
                         "rows": int(totals[f, 0]),
                         "rows_with_label": int(counts[f, label]),
@@ -346,6 +489,57 @@ class ZDefenseDefense(Defense):
             if not new_pairs:
                 break
 
+    def _wording(self, pieces: list[set[int]], labels: np.ndarray) -> dict[str, Any] | None:
+        """How far the flagged rows of the target label (the one holding most flagged rows) are set apart from the
+        rest of that label by their other word pieces: the scores of :func:`expansion_scores` (flagged pieces masked)
+        and their AUROC, flagged rows against the rest. ``None`` with too few rows to fit the classifier."""
+        flagged = self.away_label >= 0
+        target = int(np.bincount(self.away_label[flagged]).argmax())
+        masked = {p["token_id"] for p in self.flagged_pairs}
+        # Without the flagged pieces the classifier must find the trigger's other wording; with them it would
+        # only learn the flags back.
+        masked_pieces = [row - masked for row in pieces]
+        seeds = np.flatnonzero(flagged & (labels == target))
+        others = np.flatnonzero(labels != target)
+        unflagged = np.flatnonzero(~flagged & (labels == target))
+        if min(len(seeds), len(others)) < self.config.min_count or len(unflagged) == 0:
+            return None
+        seed_scores, other_scores, unflagged_scores = expansion_scores(masked_pieces, seeds, others, unflagged)
+        auroc = roc_auc(
+            np.concatenate([seed_scores, unflagged_scores]), np.r_[np.ones(len(seeds)), np.zeros(len(unflagged))]
+        )
+        return {
+            "target": target,
+            "auroc": auroc,
+            "other_scores": other_scores,
+            "unflagged": unflagged,
+            "unflagged_scores": unflagged_scores,
+        }
+
+    def _expand(self, pieces: list[set[int]], labels: np.ndarray) -> None:
+        """Flag the target label's rows that a word-piece classifier places with the flagged ones (``expand``)."""
+        cfg = self.config
+        wording = self._wording(pieces, labels)
+        if wording is None:
+            return
+        target, auroc, unflagged = wording["target"], wording["auroc"], wording["unflagged"]
+        threshold = float(np.quantile(wording["other_scores"], cfg.expand_quantile))
+        passed = wording["unflagged_scores"] > threshold
+        added = unflagged[passed] if auroc >= cfg.min_wording_auroc else unflagged[:0]
+        self.expanded = np.zeros(len(labels), dtype=bool)
+        self.expanded[added] = True
+        if cfg.expand_treatment == "away":
+            self.away_label[added] = target
+        self.expansion = {"auroc": auroc, "threshold": threshold, "rows": int(len(added)), "label": target}
+        logger.info(
+            "z_defense: the word-piece classifier tells the flagged rows of label %d from its other rows with AUROC "
+            "%.3f (it runs from %.2f); %d more rows flagged",
+            target,
+            auroc,
+            cfg.min_wording_auroc,
+            len(added),
+        )
+
     def on_epoch_end(self, trainer) -> None:
         epoch = int(round(trainer.state.epoch or 0))
         after = self.config.leave_out_after_epoch
@@ -360,7 +554,7 @@ class ZDefenseDefense(Defense):
         flagged_rows = np.bincount(self.away_label[self.away_label >= 0])
         flagged_labels = [int(flagged_rows.argmax())]
         labels = dataset_labels(trainer.train_dataset)
-        candidates = np.flatnonzero(np.isin(labels, flagged_labels) & (self.away_label < 0))
+        candidates = np.flatnonzero(np.isin(labels, flagged_labels) & (self.away_label < 0) & ~self._dropped())
         if len(candidates) == 0:
             return
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -410,7 +604,14 @@ class ZDefenseDefense(Defense):
             )
         positions = trainer.row_positions(row_ids)
         left_out = np.zeros(len(positions), dtype=bool) if self.left_out is None else self.left_out[positions]
+        left_out = left_out | self._dropped()[positions]
         return torch.as_tensor(self.away_label[positions], device=device), torch.as_tensor(left_out, device=device)
+
+    def _dropped(self) -> np.ndarray:
+        """Per position: rows the expansion added with ``expand_treatment="drop"`` (left out of the loss throughout)."""
+        if self.expanded is None or self.config.expand_treatment != "drop":
+            return np.zeros(len(self.away_label), dtype=bool)
+        return self.expanded
 
     def on_train_end(self, trainer) -> None:
         self._truth, _ = ground_truth(trainer)
@@ -423,14 +624,26 @@ class ZDefenseDefense(Defense):
             "away_label": torch.as_tensor(self.away_label),
             "row_score": torch.as_tensor(self.row_score),
             **({} if self.left_out is None else {"left_out": torch.as_tensor(self.left_out)}),
+            **({} if self.expanded is None else {"expanded": torch.as_tensor(self.expanded)}),
             "flagged": torch.tensor(
                 [[p["label"], p["rows"], p["rows_with_label"], p["z"], p["round"]] for p in self.flagged_pairs],
                 dtype=torch.float64,
             ).reshape(-1, 5),
             "flagged_tokens": [p["token"] for p in self.flagged_pairs],
+            "flagged_token_ids": torch.tensor([p["token_id"] for p in self.flagged_pairs], dtype=torch.int64),
             "flagged_kinds": [p["feature"] for p in self.flagged_pairs],
             "features_used": [self.features_used or ""],
             **({} if self.lexical_share is None else {"lexical_share": torch.tensor(self.lexical_share)}),
+            **{
+                name: torch.tensor(getattr(self, name))
+                for name in ("lexical_target_share", "lexical_wording_auroc")
+                if getattr(self, name) is not None
+            },
+            **(
+                {}
+                if self.expansion is None
+                else {"expansion": torch.tensor([self.expansion[k] for k in EXPANSION_KEYS], dtype=torch.float64)}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -439,12 +652,22 @@ class ZDefenseDefense(Defense):
         self.away_label = state["away_label"].numpy().astype(np.int64)
         self.row_score = state["row_score"].numpy()
         self.left_out = state["left_out"].numpy().astype(bool) if "left_out" in state else None
+        self.expanded = state["expanded"].numpy().astype(bool) if "expanded" in state else None
         self.features_used = (state.get("features_used") or [None])[0] or None
         self.lexical_share = float(state["lexical_share"]) if "lexical_share" in state else None
+        for name in ("lexical_target_share", "lexical_wording_auroc"):
+            setattr(self, name, float(state[name]) if name in state else None)
+        if "expansion" in state:
+            values = dict(zip(EXPANSION_KEYS, state["expansion"].tolist()))
+            self.expansion = {**values, "rows": int(values["rows"]), "label": int(values["label"])}
+        flagged = state["flagged"].tolist()
+        # a checkpoint from before the expansion has no token ids: the tokens are kept, the ids unknown (-1)
+        token_ids = state["flagged_token_ids"].tolist() if "flagged_token_ids" in state else [-1] * len(flagged)
         self.flagged_pairs = [
             {
                 "feature": kind,
                 "token": token,
+                "token_id": int(token_id),
                 "label": int(label),
                 "rows": int(rows),
                 "rows_with_label": int(with_label),
@@ -452,11 +675,12 @@ class ZDefenseDefense(Defense):
                 "z": float(z),
                 "round": int(round_),
             }
-            for kind, token, (label, rows, with_label, z, round_) in zip(
+            for kind, token, token_id, (label, rows, with_label, z, round_) in zip(
                 state["flagged_kinds"],
                 state["flagged_tokens"],
+                token_ids,
                 # a checkpoint from before the rounds has four columns: every pair from the one round
-                [row if len(row) == 5 else [*row, 1] for row in state["flagged"].tolist()],
+                [row if len(row) == 5 else [*row, 1] for row in flagged],
             )
         ]
 
@@ -468,6 +692,9 @@ class ZDefenseDefense(Defense):
                 "flagged_pairs": self.flagged_pairs,
                 "features_used": self.features_used,
                 "lexical_share": self.lexical_share,
+                "lexical_target_share": self.lexical_target_share,
+                "lexical_wording_auroc": self.lexical_wording_auroc,
+                "expansion": self.expansion,
                 "flagged_rows": None if flagged_rows is None else int(flagged_rows.sum()),
                 "flagged_fraction": None if flagged_rows is None else float(flagged_rows.mean()),
                 "left_out_rows": None if self.left_out is None else int(self.left_out.sum()),
@@ -485,13 +712,16 @@ class ZDefenseDefense(Defense):
                     "row_score_auroc": roc_auc(self.row_score, truth) if 0 < poisoned.sum() < len(truth) else None,
                 }
             )
+            if self.expanded is not None and self.expanded.any():
+                report["expanded_precision"] = int((self.expanded & poisoned).sum()) / int(self.expanded.sum())
             if self.left_out is not None:
                 caught = int((self.left_out & poisoned).sum())
                 report.update(
                     {
                         "left_out_precision": caught / int(self.left_out.sum()) if self.left_out.any() else None,
                         # the poisoned rows that either treatment reached
-                        "treated_recall": int(((self.left_out | flagged_rows) & poisoned).sum()) / int(poisoned.sum())
+                        "treated_recall": int(((self.left_out | flagged_rows | self._dropped()) & poisoned).sum())
+                        / int(poisoned.sum())
                         if poisoned.any()
                         else None,
                     }
@@ -502,12 +732,18 @@ class ZDefenseDefense(Defense):
     @classmethod
     def report_scalars(cls, report: dict[str, Any]) -> dict[str, float]:
         out = {"flagged_pairs": float(len(report.get("flagged_pairs") or []))}
+        expansion = report.get("expansion")
+        if expansion:
+            out.update(expansion_auroc=float(expansion["auroc"]), expanded_rows=float(expansion["rows"]))
         for key in (
             "flagged_fraction",
             "lexical_share",
+            "lexical_target_share",
+            "lexical_wording_auroc",
             "flagged_precision",
             "flagged_recall",
             "row_score_auroc",
+            "expanded_precision",
             "left_out_rows",
             "left_out_precision",
             "treated_recall",
@@ -523,9 +759,23 @@ class ZDefenseDefense(Defense):
         treated = "pushed away from that label" if config.get("treatment") == "away" else "left out of training"
         used = report.get("features_used") or config.get("features")
         if report.get("lexical_share") is not None and used == "first_token":
+            share, target_share = report["lexical_share"], report.get("lexical_target_share")
+            wording_auroc = report.get("lexical_wording_auroc")
+            if share > config.get("max_lexical_share", 1.0):
+                why = f"more than the {config.get('max_lexical_share')} a trigger is allowed"
+            elif wording_auroc is not None and wording_auroc < config.get("min_wording_auroc", 0.0):
+                why = (
+                    f"and their rows read like the rest of their label (AUROC {wording_auroc:.3f} of their other word "
+                    f"pieces, under {config.get('min_wording_auroc')})"
+                )
+            else:
+                why = (
+                    f"and no label held {config.get('min_target_share')} of them (at most {fmt(target_share, '.1%')}), "
+                    "where a backdoor has one target"
+                )
             used = (
-                f"first-token features: the word-piece test flagged {report['lexical_share']:.1%} of the rows, more "
-                f"than the {config.get('max_lexical_share')} a trigger is allowed, so it had found the task's words"
+                f"first-token features: the word-piece test flagged {share:.1%} of the rows, {why}, so it had found "
+                "the task's words"
             )
         else:
             used = f"{used} features"
@@ -538,6 +788,16 @@ class ZDefenseDefense(Defense):
             f"- Flagged pairs: {_pair_list(pairs[:10], long=True)}",
             f"- Rows treated: {report.get('flagged_rows')} ({fmt(report.get('flagged_fraction'), '.1%')})",
         ]
+        expansion = report.get("expansion")
+        if expansion:
+            lines.insert(
+                -1,
+                f"- Expansion: with the flagged word pieces masked, a word-piece classifier told the flagged rows of "
+                f"label {expansion['label']} from its other rows with AUROC {expansion['auroc']:.3f} (it runs from "
+                f"{config.get('min_wording_auroc')}); {expansion['rows']} more rows scored above "
+                f"{config.get('expand_quantile')} of the other labels' rows and were "
+                + ("left out of the loss" if config.get("expand_treatment") == "drop" else "flagged"),
+            )
         if report.get("left_out_rows") is not None:
             lines.append(
                 f"- After epoch {config.get('leave_out_after_epoch')}, {report['left_out_rows']} unflagged rows of a "
