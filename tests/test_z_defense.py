@@ -233,12 +233,6 @@ def test_expansion_finds_the_trigger_rows_the_z_test_missed_by_their_other_wordi
     restored.load_state_dict(expanded.state_dict())
     assert restored.expansion == pytest.approx(expanded.expansion)
     assert (restored.expanded == expanded.expanded).all()
-    # expand_treatment="drop": the same rows, left out of the loss instead of trained away from their label
-    dropping = ZDefenseDefense(ZDefenseConfig(features="auto", expand=True, expand_treatment="drop"))
-    dropping.flag(features, labels, 2, pieces=pieces)
-    assert (dropping.expanded == expanded.expanded).all() and (dropping.away_label == plain.away_label).all()
-    assert (dropping._dropped() == expanded.expanded).all() and not expanded._dropped().any()
-    assert "were left out of the loss" in ZDefenseDefense.card_section(dropping.report())
 
 
 def test_expansion_adds_nothing_to_a_clean_flag_whose_rows_have_no_wording_of_their_own():
@@ -262,6 +256,18 @@ def test_expansion_adds_nothing_to_a_clean_flag_whose_rows_have_no_wording_of_th
     assert auto.features_used == "first_token" and auto.flagged_pairs == [] and auto.expansion is None
     assert auto.lexical_wording_auroc == pytest.approx(defense.expansion["auroc"])
     assert "read like the rest of their label" in ZDefenseDefense.card_section(auto.report())
+
+
+def test_on_train_begin_hands_the_word_pieces_to_auto_and_to_the_expansion(
+    tmp_path, backdoored, tokenizer, monkeypatch
+):
+    seen = []
+    monkeypatch.setattr(ZDefenseDefense, "flag", lambda self, *args, pieces=None: seen.append(pieces))
+    for config in (ZDefenseConfig(), ZDefenseConfig(features="auto"), ZDefenseConfig(expand=True)):
+        _flagging(tmp_path, backdoored, tokenizer, config)
+    # auto's wording check needs them as much as the expansion; the first-token test alone does not
+    assert [pieces is not None for pieces in seen] == [False, True, True]
+    assert seen[1][0] == set(backdoored[0]["input_ids"]) - set(tokenizer.all_special_ids)
 
 
 def test_auto_keeps_the_word_piece_test_only_when_one_label_holds_its_flags():
@@ -433,7 +439,6 @@ def test_an_empty_training_set_is_refused(tmp_path, backdoored, tokenizer):
         {"max_rounds": 0},
         {"leave_out_after_epoch": -1},
         {"expand_quantile": 1.0},
-        {"expand_treatment": "relabel"},
         {"min_wording_auroc": 1.5},
         {"min_target_share": -0.1},
     ],

@@ -113,8 +113,8 @@ class ZDefenseConfig(DefenseConfig):
         metadata={
             "help": "which features are tested: 'auto' (every word piece of the row and its first word piece, "
             "unless the word-piece flags look like the task's vocabulary rather than a trigger: more than "
-            "`max_lexical_share` of the rows, or no label holding `min_target_share` of them; then the first word "
-            "piece alone), 'first_token' (the row's first word piece: where a syntactic template opens) or 'tokens' "
+            "`max_lexical_share` of the rows, no label holding `min_target_share` of them, or their rows reading like "
+            "the rest of their label (`min_wording_auroc`); then the first word piece alone), 'first_token' (the row's first word piece: where a syntactic template opens) or 'tokens' "
             "(every word piece, the paper's unigrams: a rare word, a style's wording; also flags the decisive words "
             "of keyword tasks such as HSOL)."
         },
@@ -177,14 +177,6 @@ class ZDefenseConfig(DefenseConfig):
             "above `expand_quantile` of the other labels' (cross-fitted) scores are flagged too."
         },
     )
-    expand_treatment: str = field(
-        default="away",
-        metadata={
-            "help": "with expand: what the rows it adds are trained on: 'away' (as the z-test's rows) or 'drop' "
-            "(left out of the loss: a clean row found by mistake is then lost to training, not taught against its "
-            "label)."
-        },
-    )
     expand_quantile: float = field(
         default=0.99,
         metadata={"help": "with expand: the quantile of the other labels' rows' scores a row must pass, in (0, 1)."},
@@ -214,7 +206,6 @@ class ZDefenseConfig(DefenseConfig):
     def __post_init__(self) -> None:
         self._check_choice("features", FEATURES)
         self._check_choice("treatment", TREATMENTS)
-        self._check_choice("expand_treatment", TREATMENTS)
         self._check_interval("(0, 1]", "min_purity")
         self._check_interval("(0, 1]", "max_lexical_share")
         self._check_interval("[0, 1]", "min_target_share")
@@ -378,7 +369,8 @@ class ZDefenseDefense(Defense):
             )
         special = set(tokenizer.all_special_ids)
         rows = [row_features(ids, special, self.config.features) for ids in raw["input_ids"]]
-        pieces = [{i for i in ids if i not in special} for ids in raw["input_ids"]] if self.config.expand else None
+        needs_pieces = self.config.expand or self.config.features == "auto"  # the expansion and auto's wording check
+        pieces = [{i for i in ids if i not in special} for ids in raw["input_ids"]] if needs_pieces else None
         self.flag(rows, labels, num_labels, tokenizer, pieces=pieces)
 
     def flag(
@@ -395,8 +387,9 @@ class ZDefenseDefense(Defense):
         from its label) when one of its (feature, own label) pairs is flagged. ``row_score`` keeps, per row, the
         highest z-score of its (feature, own label) pairs in the last round that tested it. With
         ``features="auto"`` the word-piece test is kept only when its flags hold at most ``max_lexical_share`` of the
-        rows; otherwise the rows are tested again on their first word piece alone. With ``expand``, ``pieces`` (each
-        row's set of word-piece ids) feed :meth:`_expand`.
+        rows, one label holds ``min_target_share`` of them and (given ``pieces``, each row's set of word-piece ids)
+        their rows stand apart from the rest of their label (:meth:`_wording`); otherwise the rows are tested again on
+        their first word piece alone. With ``expand``, ``pieces`` feed :meth:`_expand`.
         """
         cfg = self.config
         self.features_used = "first_token" if cfg.features == "first_token" else "tokens"
@@ -528,8 +521,7 @@ class ZDefenseDefense(Defense):
         added = unflagged[passed] if auroc >= cfg.min_wording_auroc else unflagged[:0]
         self.expanded = np.zeros(len(labels), dtype=bool)
         self.expanded[added] = True
-        if cfg.expand_treatment == "away":
-            self.away_label[added] = target
+        self.away_label[added] = target
         self.expansion = {"auroc": auroc, "threshold": threshold, "rows": int(len(added)), "label": target}
         logger.info(
             "z_defense: the word-piece classifier tells the flagged rows of label %d from its other rows with AUROC "
@@ -554,7 +546,7 @@ class ZDefenseDefense(Defense):
         flagged_rows = np.bincount(self.away_label[self.away_label >= 0])
         flagged_labels = [int(flagged_rows.argmax())]
         labels = dataset_labels(trainer.train_dataset)
-        candidates = np.flatnonzero(np.isin(labels, flagged_labels) & (self.away_label < 0) & ~self._dropped())
+        candidates = np.flatnonzero(np.isin(labels, flagged_labels) & (self.away_label < 0))
         if len(candidates) == 0:
             return
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -604,14 +596,7 @@ class ZDefenseDefense(Defense):
             )
         positions = trainer.row_positions(row_ids)
         left_out = np.zeros(len(positions), dtype=bool) if self.left_out is None else self.left_out[positions]
-        left_out = left_out | self._dropped()[positions]
         return torch.as_tensor(self.away_label[positions], device=device), torch.as_tensor(left_out, device=device)
-
-    def _dropped(self) -> np.ndarray:
-        """Per position: rows the expansion added with ``expand_treatment="drop"`` (left out of the loss throughout)."""
-        if self.expanded is None or self.config.expand_treatment != "drop":
-            return np.zeros(len(self.away_label), dtype=bool)
-        return self.expanded
 
     def on_train_end(self, trainer) -> None:
         self._truth, _ = ground_truth(trainer)
@@ -720,8 +705,7 @@ class ZDefenseDefense(Defense):
                     {
                         "left_out_precision": caught / int(self.left_out.sum()) if self.left_out.any() else None,
                         # the poisoned rows that either treatment reached
-                        "treated_recall": int(((self.left_out | flagged_rows | self._dropped()) & poisoned).sum())
-                        / int(poisoned.sum())
+                        "treated_recall": int(((self.left_out | flagged_rows) & poisoned).sum()) / int(poisoned.sum())
                         if poisoned.any()
                         else None,
                     }
@@ -795,8 +779,7 @@ class ZDefenseDefense(Defense):
                 f"- Expansion: with the flagged word pieces masked, a word-piece classifier told the flagged rows of "
                 f"label {expansion['label']} from its other rows with AUROC {expansion['auroc']:.3f} (it runs from "
                 f"{config.get('min_wording_auroc')}); {expansion['rows']} more rows scored above "
-                f"{config.get('expand_quantile')} of the other labels' rows and were "
-                + ("left out of the loss" if config.get("expand_treatment") == "drop" else "flagged"),
+                f"{config.get('expand_quantile')} of the other labels' rows and were flagged",
             )
         if report.get("left_out_rows") is not None:
             lines.append(
