@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hf_backdoor import default_text_model, load_task, poison_dataset
-from hf_backdoor.defenses.z_defense import FEATURES, ZDefenseConfig, ZDefenseDefense, row_features
+from hf_backdoor.defenses.z_defense import FEATURES, ZDefenseConfig, ZDefenseDefense, row_features, row_pieces
 from hf_backdoor.models import load_text_tokenizer, tokenize_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/, not installed
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     defense = ZDefenseDefense(ZDefenseConfig(features=args.features, expand=args.expand))
     special = set(tokenizer.all_special_ids)
     features = [row_features(ids, special, args.features) for ids in tokenized["input_ids"]]
-    pieces = [{i for i in ids if i not in special} for ids in tokenized["input_ids"]]
+    pieces = [row_pieces(ids, special) for ids in tokenized["input_ids"]]
     defense.flag(features, labels, len(rows.features["label"].names), tokenizer, pieces=pieces)
     flagged = defense.away_label >= 0
     used = defense.features_used

@@ -114,7 +114,8 @@ class ZDefenseConfig(DefenseConfig):
             "help": "which features are tested: 'auto' (every word piece of the row and its first word piece, "
             "unless the word-piece flags look like the task's vocabulary rather than a trigger: more than "
             "`max_lexical_share` of the rows, no label holding `min_target_share` of them, or their rows reading like "
-            "the rest of their label (`min_wording_auroc`); then the first word piece alone), 'first_token' (the row's first word piece: where a syntactic template opens) or 'tokens' "
+            "the rest of their label (`min_wording_auroc`); then the first word piece alone), 'first_token' (the "
+            "row's first word piece: where a syntactic template opens) or 'tokens' "
             "(every word piece, the paper's unigrams: a rare word, a style's wording; also flags the decisive words "
             "of keyword tasks such as HSOL)."
         },
@@ -233,6 +234,11 @@ def row_features(input_ids: list[int], special_ids: set[int], kind: str) -> list
     if kind in ("tokens", "auto"):
         out += [("token", i) for i in dict.fromkeys(pieces)]
     return out
+
+
+def row_pieces(input_ids: list[int], special_ids: set[int]) -> set[int]:
+    """The distinct word pieces of one tokenized row, special tokens left out: the expansion's bag of words."""
+    return {i for i in input_ids if i not in special_ids}
 
 
 def fit_logistic(features: torch.Tensor, targets: np.ndarray, inverse_l2: float = 0.3) -> tuple[torch.Tensor, float]:
@@ -370,7 +376,7 @@ class ZDefenseDefense(Defense):
         special = set(tokenizer.all_special_ids)
         rows = [row_features(ids, special, self.config.features) for ids in raw["input_ids"]]
         needs_pieces = self.config.expand or self.config.features == "auto"  # the expansion and auto's wording check
-        pieces = [{i for i in ids if i not in special} for ids in raw["input_ids"]] if needs_pieces else None
+        pieces = [row_pieces(ids, special) for ids in raw["input_ids"]] if needs_pieces else None
         self.flag(rows, labels, num_labels, tokenizer, pieces=pieces)
 
     def flag(
@@ -395,6 +401,7 @@ class ZDefenseDefense(Defense):
         self.features_used = "first_token" if cfg.features == "first_token" else "tokens"
         self.lexical_share = self.lexical_target_share = self.lexical_wording_auroc = None
         self._rounds(rows, labels, num_labels, tokenizer)
+        wording = None  # auto's wording check, kept for the expansion while the flags it judged stand
         if cfg.features == "auto":
             flagged = self.away_label >= 0
             self.lexical_share = float(flagged.mean()) if len(rows) else 0.0
@@ -411,9 +418,10 @@ class ZDefenseDefense(Defense):
                 self.features_used = "first_token"
                 first_only = [[f for f in features if f[0] == "first"] for features in rows]
                 self._rounds(first_only, labels, num_labels, tokenizer)
+                wording = None
         self.expansion = self.expanded = None
         if cfg.expand and pieces is not None and self.flagged_pairs:
-            self._expand(pieces, labels)
+            self._expand(pieces, labels, wording)
         logger.info(
             "z_defense: %d (feature, label) pairs flagged (%s features%s), %d of %d rows pushed away from their label "
             "(%s)",
@@ -509,10 +517,11 @@ class ZDefenseDefense(Defense):
             "unflagged_scores": unflagged_scores,
         }
 
-    def _expand(self, pieces: list[set[int]], labels: np.ndarray) -> None:
-        """Flag the target label's rows that a word-piece classifier places with the flagged ones (``expand``)."""
+    def _expand(self, pieces: list[set[int]], labels: np.ndarray, wording: dict[str, Any] | None = None) -> None:
+        """Flag the target label's rows that a word-piece classifier places with the flagged ones (``expand``);
+        ``wording`` is :meth:`_wording` of the current flags when it was already computed."""
         cfg = self.config
-        wording = self._wording(pieces, labels)
+        wording = wording or self._wording(pieces, labels)
         if wording is None:
             return
         target, auroc, unflagged = wording["target"], wording["auroc"], wording["unflagged"]
