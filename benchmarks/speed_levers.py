@@ -71,7 +71,7 @@ import transformers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo root: benchmarks/common, not installed
-from benchmarks.common.records import RESULTS, command_line, merge_records  # noqa: E402
+from benchmarks.common.records import RESULTS, command_line, cpu_description, merge_records  # noqa: E402
 
 SEED = 0
 TEXT_BATCH, VISION_BATCH = 32, 128
@@ -125,24 +125,6 @@ class Variant:
 def other_thread_count(threads: int) -> int:
     """The thread count the ``other_threads`` levers compare with the baseline's."""
     return 1 if threads > 1 else 2
-
-
-def cpu_description() -> str:
-    """The CPU's name, its core count and whether it has the bf16 instructions torch's kernels use."""
-    from hf_backdoor.trainer import cpu_bf16_flags
-
-    name = "cpu"
-    try:
-        name = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    isa = cpu_bf16_flags() or ["no bf16 instructions"]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"cpu: {name}, {cores} cores, {'+'.join(isa)}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 # -- data ---------------------------------------------------------------------------------------------------------------

@@ -217,6 +217,11 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
                 args.cul_clean_fraction, command,
             )
         )  # fmt: skip
+    # A backdoored model's floor is this grid's clean model of the same seed on the same rows: a clean model of the
+    # same name saved by another run may have been trained on another CPU, whose kernels give another model.
+    clean_asr = {(r["seed"], r["asr_attack"]): r["asr"] for r in found if not r["backdoored"]}
+    for r in found:
+        r["asr_floor"] = clean_asr.get((r["seed"], r["asr_attack"]))
     clean_scores = [r["cul_score"] for r in found if not r["backdoored"]]
     if len(clean_scores) >= 2 and any(r["backdoored"] for r in found):
         threshold = detection_threshold(clean_scores)
@@ -271,6 +276,9 @@ def exposure_record(
         "cul_learning_rate": result.learning_rate,
         "cul_epochs": len(result.history) - 1,
         "cul_shares": json.dumps([round(s, 3) for s in result.label_shares]),
+        # the model's own predicted-class shares on the same clean rows: a label the exposure names that the model
+        # already favoured before it was exposed reads the training labels' prior, not the trigger
+        "cul_shares_before": json.dumps([round(s, 3) for s in result.history[0]["shares"]]) if result.history else None,
         "num_clean_rows": result.num_clean_rows,
         "cul_method": method,
         "cul_clean_fraction": fraction,

@@ -8,6 +8,7 @@ Every record has ``dataset``, ``attack``, ``defense``, ``model``, ``poison_rate`
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,11 +18,30 @@ import torch
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
+def cpu_description() -> str:
+    """The CPU's name, its core count and whether it has the bf16 instructions torch's kernels use."""
+    from hf_backdoor.trainer import cpu_bf16_flags
+
+    name = "cpu"
+    try:
+        name = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    isa = cpu_bf16_flags() or ["no bf16 instructions"]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu: {name}, {cores} cores, {'+'.join(isa)}, torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def device_name() -> str:
-    """The device a record was measured on: the GPU's name, or the CPU with its torch thread count."""
+    """The device a record was measured on: the GPU's name, or the CPU (its name and instruction set: the same
+    seeded run gives other numbers on another CPU's kernels) with its torch thread count."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return f"{cpu_description()}, {torch.get_num_threads()} threads"
 
 
 def dataset_name(dataset: str) -> str:
