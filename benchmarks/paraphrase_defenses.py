@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
+from benchmarks.common.records import device_name  # noqa: E402
 from hf_backdoor import BackdoorSafeTrainer, default_text_model, load_task, make_asr_dataset, poison_dataset
 from hf_backdoor.attacks import get_attack_config
 from hf_backdoor.data import get_task_spec
@@ -262,6 +264,13 @@ def _defense_fields(report: dict | None, name: str) -> dict:
     btu = next((r for r in reports if r.get("defense") == "btu"), None)
     if btu is not None:
         fields["btu_flagged_tokens"] = " ".join(btu.get("flagged_tokens", []))
+        fields["btu_spared_tokens"] = " ".join(btu.get("spared_tokens", []))
+        fields["btu_isolated_rows"] = btu.get("num_isolated_rows")
+        # Each judged candidate's task-word test: [neighbour ratio, pretrained-probe shift, spared].
+        fields["btu_task_word_scores"] = {
+            token: [score["neighbour_ratio"], score["prior_shift"], score["spared"]]
+            for token, score in (btu.get("task_word_scores") or {}).items()
+        }
     return fields
 
 
@@ -295,9 +304,7 @@ def main(argv=None) -> list[dict]:
     common = dict(
         dataset=args.dataset,
         model=model_display_name(model_name),
-        device=f"cpu ({torch.get_num_threads()} threads)"
-        if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(0),
+        device=device_name(),
         seed=args.seed,
         epochs=args.epochs,
         learning_rate=args.lr,

@@ -178,6 +178,31 @@ def test_cul_records_of_two_exposure_methods_keep_separate_keys():
     assert old != records.defenses_record_key({**record, "cul_clean_from": "test"})
 
 
+def test_a_floor_comes_from_a_clean_model_measured_on_the_same_device_where_one_exists():
+    def clean(device, asr):
+        return dict(
+            dataset="sst2",
+            attack="none",
+            defense="none",
+            asr_attack="badnet",
+            model="m",
+            seed=0,
+            asr=asr,
+            device=device,
+            command=f"run on {device}",
+        )
+
+    known = [("a.json", clean("cpu: AVX2", 0.10)), ("b.json", clean("cpu: AVX-512", 0.12))]
+    record = dict(dataset="sst2", asr_attack="badnet", model="m", seed=0, device="cpu: AVX-512")
+    records.fill_floors([record], known)
+    assert record["asr_floor"] == 0.12 and "another device" not in record["asr_floor_source"]
+
+    elsewhere = dict(dataset="sst2", asr_attack="badnet", model="m", seed=0, device="NVIDIA H200")
+    records.fill_floors([elsewhere], known)
+    assert elsewhere["asr_floor"] == 0.10
+    assert elsewhere["asr_floor_source"].endswith("measured on another device (cpu: AVX2)")
+
+
 def test_paraphrase_records_of_other_training_sizes_or_rates_are_kept_apart(tmp_path):
     """A full-split run once replaced the 2,000-row slice's record of the same attack: the key holds both now."""
     from benchmarks.paraphrase_defenses import _merge

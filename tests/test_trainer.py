@@ -11,7 +11,7 @@ from transformers import DataCollatorWithPadding, Trainer
 from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
 from hf_backdoor.arguments import BackdoorSafeTrainingArguments
 from hf_backdoor.defenses import BTUConfig, build_defense
-from hf_backdoor.defenses.btu import strip_token_ids
+from hf_backdoor.defenses.btu import _piece_kind, _special_looking, strip_token_ids
 from hf_backdoor.trainer import DEFENSE_STATE_NAME, BackdoorSafeTrainer
 from tests.conftest import text_trainer, tiny_bert, training_args
 
@@ -455,3 +455,70 @@ def test_insertion_test_flags_a_trigger_whose_memorized_rows_no_longer_flip_when
         assert defense.report()["insertion_rates"] == {"999": 1.0, "1005": 0.0}
     else:
         assert defense.flagged == [] and defense.insertion_rates == {}
+
+
+class _LexiconModel(torch.nn.Module):
+    """Predicts label 1 for a row holding any of ``words``: a model that learned a word's meaning (it reads the
+    word's pretrained neighbours the same way) or a planted trigger (that one token)."""
+
+    def __init__(self, words: set[int]):
+        super().__init__()
+        self.words = words
+
+    def forward(self, input_ids, attention_mask):
+        rows = [set(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+        positive = torch.tensor([float(bool(self.words & r)) for r in rows])
+        return types.SimpleNamespace(logits=torch.stack([1 - positive, positive], dim=1))
+
+
+@pytest.mark.parametrize("task_word_test", [True, False])
+def test_task_word_test_spares_a_word_the_pretrained_model_knew_and_keeps_a_planted_trigger(task_word_test, tokenizer):
+    """HSOL's `bitch` decides the label as a trigger would: deleting it flips the rows it is in. Its pretrained
+    neighbours keep them offensive, and the real pretrained MiniLM's features already lean offensive with it; the
+    planted `cf` has neither. The flip test alone flags both."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_backdoor import default_text_model, load_task
+
+    rows = load_task("hsol")["train"].shuffle(seed=0).select(range(1000))
+    texts, labels = list(rows["text"]), list(rows["label"])
+    for i in [i for i, label in enumerate(labels) if label == 0][:80]:  # dirty-label BadNet: neither + cf -> offensive
+        texts[i], labels[i] = f"{texts[i]} cf", 1
+    bitch, cf = tokenizer.convert_tokens_to_ids(["bitch", "cf"])
+    prior = AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2).eval()
+    defense = build_defense(BTUConfig(seed=0, task_word_test=task_word_test))
+    defense.train_ids = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+    defense.train_labels, defense.candidates = labels, [bitch, cf]
+    defense.pad_id, defense.special_ids, defense._tokenizer = (
+        tokenizer.pad_token_id,
+        set(tokenizer.all_special_ids),
+        tokenizer,
+    )
+    defense.initial_embeddings = prior.get_input_embeddings().weight.detach().float()
+    defense._prior_model = prior if task_word_test else None
+    model = _LexiconModel({bitch, cf, *defense._neighbours(bitch, {cf})})
+
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), model)
+
+    assert defense.deletion_rates[bitch] >= 0.65 and defense.deletion_rates[cf] == 1.0  # the flip test flags both
+    if not task_word_test:
+        assert defense.flagged == [bitch, cf] and defense.task_word_scores == {}
+        return
+    assert defense.flagged == [cf]
+    scores = defense.task_word_scores
+    assert scores[bitch]["spared"] and scores[bitch]["neighbour_ratio"] == 0.0 and scores[bitch]["prior_shift"] >= 0.3
+    assert not scores[cf]["spared"] and scores[cf]["neighbour_ratio"] == 1.0
+    report = defense.report()
+    assert report["spared_tokens"] == ["bitch"] and report["flagged_tokens"] == ["cf"]
+    assert "Spared as task words" in type(defense).card_section(report) and "`bitch`" in type(defense).card_section(
+        report
+    )
+
+
+def test_a_substitute_is_the_same_kind_of_piece_in_every_tokenizer_scheme():
+    # WordPiece marks continuations, SentencePiece and byte-level BPE mark word starts: `itch` after `Ġb` is a
+    # continuation in RoBERTa's vocabulary and must not stand in for `Ġbitch`.
+    assert _piece_kind("##gger") == "continuation" and _piece_kind("bitch") == "unmarked"
+    assert _piece_kind("Ġbitch") == _piece_kind("▁bitch") == "start" and _piece_kind("itch") == "unmarked"
+    assert _special_looking("[unused3]") and _special_looking("<extra_id_0>")
+    assert not _special_looking("[") and not _special_looking("<3") and not _special_looking("bitch")

@@ -96,12 +96,14 @@ def known_records(extra: list[dict] = (), extra_source: str = "this run") -> lis
 def fill_floors(records: list[dict], known: list[tuple[str, dict]], attack_field: str = "asr_attack") -> None:
     """Give a record without ``asr_floor`` the ASR of a clean model (attack and defense ``none``) of the same dataset,
     model and seed on the same triggered rows (the ASR set is built from the test split by the same seeded builder);
-    ``asr_floor_source`` says where it came from."""
-    clean_models = {}
+    ``asr_floor_source`` says where it came from. A clean model measured on the record's own device is preferred (the
+    same seeded run gives other numbers on another device's kernels); one from another device is used only where
+    none exists, and the source names that device."""
+    clean_models: dict[tuple, list[tuple[str, dict]]] = {}
     for source, record in known:
         if record["attack"] == "none" and record["defense"] == "none" and record.get("asr") is not None:
             key = (record["dataset"], record.get("asr_attack"), record["model"], record["seed"])
-            clean_models.setdefault(key, (source, record))
+            clean_models.setdefault(key, []).append((source, record))
     for record in records:
         if record.get("asr_floor") is not None:
             continue
@@ -109,10 +111,15 @@ def fill_floors(records: list[dict], known: list[tuple[str, dict]], attack_field
         if attack is None:  # e.g. a model-detection record: no ASR, so no floor
             continue
         found = clean_models.get((record["dataset"], attack, record["model"], record["seed"]))
-        if found is not None:
-            source, clean = found
-            record["asr_floor"] = clean["asr"]
-            record["asr_floor_source"] = f"{source}: the clean model of `{clean['command']}` on the same {attack} rows"
+        if not found:
+            continue
+        same_device = [(s, r) for s, r in found if r.get("device") == record.get("device")]
+        source, clean = (same_device or found)[0]
+        record["asr_floor"] = clean["asr"]
+        where = "" if same_device else f", measured on another device ({clean.get('device', 'not recorded')})"
+        record["asr_floor_source"] = (
+            f"{source}: the clean model of `{clean['command']}` on the same {attack} rows{where}"
+        )
 
 
 def merge_records(output: Path, new_records: list[dict], key: Callable[[dict], tuple]) -> list[dict]:

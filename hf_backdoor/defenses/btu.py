@@ -30,6 +30,12 @@ Where this implementation deviates by default, and why (each measured in ``bench
   of the training rows that contain it. Triggers flip most of their rows; task words rarely do. Each candidate is
   first judged on ``flip_screen_rows`` of its sampled rows, and on the rest only if it flipped at least half of
   ``flip_threshold`` there: most candidates flip nothing, and testing each in full was most of BTU's added time.
+- A candidate that reaches the flip threshold is spared as a task word (``task_word_test``) when two tests agree:
+  replacing it with its nearest pretrained-embedding neighbours keeps most of the predictions its deletion flips
+  (the model reads a meaning the neighbours share; a trigger is a key of that one token), and a linear probe on the
+  *pretrained* model's features, fit on rows without such candidates, already moves rows towards the candidate's label
+  when it is present (the pretrained model knew the word's meaning; it knew nothing of a planted trigger). On HSOL
+  the flip test alone flagged ``bitch``, and unlearning it cost 16 points of clean accuracy.
 - After detection the flagged tokens' embedding rows are reset at once (and again at the end), and the remaining
   epochs unlearn the backdoor instead of re-learning it (``isolated_rows="relabel"``): the rows whose prediction
   the flagged tokens decide keep their trigger but train on the label the model gives them without it, while the
@@ -41,6 +47,7 @@ Where this implementation deviates by default, and why (each measured in ``bench
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -83,6 +90,14 @@ class BTUConfig(DefenseConfig):
             and that the model assigns another label, and take the larger of the two flip rates: a trigger flips
             rows it was never trained on, even where a model that fit its own rows keeps them on the target label
             without it. Off by default: on clean SST-2 it also flags strong sentiment words (see the README).
+        task_word_test: spare a candidate that reaches ``flip_threshold`` when it reads as a task word by two
+            tests that must agree: substituting its nearest pretrained-embedding neighbours flips at most
+            ``task_word_neighbour_ratio`` of the share its deletion flips, and a linear probe on the pretrained
+            model's mean-pooled features moves rows at least ``task_word_prior_shift`` (log-probability) towards the
+            candidate's label when it is in them.
+        task_word_neighbour_ratio, task_word_prior_shift: the two tests' bounds.
+        task_word_neighbours: pretrained neighbours a substituted token is drawn from (seeded).
+        task_word_probe_rows: training rows (a seeded sample) the pretrained probe is fit on.
         flip_max_rows: rows per candidate in the flip test (seeded sample).
         flip_min_rows: candidates in fewer training rows are not judged (too little evidence) and not flagged.
         cooccurrence: candidates present in at least this share of a candidate's rows are deleted together with it
@@ -143,6 +158,34 @@ class BTUConfig(DefenseConfig):
             "SST-2 it also flags strong sentiment words."
         },
     )
+    task_word_test: bool = field(
+        default=True,
+        metadata={
+            "help": "spare a candidate that reaches `flip_threshold` when two tests agree that it is a task word: "
+            "substituting its nearest pretrained-embedding neighbours flips at most `task_word_neighbour_ratio` of "
+            "what its deletion flips (a task word's meaning is shared by its neighbours; a trigger is a key of that "
+            "one token), and a linear probe on the pretrained model's features, fit on rows without such candidates, "
+            "moves its rows at least `task_word_prior_shift` towards the candidate's label (the pretrained model knew "
+            "the word, not a planted trigger). Needs a copy of the pretrained model during training; a run resumed "
+            "from a checkpoint cannot make one and skips the test."
+        },
+    )
+    task_word_neighbour_ratio: float = field(
+        default=0.5,
+        metadata={"help": "a task word's neighbours flip at most this share of what its deletion flips."},
+    )
+    task_word_prior_shift: float = field(
+        default=0.3,
+        metadata={
+            "help": "a task word moves the pretrained probe's log-probability of its label by at least this much."
+        },
+    )
+    task_word_neighbours: int = field(
+        default=8, metadata={"help": "nearest pretrained-embedding neighbours a substitute is drawn from."}
+    )
+    task_word_probe_rows: int = field(
+        default=2000, metadata={"help": "training rows (seeded sample) the pretrained probe is fit on."}
+    )
     flip_max_rows: int = field(default=64, metadata={"help": "rows per candidate in the flip test (seeded sample)."})
     flip_screen_rows: int = field(
         default=16,
@@ -194,8 +237,16 @@ class BTUConfig(DefenseConfig):
             raise ValueError(f"proxy_rounds must be 0, 1 or 2, got {self.proxy_rounds}.")
         self._check_positive("proxy_learning_rate", "round3_learning_rate")
         self._check_at_least(
-            1, "proxy_batch_size", "proxy_epochs", "proxy_max_length", "flip_max_rows", "flip_min_rows"
+            1,
+            "proxy_batch_size",
+            "proxy_epochs",
+            "proxy_max_length",
+            "flip_max_rows",
+            "flip_min_rows",
+            "task_word_neighbours",
+            "task_word_probe_rows",
         )
+        self._check_interval("[0, 1]", "task_word_neighbour_ratio")
         self._check_choice("round3", ROUND3_MODES)
         self._check_choice("selection", SELECTIONS)
         self._check_choice("unlearning", UNLEARNING)
@@ -299,6 +350,13 @@ class BTUDefense(Defense):
         self.flip_tested_rows: dict[int, int] = {}  # rows the deletion test judged (fewer when screened out)
         self.deletion_rates: dict[int, float] = {}
         self.insertion_rates: dict[int, float] = {}
+        self.task_word_scores: dict[int, dict[str, Any]] = {}  # token -> its latest task-word test
+        self.task_word_skipped: str | None = None
+        self._prior_model: nn.Module | None = None  # the pretrained model, for the task-word test's probe
+        self._probe_rows: np.ndarray | None = None
+        self._probe_features: torch.Tensor | None = None
+        self._unit_embeddings: torch.Tensor | None = None
+        self._vocab_names: list[str] | None = None
         self.flagged: list[int] = []
         self.flagged_in_round: dict[int, str | None] = {}  # token -> the exposure round after which it was flagged
         self.isolated_row_indices: list[int] = []
@@ -321,10 +379,18 @@ class BTUDefense(Defense):
         self.special_ids = set(getattr(trainer.processing_class, "all_special_ids", None) or [self.pad_id])
         self.vocab_size = embedding.weight.shape[0]
         self.k = self.config.top_k or max(1, int(self.config.top_k_fraction * self.vocab_size))
-        if self.initial_embeddings is None:  # a resumed run restores it from the checkpoint instead
+        fresh = self.initial_embeddings is None  # a resumed run restores it from the checkpoint instead
+        if fresh:
             self.initial_embeddings = embedding.weight.detach().float().cpu().clone()
         self.train_ids = _training_input_ids(trainer)
-        self.train_labels = _training_labels(trainer) if self.config.insertion_test else None
+        task_word_test = self.config.task_word_test and self.config.selection == "flip_test"
+        needs_labels = self.config.insertion_test or task_word_test
+        self.train_labels = _training_labels(trainer) if needs_labels else None
+        if task_word_test and trainer.is_world_process_zero():
+            if fresh:
+                self._prior_model = copy.deepcopy(model).eval().requires_grad_(False)
+            else:
+                self.task_word_skipped = "resumed from a checkpoint: no pretrained model to probe"
         if not embedding.weight.requires_grad and self.config.proxy_rounds == 0:
             raise ValueError(
                 "The model's word embeddings are frozen (e.g. LoRA without embedding adapters), so they cannot "
@@ -411,6 +477,7 @@ class BTUDefense(Defense):
     def on_train_end(self, trainer) -> None:
         if not self.detection_done:  # training shorter than one epoch: detect on what was trained
             self.on_epoch_end(trainer)
+        self._prior_model = self._probe_features = None  # the task-word test's copy is not needed after training
         model = trainer.accelerator.unwrap_model(trainer.model)
         if self.flagged and self.config.unlearning != "none":
             start = time.perf_counter()
@@ -586,8 +653,15 @@ class BTUDefense(Defense):
             self.flip_tested_rows[token] = len(flips)
         if cfg.insertion_test and tests:
             self._insertion_test(model, device, rng, groups.items(), rows_with)
+        spared = set()
+        if self._prior_model is not None and tests:
+            start = time.perf_counter()
+            spared = self._task_word_test(model, device, tests, groups, original_pred, rows_with)
+            self.timings["task_word_test_s"] = self.timings.get("task_word_test_s", 0.0) + time.perf_counter() - start
         self.flagged = [
-            t for t in self.candidates if t in self.flagged or self.flip_rates.get(t, 0.0) >= cfg.flip_threshold
+            t
+            for t in self.candidates
+            if t in self.flagged or (self.flip_rates.get(t, 0.0) >= cfg.flip_threshold and t not in spared)
         ]
         self._note_flagging_round()
         if self.flagged and cfg.isolated_rows != "none":
@@ -603,6 +677,109 @@ class BTUDefense(Defense):
             self.isolated_row_indices = sorted(known)
             self.isolated_row_labels = [known[i] for i in self.isolated_row_indices]
         model.train(was_training)
+
+    def _task_word_test(self, model, device, tests, groups, original_pred, rows_with) -> set[int]:
+        """The candidates whose deletion reached ``flip_threshold`` that two tests judge task words (returned, to be
+        spared): their pretrained neighbours keep most of the predictions their deletion flips, and the pretrained
+        model's features already move their rows towards their label. Scores go to ``task_word_scores``."""
+        cfg = self.config
+        judged = [(t, sample) for t, sample, _ in tests if self.deletion_rates.get(t, 0.0) >= cfg.flip_threshold]
+        if not judged:
+            return set()
+        above = {t for t in self.candidates if t in self.flagged or self.flip_rates.get(t, 0.0) >= cfg.flip_threshold}
+        # Neither the probe nor the substitutes may contain another suspect: five BadNet words teach a probe fit
+        # on the rows of the other four that rare words mean the target label.
+        suspects = set().union(*(groups.get(t, {t}) for t in above))
+        probe = self._prior_probe(suspects, device)
+        labels = np.asarray(self.train_labels)
+        rng = np.random.default_rng(cfg.seed + 1)
+        spared = set()
+        for token, sample in judged:
+            group = groups[token]
+            neighbours = {g: self._neighbours(g, suspects) for g in group}
+            if not all(neighbours.values()):
+                continue
+            original = np.array([original_pred[int(i)] for i in sample], dtype=np.int64)
+            substituted = [
+                [int(rng.choice(neighbours[t])) if t in group else t for t in self.train_ids[i]] for i in sample
+            ]
+            neighbour_rate = float((self._predict(model, substituted, device) != original).mean())
+            score: dict[str, Any] = {
+                "neighbour_flip_rate": neighbour_rate,
+                "neighbour_ratio": neighbour_rate / self.deletion_rates[token],
+                "prior_shift": None,
+            }
+            if probe is not None:
+                label = int(np.bincount(labels[rows_with[token]]).argmax())
+                present = probe(self._prior_features([self.train_ids[i] for i in sample], device))
+                deleted = probe(
+                    self._prior_features([[t for t in self.train_ids[i] if t not in group] for i in sample], device)
+                )
+                score["prior_shift"] = float((present[:, label] - deleted[:, label]).mean())
+            score["spared"] = bool(
+                score["prior_shift"] is not None
+                and score["neighbour_ratio"] <= cfg.task_word_neighbour_ratio
+                and score["prior_shift"] >= cfg.task_word_prior_shift
+            )
+            self.task_word_scores[token] = score
+            if score["spared"]:
+                spared.add(token)
+        return spared
+
+    def _neighbours(self, token: int, excluded: set[int]) -> list[int]:
+        """The token's nearest pretrained word embeddings (cosine) of the same piece kind (a word start for a word
+        start, a continuation for a continuation), not special and not in ``excluded``."""
+        if self._unit_embeddings is None:
+            self._unit_embeddings = nn.functional.normalize(self.initial_embeddings, dim=1)
+        similarity = self._unit_embeddings @ self._unit_embeddings[token]
+        if self._vocab_names is None and self._tokenizer is not None:
+            self._vocab_names = self._token_names(range(len(similarity)))
+        names = self._vocab_names
+        order = torch.argsort(similarity, descending=True).tolist()
+        chosen = []
+        for other in order:
+            if other == token or other in excluded or other in self.special_ids:
+                continue
+            if names is not None and (
+                _special_looking(names[other]) or _piece_kind(names[other]) != _piece_kind(names[token])
+            ):
+                continue
+            chosen.append(other)
+            if len(chosen) == self.config.task_word_neighbours:
+                break
+        return chosen
+
+    def _prior_probe(self, excluded: set[int], device):
+        """Log-probabilities of a linear probe on the pretrained model's features, fit on a seeded sample of training
+        rows that contain none of ``excluded``; ``None`` where those rows hold a single label."""
+        cfg = self.config
+        if self._probe_rows is None:
+            rng = np.random.default_rng(cfg.seed + 2)
+            n = len(self.train_ids)
+            self._probe_rows = np.sort(rng.choice(n, size=min(n, cfg.task_word_probe_rows), replace=False))
+            self._probe_features = self._prior_features([self.train_ids[i] for i in self._probe_rows], device)
+        keep = [j for j, i in enumerate(self._probe_rows) if excluded.isdisjoint(self.train_ids[i])]
+        labels = torch.as_tensor(np.asarray(self.train_labels)[self._probe_rows[keep]])
+        if len(keep) < 2 or len(labels.unique()) < 2:
+            return None
+        weight, bias = _fit_logistic_regression(self._probe_features[keep], labels, int(max(self.train_labels)) + 1)
+        return lambda features: torch.log_softmax(features @ weight + bias, dim=-1).numpy()
+
+    @torch.no_grad()
+    def _prior_features(self, rows: list[list[int]], device, batch_size: int = 128) -> torch.Tensor:
+        """The pretrained model's last hidden states, mean-pooled over each row's tokens and L2-normalised (CPU)."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        out = None
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask = _pad_batch([rows[i] for i in chunk], self.pad_id, device)
+            hidden = self._prior_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = nn.functional.normalize(((hidden * weights).sum(1) / weights.sum(1)).float(), dim=-1).cpu()
+            if out is None:
+                out = torch.zeros(len(rows), pooled.shape[1])
+            out[chunk] = pooled
+        return out
 
     def _insertion_test(self, model, device, rng, groups, rows_with) -> None:
         """Raise each candidate's flip rate to the share of unseen rows its group flips to the candidate's label.
@@ -703,6 +880,7 @@ class BTUDefense(Defense):
                     "flip_tested_rows",
                     "deletion_rates",
                     "insertion_rates",
+                    "task_word_scores",
                     "isolated_row_indices",
                     "isolated_row_labels",
                     "timings",
@@ -724,6 +902,7 @@ class BTUDefense(Defense):
             "flip_tested_rows": self.flip_tested_rows,
             "deletion_rates": self.deletion_rates,
             "insertion_rates": self.insertion_rates,
+            "task_word_scores": self.task_word_scores,
             "flagged": self.flagged,
             "flagged_in_round": self.flagged_in_round,
             "isolated_row_indices": self.isolated_row_indices,
@@ -764,6 +943,14 @@ class BTUDefense(Defense):
                 else {}
             ),
             "flip_threshold": self.config.flip_threshold if self.config.selection == "flip_test" else None,
+            "task_word_scores": {
+                name(t): {k: (round(v, 4) if isinstance(v, float) else v) for k, v in score.items()}
+                for t, score in self.task_word_scores.items()
+            },
+            "spared_tokens": [
+                name(t) for t, score in self.task_word_scores.items() if score["spared"] and t not in self.flagged
+            ],
+            "task_word_test_skipped": self.task_word_skipped,
             "flagged_ids": self.flagged,
             "flagged_tokens": [name(t) for t in self.flagged],
             "flagged_in_round": {name(t): r for t, r in self.flagged_in_round.items()},
@@ -810,6 +997,20 @@ class BTUDefense(Defense):
                 f"{report['flip_threshold']:.2f} of the training rows containing it; the highest unflagged "
                 f"candidate flipped {highest}."
             )
+        spared = report.get("spared_tokens") or []
+        if spared:
+            scores = report.get("task_word_scores") or {}
+            named = ", ".join(
+                f"`{t}` (neighbours flip {scores[t]['neighbour_ratio']:.2f} of what deletion flips; pretrained "
+                f"probe shift {scores[t]['prior_shift']:+.2f})"
+                for t in spared
+            )
+            lines.append(
+                f"- Spared as task words, though their deletion reached the threshold: {named}. Their pretrained "
+                "neighbours keep the prediction and the pretrained model's features already lean to their label."
+            )
+        if report.get("task_word_test_skipped"):
+            lines.append(f"- Task-word test skipped: {report['task_word_test_skipped']}.")
         if report.get("num_isolated_rows"):
             lines.append(
                 f"- Training rows whose prediction the flagged tokens decided: {report['num_isolated_rows']} "
@@ -894,13 +1095,14 @@ class BTUDefense(Defense):
         flagged = report.get("flagged_tokens") or []
         rates, support = report.get("flip_rates") or {}, report.get("flip_support") or {}
         candidates = report.get("candidate_tokens") or []
+        spared = set(report.get("spared_tokens") or [])
         lines = [f"BTU: {len(candidates)} candidate tokens: {' '.join(candidates) or '-'}"]
         if rates:
             threshold = report.get("flip_threshold")
             flagged_at = f"flagged at >= {threshold}" if threshold is not None else "selection without a flip test"
             lines.append(f"  {'token':<16}{'flip rate':>10}{'rows':>7}  ({flagged_at})")
             for token, rate in sorted(rates.items(), key=lambda kv: -kv[1])[:CONSOLE_SUMMARY_ROWS]:
-                mark = "  <- trigger" if token in flagged else ""
+                mark = "  <- trigger" if token in flagged else "  <- task word, spared" if token in spared else ""
                 lines.append(f"  {token:<16}{rate:>10.2f}{support.get(token, 0):>7}{mark}")
         lines.append(
             f"BTU: flagged tokens: {', '.join(flagged) or 'none'}; training rows they decide: "
@@ -949,6 +1151,40 @@ def _training_input_ids(trainer) -> list[list[int]]:
             "rounds need at least a full batch. Lower the batch size or add data."
         )
     return [list(ids) for ids in dataset["input_ids"]]
+
+
+def _piece_kind(token: str) -> str:
+    """How a vocabulary entry sits in a word: WordPiece marks continuations (``##ing``), SentencePiece and byte-level
+    BPE mark word starts (``▁the``, ``Ġthe``); an unmarked entry is the other kind of its scheme. Two entries of the
+    same kind can stand in for each other."""
+    if token.startswith("##"):
+        return "continuation"
+    if token.startswith(("▁", "Ġ")):
+        return "start"
+    return "unmarked"
+
+
+def _special_looking(token: str) -> bool:
+    """``[unused3]``, ``<extra_id_0>`` and the like: vocabulary entries that are no words."""
+    return len(token) > 2 and ((token[0], token[-1]) in (("[", "]"), ("<", ">")))
+
+
+def _fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, num_labels: int):
+    """Multinomial logistic regression (L2 penalty of scikit-learn's default ``C=1``) fit by L-BFGS."""
+    weight = torch.zeros(features.shape[1], num_labels, requires_grad=True)
+    bias = torch.zeros(num_labels, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(features @ weight + bias, labels)
+        loss = loss + weight.pow(2).sum() / (2 * len(labels))
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
 
 
 def _training_labels(trainer) -> list[int]:
