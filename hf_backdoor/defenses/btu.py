@@ -302,6 +302,14 @@ def _pad_batch(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor
     return ids.to(device), mask.to(device)
 
 
+def _length_batches(rows: list[list[int]], pad_id: int, device, batch_size: int):
+    """Token-id rows in batches of similar length, so that little padding is computed: ``(positions, ids, mask)``."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield (chunk, *_pad_batch([rows[i] for i in chunk], pad_id, device))
+
+
 def strip_token_ids(inputs: dict, token_ids: torch.Tensor, pad_id: int, keep_rows: torch.Tensor | None = None) -> dict:
     """Remove ``token_ids`` from a padded batch, shifting the kept tokens left (works for any per-token tensor).
 
@@ -595,11 +603,8 @@ class BTUDefense(Defense):
     @torch.no_grad()
     def _predict(self, model, rows: list[list[int]], device, batch_size: int = 256) -> np.ndarray:
         """Argmax predictions for token-id rows, batched by length so that little padding is computed."""
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         out = np.zeros(len(rows), dtype=np.int64)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            ids, mask = _pad_batch([rows[i] for i in chunk], self.pad_id, device)
+        for chunk, ids, mask in _length_batches(rows, self.pad_id, device, batch_size):
             out[chunk] = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu().numpy()
         return out
 
@@ -768,17 +773,15 @@ class BTUDefense(Defense):
     @torch.no_grad()
     def _prior_features(self, rows: list[list[int]], device, batch_size: int = 128) -> torch.Tensor:
         """The pretrained model's last hidden states, mean-pooled over each row's tokens and L2-normalised (CPU)."""
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        out = None
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            ids, mask = _pad_batch([rows[i] for i in chunk], self.pad_id, device)
+        positions, pooled = [], []
+        for chunk, ids, mask in _length_batches(rows, self.pad_id, device, batch_size):
             hidden = self._prior_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
             weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = nn.functional.normalize(((hidden * weights).sum(1) / weights.sum(1)).float(), dim=-1).cpu()
-            if out is None:
-                out = torch.zeros(len(rows), pooled.shape[1])
-            out[chunk] = pooled
+            pooled.append(nn.functional.normalize(((hidden * weights).sum(1) / weights.sum(1)).float(), dim=-1).cpu())
+            positions += chunk
+        features = torch.cat(pooled)
+        out = torch.empty_like(features)
+        out[positions] = features
         return out
 
     def _insertion_test(self, model, device, rng, groups, rows_with) -> None:
