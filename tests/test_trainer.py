@@ -457,6 +457,67 @@ def test_insertion_test_flags_a_trigger_whose_memorized_rows_no_longer_flip_when
         assert defense.flagged == [] and defense.insertion_rates == {}
 
 
+class _PartlyLearnedModel(torch.nn.Module):
+    """Label 1 for a row holding a word of ``positive`` (the task), or holding a trigger of ``learned`` where the row
+    without that trigger is among its learned rows: backdoors the model has learned on some of their rows only."""
+
+    def __init__(self, positive: set[int], learned: dict[int, set[tuple[int, ...]]]):
+        super().__init__()
+        self.positive, self.learned = positive, learned
+
+    def forward(self, input_ids, attention_mask):
+        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+        positive = torch.tensor(
+            [
+                float(
+                    bool(self.positive.intersection(r))
+                    or any(t in r and tuple(x for x in r if x != t) in keys for t, keys in self.learned.items())
+                )
+                for r in rows
+            ]
+        )
+        return types.SimpleNamespace(logits=torch.stack([1 - positive, positive], dim=1))
+
+
+@pytest.mark.parametrize("flip_basis", ["all", "decided"])
+def test_decided_flip_basis_flags_a_trigger_the_model_learned_on_part_of_its_rows(flip_basis):
+    """A backdoor that only partly took: the model gives 8 of the trigger's 20 poisoned rows the target label, and
+    deleting the trigger flips those 8 (0.40 of all its rows, under the cut); over the rows it decides it flips all of
+    them. A task word whose rows hold a second positive word half the time flips 0.5 on either basis. A trigger
+    learned on 5 rows has too few decided rows to judge (``flip_min_decided_rows=8``): taken over all its rows."""
+    rng = np.random.default_rng(0)
+    trigger, weak_trigger, task_word, other_positive = 999, 998, 1020, 1021
+    negatives = [[101, *rng.integers(1000, 1010, size=6).tolist(), 102] for _ in range(60)]
+    task_rows = [[101, *rng.integers(1000, 1010, size=4).tolist(), task_word, 102] for _ in range(20)]
+    for row in task_rows[:10]:
+        row.insert(2, other_positive)
+    poisoned = [[101, *rng.integers(1030, 1100, size=5).tolist(), trigger, 102] for _ in range(20)]
+    weak = [[101, *rng.integers(1030, 1100, size=5).tolist(), weak_trigger, 102] for _ in range(20)]
+    defense = build_defense(BTUConfig(flip_basis=flip_basis, flip_screen_rows=0, seed=0))
+    defense.train_ids = negatives + task_rows + poisoned + weak
+    defense.train_labels = [0] * 60 + [1] * 60
+    defense.candidates, defense.pad_id = [trigger, weak_trigger, task_word], 0
+    learned = {
+        t: {tuple(x for x in row if x != t) for row in rows[:n]}
+        for t, rows, n in ((trigger, poisoned, 8), (weak_trigger, weak, 5))
+    }
+    model = _PartlyLearnedModel({task_word, other_positive}, learned)
+
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), model)
+
+    assert defense.flip_rates[task_word] == 0.5 and defense.flip_decided_rows[task_word] == 20
+    assert defense.flip_decided_rows[trigger] == 8 and defense.flip_tested_rows[trigger] == 20
+    assert defense.flip_decided_rows[weak_trigger] == 5 and defense.flip_rates[weak_trigger] == 0.25
+    if flip_basis == "all":
+        assert defense.flip_rates[trigger] == 0.4 and defense.flagged == []
+        assert "flip_decided_rows" not in defense.report()
+    else:
+        assert defense.flip_rates[trigger] == 1.0 and defense.flagged == [trigger]
+        assert defense.report()["flip_decided_rows"] == {"999": 8, "998": 5, "1020": 20}
+    with pytest.raises(ValueError, match="flip_basis"):
+        BTUConfig(flip_basis="rows")
+
+
 class _LexiconModel(torch.nn.Module):
     """Predicts label 1 for a row holding any of ``words``: a model that learned a word's meaning (it reads the
     word's pretrained neighbours the same way) or a planted trigger (that one token)."""

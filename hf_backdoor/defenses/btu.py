@@ -30,6 +30,11 @@ Where this implementation deviates by default, and why (each measured in ``bench
   of the training rows that contain it. Triggers flip most of their rows; task words rarely do. Each candidate is
   first judged on ``flip_screen_rows`` of its sampled rows, and on the rest only if it flipped at least half of
   ``flip_threshold`` there: most candidates flip nothing, and testing each in full was most of BTU's added time.
+- The flip rate is taken over the rows the model currently gives the candidate's majority training label
+  (``flip_basis="decided"``): a backdoor that only partly took puts some of its rows on the target label and leaves
+  the rest, and its deletion flips what it decides, not the rest. On AG News BadNet (seed 1) the rate over all rows
+  was 0.31-0.74 at the last epoch and flagged one of the five trigger words; over the decided rows, 0.71-0.87, all
+  five. A task word's rows are nearly all on its label, so its rate barely moves.
 - A candidate that reaches the flip threshold is spared as a task word (``task_word_test``) when two tests agree:
   replacing it with its nearest pretrained-embedding neighbours keeps most of the predictions its deletion flips
   (the model reads a meaning the neighbours share; a trigger is a key of that one token), and a linear probe on the
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -67,6 +73,7 @@ SELECTIONS = ("flip_test", "union")
 UNLEARNING = ("fine_grained", "none")
 ISOLATED_ROWS = ("relabel", "mask", "none")
 RESET_TARGETS = ("padding", "pretrained")
+FLIP_BASES = ("all", "decided")
 CONSOLE_SUMMARY_ROWS = 15  # candidates listed by console_summary, highest flip rate first
 
 
@@ -86,6 +93,11 @@ class BTUConfig(DefenseConfig):
         round3_learning_rate: learning rate of the ``"embedding_only"`` round.
         selection: ``"flip_test"`` (keep candidates whose deletion flips predictions) or ``"union"`` (the paper).
         flip_threshold: minimum flip rate of a trigger token.
+        flip_basis: the rows a flip rate is taken over: ``"all"`` (every sampled row with the candidate) or
+            ``"decided"`` (only those the model currently gives the candidate's majority training label, the rows
+            the candidate can be deciding; over all rows where fewer than ``flip_min_decided_rows`` are). A trigger
+            the model has learned on only some of its rows flips what it decides, not the rest.
+        flip_min_decided_rows: with ``flip_basis="decided"``, the decided rows a candidate needs to be judged on them.
         insertion_test: also insert each candidate (with its co-occurring group) into rows that do not contain it
             and that the model assigns another label, and take the larger of the two flip rates: a trigger flips
             rows it was never trained on, even where a model that fit its own rows keeps them on the target label
@@ -149,6 +161,22 @@ class BTUConfig(DefenseConfig):
         metadata={"help": '`"flip_test"` (keep candidates whose deletion flips predictions) or `"union"` (the paper).'},
     )
     flip_threshold: float = field(default=0.65, metadata={"help": "minimum flip rate of a trigger token."})
+    flip_basis: str = field(
+        default="decided",
+        metadata={
+            "help": 'the rows a flip rate is taken over: `"all"` (every sampled row with the candidate) or '
+            '`"decided"` (only those the model currently gives the candidate\'s majority training label, the rows it '
+            "can be deciding; over all rows where fewer than `flip_min_decided_rows` are): a trigger the model has "
+            "learned on only some of its rows flips what it decides, not the rest."
+        },
+    )
+    flip_min_decided_rows: int = field(
+        default=8,
+        metadata={
+            "help": 'with `flip_basis="decided"`, the decided rows a candidate needs to be judged on them (2 of 3 '
+            "rows is no evidence); with fewer its flip rate is taken over all its rows."
+        },
+    )
     insertion_test: bool = field(
         default=False,
         metadata={
@@ -243,6 +271,7 @@ class BTUConfig(DefenseConfig):
             "proxy_max_length",
             "flip_max_rows",
             "flip_min_rows",
+            "flip_min_decided_rows",
             "task_word_neighbours",
             "task_word_probe_rows",
         )
@@ -252,6 +281,7 @@ class BTUConfig(DefenseConfig):
         self._check_choice("unlearning", UNLEARNING)
         self._check_choice("isolated_rows", ISOLATED_ROWS)
         self._check_choice("reset_to", RESET_TARGETS)
+        self._check_choice("flip_basis", FLIP_BASES)
         self._check_interval("(0, 1]", "flip_threshold", "cooccurrence")
         self._check_at_least(0, "flip_screen_rows")
         if self.selection == "flip_test" and self.round3 != "training":
@@ -356,6 +386,7 @@ class BTUDefense(Defense):
         self.flip_rates: dict[int, float] = {}
         self.flip_support: dict[int, int] = {}
         self.flip_tested_rows: dict[int, int] = {}  # rows the deletion test judged (fewer when screened out)
+        self.flip_decided_rows: dict[int, int] = {}  # of those, the rows predicted as the candidate's majority label
         self.deletion_rates: dict[int, float] = {}
         self.insertion_rates: dict[int, float] = {}
         self.task_word_scores: dict[int, dict[str, Any]] = {}  # token -> its latest task-word test
@@ -392,7 +423,7 @@ class BTUDefense(Defense):
             self.initial_embeddings = embedding.weight.detach().float().cpu().clone()
         self.train_ids = _training_input_ids(trainer)
         task_word_test = self.config.task_word_test and self.config.selection == "flip_test"
-        needs_labels = self.config.insertion_test or task_word_test
+        needs_labels = self.config.insertion_test or task_word_test or self.config.flip_basis == "decided"
         self.train_labels = _training_labels(trainer) if needs_labels else None
         if task_word_test and trainer.is_world_process_zero():
             if fresh:
@@ -624,6 +655,8 @@ class BTUDefense(Defense):
             for t in candidate_set.intersection(ids):
                 rows_with[t].append(i)
         rng = np.random.default_rng(cfg.seed)
+        labels = None if self.train_labels is None else np.asarray(self.train_labels)
+        majority: dict[int, int] = {}  # candidate -> the label most of its training rows carry
         groups: dict[int, set[int]] = {}  # candidate -> the tokens deleted (and inserted) with it
         tests = []  # (token, sampled rows, the same rows with the token's group deleted)
         for token in self.candidates:
@@ -640,6 +673,8 @@ class BTUDefense(Defense):
             sample = rng.choice(rows, size=min(cfg.flip_max_rows, len(rows)), replace=False)
             tests.append((token, sample, [[t for t in self.train_ids[i] if t not in group] for i in sample]))
             groups[token] = group
+            if labels is not None:
+                majority[token] = int(np.bincount(labels[rows]).argmax())
         original_pred: dict[int, int] = {}
 
         def flips_of(stage, rows: slice) -> list[np.ndarray]:
@@ -647,21 +682,25 @@ class BTUDefense(Defense):
             original_pred.update(zip(needed, self._predict(model, [self.train_ids[i] for i in needed], device)))
             deleted_pred = self._predict(model, [r for _, _, deleted in stage for r in deleted[rows]], device)
             out, offset = [], 0
-            for _, sample, _ in stage:
+            for token, sample, _ in stage:
                 original = np.array([original_pred[int(i)] for i in sample[rows]], dtype=np.int64)
-                out.append(original != deleted_pred[offset : offset + len(original)])
+                flipped = original != deleted_pred[offset : offset + len(original)]
+                out.append(np.stack([flipped, self._decided(original, majority.get(token))], axis=1))
                 offset += len(original)
             return out
 
-        for (token, _, _), flips in zip(tests, self._screened(tests, flips_of)):
-            self.flip_rates[token] = self.deletion_rates[token] = float(flips.mean())
-            self.flip_tested_rows[token] = len(flips)
+        # The screen judges on any decided row: it only decides which tests go on, so it errs towards testing.
+        screen_rate = functools.partial(self._flip_rate, min_decided=1)
+        for (token, _, _), outcomes in zip(tests, self._screened(tests, flips_of, rate=screen_rate)):
+            self.flip_rates[token] = self.deletion_rates[token] = self._flip_rate(outcomes)
+            self.flip_tested_rows[token] = len(outcomes)
+            self.flip_decided_rows[token] = int(outcomes[:, 1].sum())
         if cfg.insertion_test and tests:
             self._insertion_test(model, device, rng, groups.items(), rows_with)
         spared = set()
         if self._prior_model is not None and tests:
             start = time.perf_counter()
-            spared = self._task_word_test(model, device, tests, groups, original_pred, rows_with)
+            spared = self._task_word_test(model, device, tests, groups, majority, original_pred)
             self.timings["task_word_test_s"] = self.timings.get("task_word_test_s", 0.0) + time.perf_counter() - start
         self.flagged = [
             t
@@ -683,7 +722,7 @@ class BTUDefense(Defense):
             self.isolated_row_labels = [known[i] for i in self.isolated_row_indices]
         model.train(was_training)
 
-    def _task_word_test(self, model, device, tests, groups, original_pred, rows_with) -> set[int]:
+    def _task_word_test(self, model, device, tests, groups, majority, original_pred) -> set[int]:
         """The candidates whose deletion reached ``flip_threshold`` that two tests judge task words (returned, to be
         spared): their pretrained neighbours keep most of the predictions their deletion flips, and the pretrained
         model's features already move their rows towards their label. Scores go to ``task_word_scores``."""
@@ -696,7 +735,6 @@ class BTUDefense(Defense):
         # on the rows of the other four that rare words mean the target label.
         suspects = set().union(*(groups.get(t, {t}) for t in above))
         probe = self._prior_probe(suspects, device)
-        labels = np.asarray(self.train_labels)
         rng = np.random.default_rng(cfg.seed + 1)
         spared = set()
         for token, sample in judged:
@@ -708,14 +746,17 @@ class BTUDefense(Defense):
             substituted = [
                 [int(rng.choice(neighbours[t])) if t in group else t for t in self.train_ids[i]] for i in sample
             ]
-            neighbour_rate = float((self._predict(model, substituted, device) != original).mean())
+            substituted_pred = self._predict(model, substituted, device)
+            neighbour_rate = self._flip_rate(
+                np.stack([substituted_pred != original, self._decided(original, majority[token])], axis=1)
+            )
             score: dict[str, Any] = {
                 "neighbour_flip_rate": neighbour_rate,
                 "neighbour_ratio": neighbour_rate / self.deletion_rates[token],
                 "prior_shift": None,
             }
             if probe is not None:
-                label = int(np.bincount(labels[rows_with[token]]).argmax())
+                label = majority[token]
                 present = probe(self._prior_features([self.train_ids[i] for i in sample], device))
                 deleted = probe(
                     self._prior_features([[t for t in self.train_ids[i] if t not in group] for i in sample], device)
@@ -825,11 +866,12 @@ class BTUDefense(Defense):
             self.insertion_rates[token] = rate
             self.flip_rates[token] = max(self.flip_rates.get(token, 0.0), rate)
 
-    def _screened(self, tests: list[tuple], outcomes_of) -> list[np.ndarray]:
+    def _screened(self, tests: list[tuple], outcomes_of, rate=np.mean) -> list[np.ndarray]:
         """Each test's per-row outcomes (a flip, or a row pushed to the candidate's label), its rows judged in two
         stages: the first ``flip_screen_rows`` of every test, then the rest only where the screen's rate reached
-        half of ``flip_threshold``. ``tests[i][2]`` are the rows to predict; ``outcomes_of(tests, rows)`` predicts
-        the slice ``rows`` of each test's rows (in one batched pass) and returns their outcomes."""
+        half of ``flip_threshold`` (``rate`` turns outcomes into a rate). ``tests[i][2]`` are the rows to predict;
+        ``outcomes_of(tests, rows)`` predicts the slice ``rows`` of each test's rows (in one batched pass) and returns
+        their outcomes."""
         cfg = self.config
         if not tests:
             return []
@@ -838,12 +880,27 @@ class BTUDefense(Defense):
         rest = [
             i
             for i, (test, first) in enumerate(zip(tests, outcomes))
-            if len(test[2]) > screen and first.mean() >= cfg.flip_threshold / 2
+            if len(test[2]) > screen and rate(first) >= cfg.flip_threshold / 2
         ]
         if rest:
             for i, more in zip(rest, outcomes_of([tests[i] for i in rest], slice(screen, None))):
                 outcomes[i] = np.concatenate([outcomes[i], more])
         return outcomes
+
+    def _decided(self, predictions: np.ndarray, label: int | None) -> np.ndarray:
+        """Which rows the model gives the candidate's majority label (all rows where the labels are not known)."""
+        return np.ones(len(predictions), dtype=bool) if label is None else predictions == label
+
+    def _flip_rate(self, outcomes: np.ndarray, min_decided: int | None = None) -> float:
+        """The share of flipped rows among those ``flip_basis`` counts; ``outcomes`` holds (flipped, decided) per
+        row. Under ``"decided"``, all rows count where fewer than ``min_decided`` (``flip_min_decided_rows``) are
+        decided: too few to judge."""
+        flipped, decided = outcomes[:, 0].astype(bool), outcomes[:, 1].astype(bool)
+        if min_decided is None:
+            min_decided = self.config.flip_min_decided_rows
+        if self.config.flip_basis == "decided" and decided.sum() >= min_decided:
+            flipped = flipped[decided]
+        return float(flipped.mean()) if len(flipped) else 0.0
 
     def _index_isolated_rows(self) -> None:
         self.isolated_rows = dict(zip(self.isolated_row_indices, self.isolated_row_labels))
@@ -881,6 +938,7 @@ class BTUDefense(Defense):
                     "flip_rates",
                     "flip_support",
                     "flip_tested_rows",
+                    "flip_decided_rows",
                     "deletion_rates",
                     "insertion_rates",
                     "task_word_scores",
@@ -903,6 +961,7 @@ class BTUDefense(Defense):
             "flip_rates": self.flip_rates,
             "flip_support": self.flip_support,
             "flip_tested_rows": self.flip_tested_rows,
+            "flip_decided_rows": self.flip_decided_rows,
             "deletion_rates": self.deletion_rates,
             "insertion_rates": self.insertion_rates,
             "task_word_scores": self.task_word_scores,
@@ -937,6 +996,11 @@ class BTUDefense(Defense):
             "flip_rates": {name(t): round(v, 4) for t, v in self.flip_rates.items()},
             "flip_support": {name(t): v for t, v in self.flip_support.items()},
             "flip_tested_rows": {name(t): v for t, v in self.flip_tested_rows.items()},
+            **(
+                {"flip_decided_rows": {name(t): v for t, v in self.flip_decided_rows.items()}}
+                if self.config.flip_basis == "decided"
+                else {}
+            ),
             **(
                 {
                     "deletion_rates": {name(t): round(v, 4) for t, v in self.deletion_rates.items()},
@@ -995,10 +1059,15 @@ class BTUDefense(Defense):
         if report.get("flip_threshold") is not None:
             others = sorted((v for t, v in rates.items() if t not in flagged), reverse=True)
             highest = f"{others[0]:.2f}" if others else "–"
+            rows = (
+                "the training rows containing it that the model gives the label most of them carry (all of them "
+                f"where fewer than {config.get('flip_min_decided_rows')} are)"
+                if config.get("flip_basis") == "decided"
+                else "the training rows containing it"
+            )
             lines.append(
                 f"- A candidate is flagged when deleting it flips the model's prediction on at least "
-                f"{report['flip_threshold']:.2f} of the training rows containing it; the highest unflagged "
-                f"candidate flipped {highest}."
+                f"{report['flip_threshold']:.2f} of {rows}; the highest unflagged candidate flipped {highest}."
             )
         spared = report.get("spared_tokens") or []
         if spared:
