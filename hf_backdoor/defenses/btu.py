@@ -685,7 +685,7 @@ class BTUDefense(Defense):
             for token, sample, _ in stage:
                 original = np.array([original_pred[int(i)] for i in sample[rows]], dtype=np.int64)
                 flipped = original != deleted_pred[offset : offset + len(original)]
-                out.append(np.stack([flipped, self._decided(original, majority.get(token))], axis=1))
+                out.append(self._outcomes(original, flipped, majority.get(token)))
                 offset += len(original)
             return out
 
@@ -696,7 +696,7 @@ class BTUDefense(Defense):
             self.flip_tested_rows[token] = len(outcomes)
             self.flip_decided_rows[token] = int(outcomes[:, 1].sum())
         if cfg.insertion_test and tests:
-            self._insertion_test(model, device, rng, groups.items(), rows_with)
+            self._insertion_test(model, device, rng, groups.items(), majority, rows_with)
         spared = set()
         if self._prior_model is not None and tests:
             start = time.perf_counter()
@@ -747,9 +747,7 @@ class BTUDefense(Defense):
                 [int(rng.choice(neighbours[t])) if t in group else t for t in self.train_ids[i]] for i in sample
             ]
             substituted_pred = self._predict(model, substituted, device)
-            neighbour_rate = self._flip_rate(
-                np.stack([substituted_pred != original, self._decided(original, majority[token])], axis=1)
-            )
+            neighbour_rate = self._flip_rate(self._outcomes(original, substituted_pred != original, majority[token]))
             score: dict[str, Any] = {
                 "neighbour_flip_rate": neighbour_rate,
                 "neighbour_ratio": neighbour_rate / self.deletion_rates[token],
@@ -825,7 +823,7 @@ class BTUDefense(Defense):
         out[positions] = features
         return out
 
-    def _insertion_test(self, model, device, rng, groups, rows_with) -> None:
+    def _insertion_test(self, model, device, rng, groups, majority, rows_with) -> None:
         """Raise each candidate's flip rate to the share of unseen rows its group flips to the candidate's label.
 
         The rows are a seeded pool of training rows without the candidate whose prediction is another label than the
@@ -833,12 +831,11 @@ class BTUDefense(Defense):
         the candidate's first row, at a random position inside the row (after the first token, before the last).
         """
         cfg = self.config
-        labels = np.asarray(self.train_labels)
         pool = rng.choice(len(self.train_ids), size=min(len(self.train_ids), 8 * cfg.flip_max_rows), replace=False)
         pool_pred = self._predict(model, [self.train_ids[i] for i in pool], device)
         jobs = []  # (token, its label, rows with the span inserted)
         for token, group in groups:
-            label = int(np.bincount(labels[rows_with[token]]).argmax())
+            label = majority[token]
             first = self.train_ids[rows_with[token][0]]
             span = [t for position, t in enumerate(first) if t in group and t not in first[:position]]
             hosts = [int(i) for i, p in zip(pool, pool_pred) if p != label and token not in self.train_ids[i]]
@@ -887,9 +884,12 @@ class BTUDefense(Defense):
                 outcomes[i] = np.concatenate([outcomes[i], more])
         return outcomes
 
-    def _decided(self, predictions: np.ndarray, label: int | None) -> np.ndarray:
-        """Which rows the model gives the candidate's majority label (all rows where the labels are not known)."""
-        return np.ones(len(predictions), dtype=bool) if label is None else predictions == label
+    @staticmethod
+    def _outcomes(predictions: np.ndarray, flipped: np.ndarray, label: int | None) -> np.ndarray:
+        """(flipped, decided) per row: decided where the model gives the candidate's majority label ``label`` (every
+        row where the labels are not known)."""
+        decided = np.ones(len(predictions), dtype=bool) if label is None else predictions == label
+        return np.stack([flipped, decided], axis=1)
 
     def _flip_rate(self, outcomes: np.ndarray, min_decided: int | None = None) -> float:
         """The share of flipped rows among those ``flip_basis`` counts; ``outcomes`` holds (flipped, decided) per
