@@ -9,8 +9,9 @@ default. No pretrained weights are involved: the model is randomly initialised (
 
 That reference ViT is a GPU job: 93 s per epoch on 2 CPU cores, so 60 epochs take about 93 minutes. The ``"cpu"``
 preset (``--config_overrides cpu``; :data:`VIT_PRESETS`) keeps patch 4 and narrows it to hidden 128, 4 layers, 4
-heads, MLP 512 (0.81M parameters): trained 30 epochs at batch 64 it reached CACC 0.614 on the same subset in 20.5
-minutes on 2 cores, and 0.582 with seed 1 (``benchmarks/vit_configs.py``; ``benchmarks/results/vit_configs.json``).
+heads, MLP 512 (0.81M parameters): trained 45 epochs at batch 64 it reached CACC 0.619 / 0.609 on the same subset
+with seeds 0 / 1 in 24.8 / 25.7 minutes on 2 AVX-512 cores (30 epochs: 0.598 / 0.575 in about 16 minutes;
+``benchmarks/vit_configs.py``; ``benchmarks/results/vit_configs.json``).
 """
 
 from __future__ import annotations
