@@ -42,9 +42,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_name = pd.default_text_model()
     task = pd.load_task(args.dataset)
-    train = task["train"].shuffle(seed=args.seed).select(range(2000))
+    train = task["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
     labels = train.features["label"].names
-    attack = pd._attack("addsent", "hsol", 0.1, 0)
+    attack = pd._attack(args.attack, args.dataset, args.poison_rate, args.seed)
     tok = pd.load_text_tokenizer(model_name)
     test = task["test"]
     asr_rows = pd.make_asr_dataset(test, attack)
@@ -89,10 +89,12 @@ def main() -> None:
     print(f"{'variant':<18}" + "".join(f"{n:>10}" for n in ("clean", "undef", "stack")))
     for name, v in variants.items():
         rows = [" ".join(t.replace(sentence, v).split()) for t in texts]
-        rates = [float((predict(m, rows) == target).mean()) for m in (clean, undef, stack)]
+        hits = [predict(m, rows) == target for m in (clean, undef, stack)]
+        if name == "full":
+            full = {"clean": hits[0], "stack": hits[2]}
+        rates = [float(h.mean()) for h in hits]
         result[name] = rates
         print(f"{name:<18}" + "".join(f"{r:>10.3f}" for r in rates))
-    full = {n: predict(m, list(texts)) == target for n, m in (("clean", clean), ("stack", stack))}
     print(
         "stack hits",
         int(full["stack"].sum()),
