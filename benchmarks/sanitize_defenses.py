@@ -74,8 +74,11 @@ def _key(record: dict) -> tuple:
         record.get("defense_overrides"),
         # clean rows from the training set or held out of it: the same defense on other data is another result
         record.get("clean_source"),
+        record.get("num_clean_rows"),  # 500 or 1,000 clean rows: another result
         record["poison_rate"],
         record["model"],
+        # one shape trained for 30 or 45 epochs: two models, two results (older records have no field)
+        record.get("model_epochs"),
         record["seed"],
     )
 
@@ -91,7 +94,7 @@ def _pop(words: list[str], flag: str, default: str) -> str:
 
 
 def _model_key(record: dict) -> tuple:
-    return (record["dataset"], record["attack"], record["model"], record["seed"])
+    return (record["dataset"], record["attack"], record["model"], record.get("model_epochs"), record["seed"])
 
 
 def _fill_overheads(records: list[dict]) -> None:

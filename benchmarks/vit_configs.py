@@ -5,6 +5,7 @@ BadNets ASR the same config reaches (issue: "a stronger CPU default for 32 px").
     python benchmarks/vit_configs.py --configs "patch_size=8" --epochs 20                 # the former CPU-sized ViT
     python benchmarks/vit_configs.py --configs "<config>" --attack badnet --epochs 30     # the backdoor it learns
     python benchmarks/vit_configs.py --configs "num_hidden_layers=1" --epochs 1 --max-train-samples 256 --no-save
+    python benchmarks/vit_configs.py --configs cpu --epochs 45 --batch-size 64 --bf16   # under bf16 autocast
 
 Each config (``;``-separated ``ViTConfig`` overrides of the default small ViT; ``default`` for none) is trained with
 the reference ViT recipe (``benchmarks/common/vision.py``: AdamW, weight decay 0.05, 10% warm-up then cosine decay,
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/common is not installed
 
 from benchmarks.common import records  # noqa: E402
+from benchmarks.common.launch import device_defaults  # noqa: E402
 from benchmarks.common.runs import limit_splits  # noqa: E402
 from benchmarks.common.vision import VIT_TRAINING_DEFAULTS, evaluate_images, train_vit  # noqa: E402
 from hf_backdoor import make_asr_dataset, poison_dataset  # noqa: E402
@@ -64,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--bf16", action="store_true", help="train under bf16 autocast (a speed lever where the CPU has bf16 kernels)"
+    )
     parser.add_argument("--budget-min", type=float, default=25.0, help="the training-time budget the table checks")
     parser.add_argument("--no-cache", action="store_true", help="train without reading or writing the model zoo")
     parser.add_argument("--output-dir", default="/tmp/vit_configs")
@@ -85,6 +90,7 @@ def _train_fn(args, rows, test, label_names, overrides: dict, out_dir: Path):
                 "seed": config.seed,
                 "eval_strategy": "steps",
                 "eval_steps": max(1, round(args.eval_every * steps_per_epoch)),
+                **({"bf16": True, **device_defaults()} if args.bf16 else {}),
             },
         )
         trainer, wall = train_vit(
@@ -140,6 +146,8 @@ def main(argv=None) -> list[dict]:
             training={
                 **{k: v for k, v in VIT_TRAINING_DEFAULTS.items() if k not in ("disable_tqdm", "num_train_epochs")},
                 "crop_padding": args.crop_padding,
+                # only when on: the fp32 models already in the zoo keep their keys
+                **({"bf16": True} if args.bf16 else {}),
             },
         )
         out_dir = Path(args.output_dir) / f"{spec.replace(',', '_').replace('=', '')}_{zoo_config.attack}"
@@ -179,6 +187,7 @@ def main(argv=None) -> list[dict]:
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "learning_rate": args.lr,
+            "bf16": args.bf16,
             "wall_s": round(wall, 1),
             "epoch_s": round(wall / args.epochs, 2),
             "within_budget": wall <= args.budget_min * 60,
@@ -212,7 +221,7 @@ def main(argv=None) -> list[dict]:
 def _same_run(a: dict, b: dict) -> bool:
     """Same data, architecture (``cpu`` and its spelled-out fields are one) and training."""
     keys = ("data", "model_config", "epochs", "batch_size", "learning_rate", "seed", "num_train")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) == b.get(k) for k in keys) and a.get("bf16", False) == b.get("bf16", False)
 
 
 def _same_record(a: dict, b: dict) -> bool:

@@ -27,7 +27,7 @@ from hf_backdoor.vision import describe_default_vit, load_image_task, prepare_im
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
 from benchmarks.common import repair, vision  # noqa: E402
 from benchmarks.common.launch import prepare_recipe_process  # noqa: E402
-from benchmarks.common.runs import limit_splits, save_trained_model  # noqa: E402
+from benchmarks.common.runs import limit_splits, save_trained_model, saved_training_epochs  # noqa: E402
 
 ScriptArguments = vision.ImageRecipeArguments  # this recipe's data, attack and model flags are the shared ones
 
@@ -65,8 +65,10 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"{path}: no saved image model there (config.json is missing).")
         return loaded
 
+    model_epochs = training_args.num_train_epochs
     if repair_args.load_model:
         trainer, wall = load(repair_args.load_model)
+        model_epochs = saved_training_epochs(repair_args.load_model)
         config = trainer.model.config
         if config.model_type == "vit" and not script.model_name_or_path:  # name the saved ViT by its own shape
             model = describe_default_vit(
@@ -87,7 +89,7 @@ def main(argv=None) -> list[dict]:
         train_wall_s=wall,
         floor=floor,
         base_record=repair.recipe_record(
-            script, attack, model, seed, clean_source, "vision", "recipes/cifar10_sanitize.py", argv
+            script, attack, model, seed, clean_source, "vision", "recipes/cifar10_sanitize.py", argv, model_epochs
         ),
     )
     return repair.score_recipe(setup, configs, repair_args, seed)

@@ -28,7 +28,7 @@ from hf_backdoor.vision import load_image_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
 from benchmarks.common import records, vision  # noqa: E402
-from benchmarks.common.launch import RecipeHelpFormatter, prepare_recipe_process  # noqa: E402
+from benchmarks.common.launch import RecipeHelpFormatter, device_defaults, prepare_recipe_process  # noqa: E402
 from benchmarks.common.runs import limit_splits, recipe_defense, selected_runs  # noqa: E402
 
 RUNS = ("clean", "undefended", "abl")
@@ -70,7 +70,9 @@ def parse_args(argv=None) -> tuple[ScriptArguments, BackdoorSafeTrainingArgument
     parser = HfArgumentParser(
         (ScriptArguments, BackdoorSafeTrainingArguments), description=__doc__, formatter_class=RecipeHelpFormatter
     )
-    parser.set_defaults(**vision.VIT_TRAINING_DEFAULTS, output_dir="runs/cifar10-vit", defense=["abl"])
+    parser.set_defaults(
+        **device_defaults(), **vision.VIT_TRAINING_DEFAULTS, output_dir="runs/cifar10-vit", defense=["abl"]
+    )
     return parser.parse_args_into_dataclasses(argv)
 
 

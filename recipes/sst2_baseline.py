@@ -25,7 +25,7 @@ from hf_backdoor.models import model_display_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
 from benchmarks.common import records  # noqa: E402
-from benchmarks.common.launch import RecipeHelpFormatter, prepare_recipe_process  # noqa: E402
+from benchmarks.common.launch import RecipeHelpFormatter, device_defaults, prepare_recipe_process  # noqa: E402
 from benchmarks.common.runs import (  # noqa: E402
     TEXT_TRAINING_DEFAULTS,
     TextRecipeArguments,
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
     parser = HfArgumentParser(
         (ScriptArguments, TrainingArguments), description=__doc__, formatter_class=RecipeHelpFormatter
     )
-    parser.set_defaults(**TEXT_TRAINING_DEFAULTS, output_dir="runs/sst2-baseline")
+    parser.set_defaults(**device_defaults(), **TEXT_TRAINING_DEFAULTS, output_dir="runs/sst2-baseline")
     return parser.parse_args_into_dataclasses(argv)
 
 

@@ -41,6 +41,7 @@ from benchmarks.common.runs import (  # noqa: E402
     fine_tune_and_evaluate,
     limit_splits,
     save_trained_model,
+    saved_training_epochs,
     saved_training_wall,
 )
 
@@ -83,8 +84,10 @@ def main(argv=None) -> list[dict]:
             model=model, args=args, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer)
         )
 
+    model_epochs = training_args.num_train_epochs
     if repair_args.load_model:
         trainer, wall = plain_trainer(repair_args.load_model), saved_training_wall(repair_args.load_model)
+        model_epochs = saved_training_epochs(repair_args.load_model)
     else:
         undefended = train(poisoned, "undefended")
         trainer, wall = undefended.trainer, undefended.wall_s
@@ -101,7 +104,15 @@ def main(argv=None) -> list[dict]:
         train_wall_s=wall,
         floor=floor,
         base_record=repair.recipe_record(
-            script, attack, model_display_name(model_name), seed, clean_source, "text", "recipes/sst2_sanitize.py", argv
+            script,
+            attack,
+            model_display_name(model_name),
+            seed,
+            clean_source,
+            "text",
+            "recipes/sst2_sanitize.py",
+            argv,
+            model_epochs,
         ),
     )
     return repair.score_recipe(setup, configs, repair_args, seed)

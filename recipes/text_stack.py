@@ -36,7 +36,7 @@ from hf_backdoor.models import model_display_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
 from benchmarks.common import btu_records, records  # noqa: E402
-from benchmarks.common.launch import RecipeHelpFormatter, prepare_recipe_process  # noqa: E402
+from benchmarks.common.launch import RecipeHelpFormatter, device_defaults, prepare_recipe_process  # noqa: E402
 from benchmarks.common.runs import (  # noqa: E402
     TEXT_TRAINING_DEFAULTS,
     TextRecipeArguments,
@@ -66,7 +66,9 @@ def parse_args(argv=None) -> tuple[ScriptArguments, BackdoorSafeTrainingArgument
     parser = HfArgumentParser(
         (ScriptArguments, BackdoorSafeTrainingArguments), description=__doc__, formatter_class=RecipeHelpFormatter
     )
-    parser.set_defaults(**TEXT_TRAINING_DEFAULTS, output_dir="runs/text-stack", defense=DEFAULT_STACK)
+    parser.set_defaults(
+        **device_defaults(), **TEXT_TRAINING_DEFAULTS, output_dir="runs/text-stack", defense=DEFAULT_STACK
+    )
     return parser.parse_args_into_dataclasses(argv)
 
 

@@ -36,6 +36,14 @@ def _recipe(name: str):
 
 
 @pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="the CPU-only default; a GPU run needs none")
+def test_every_recipe_takes_bf16_on_a_cpu_only_machine(name):
+    # transformers refuses bf16 without a GPU unless use_cpu is set; the recipes' usage lines suggest --bf16
+    training_args = _recipe(name).parse_args(["--bf16"])[-1]
+    assert training_args.bf16 is True and training_args.use_cpu is True
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_every_recipe_flag_has_help_and_a_shown_default(name, capsys):
     with pytest.raises(SystemExit) as exited:
         _recipe(name).parse_args(["--help"])
@@ -338,6 +346,23 @@ def test_sanitize_benchmark_keeps_its_cells_models_in_the_work_dir(tmp_path, mon
     written = json.loads(output.read_text())
     assert [r["defense"] for r in written] == ["none", "finetune"]
     assert written[0]["command"].startswith("python benchmarks/sanitize_defenses.py --cell '--modality vision ")
+    assert [r["model_epochs"] for r in written] == [1, 1]
+
+    # the kept model, repaired again: its records name the epochs it was trained for, read from its run_info.json
+    reload = f"--tag again --modality vision --attack badnet --config_overrides {TINY_VIT} --max_train_samples 64 "
+    reload += f"--max_eval_samples 40 --load_model {kept} --defenses finetune --defense_epochs 1 --clean_fraction 0.5"
+    monkeypatch.setattr(sys, "argv", ["sanitize_defenses.py", "--cell", reload, "--output", str(output)])
+    sanitize_defenses.main()
+    assert [r["model_epochs"] for r in json.loads(output.read_text())] == [1, 1]
+
+
+def test_sanitize_records_of_other_epochs_or_clean_slices_are_other_results():
+    from benchmarks.sanitize_defenses import _key
+
+    record = {"dataset": "cifar10", "attack": "badnet", "defense": "rnp", "poison_rate": 0.1, "model": "vit", "seed": 0}
+    assert _key({**record, "model_epochs": 30.0}) != _key({**record, "model_epochs": 45.0})
+    assert _key({**record, "model_epochs": 45.0}) == _key({**record, "model_epochs": 45.0})
+    assert _key({**record, "num_clean_rows": 500}) != _key({**record, "num_clean_rows": 1000})  # another clean slice
 
 
 def test_text_abl_takes_the_unlearning_flags_and_keeps_its_defaults_without_them():
@@ -482,6 +507,13 @@ def test_vit_config_benchmark_keeps_its_models_in_the_zoo_and_gives_attacked_run
     assert attacked["zoo_key"] != clean["zoo_key"]
     stored = json.loads(output.read_text())
     assert [r["attack"] for r in stored] == ["none", "badnet"]  # the second clean run replaced the first
+    bf16 = bench.main([*tiny, "--bf16"])[0]  # another training: its own zoo entry and record, fp32's kept
+    assert bf16["bf16"] is True and bf16["from_cache"] is False and bf16["zoo_key"] != clean["zoo_key"]
+    assert [(r["attack"], r["bf16"]) for r in json.loads(output.read_text())] == [
+        ("none", False),
+        ("badnet", False),
+        ("none", True),
+    ]
     spelled_out = ",".join(f"{k}={v}" for k, v in {**VIT_PRESETS["cpu"], "num_hidden_layers": 1}.items())
     preset = bench.main(["--configs", "cpu,num_hidden_layers=1", *tiny[2:], "--epochs", "0.5"])[0]
     again = bench.main(["--configs", spelled_out, *tiny[2:], "--epochs", "0.5", "--attack", "badnet"])[0]

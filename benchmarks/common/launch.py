@@ -84,6 +84,15 @@ class _NewHeadReport(logging.Filter):
 _HEAD_REPORT_FILTER = _NewHeadReport()
 
 
+def device_defaults() -> dict:
+    """``TrainingArguments`` defaults for this machine: ``use_cpu=True`` where torch sees no accelerator, so that
+    ``--bf16`` (a real speed lever on CPUs with bf16 instructions) trains under CPU autocast instead of stopping with
+    transformers' "doesn't support bf16/gpu" error. Where a GPU, XPU, MPS or XLA device is present, nothing changes."""
+    from transformers.utils import is_torch_xla_available
+
+    return {} if torch.accelerator.is_available() or is_torch_xla_available() else {"use_cpu": True}
+
+
 def quiet_new_head_report() -> None:
     """Replace the ``classifier.* MISSING`` load report of every freshly initialised head with one line (idempotent)."""
     logger = transformers.logging.get_logger("transformers.modeling_utils")

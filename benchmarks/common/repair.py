@@ -102,27 +102,37 @@ def parse_recipe_args(script_arguments, training_defaults: dict, output_dir: str
     repair flags and every ``TrainingArguments`` field, with the recipe's reference training as defaults."""
     from transformers import HfArgumentParser, TrainingArguments
 
-    from .launch import RecipeHelpFormatter
+    from .launch import RecipeHelpFormatter, device_defaults
 
     parser = HfArgumentParser(
         (script_arguments, RepairArguments, TrainingArguments),
         description=description,
         formatter_class=RecipeHelpFormatter,
     )
-    parser.set_defaults(**training_defaults, output_dir=output_dir)
+    parser.set_defaults(**device_defaults(), **training_defaults, output_dir=output_dir)
     return parser.parse_args_into_dataclasses(argv)
 
 
 def recipe_record(
-    script, attack, model: str, seed: int, clean_source: str, modality: str, recipe: str, argv: list[str] | None
+    script,
+    attack,
+    model: str,
+    seed: int,
+    clean_source: str,
+    modality: str,
+    recipe: str,
+    argv: list[str] | None,
+    model_epochs: float | None = None,
 ) -> dict:
-    """The fields every record of a sanitize recipe's run starts from: the data, the attack, the model, where the
-    clean rows came from, and the command (``argv`` None: the process's own arguments)."""
+    """The fields every record of a sanitize recipe's run starts from: the data, the attack, the model and the epochs
+    it was trained for (``None`` for a loaded model saved without them), where the clean rows came from, and the
+    command (``argv`` None: the process's own arguments)."""
     return {
         "dataset": records_io.dataset_name(script.dataset),
         "data": script.dataset,
         "attack": attack.name,
         "model": model,
+        "model_epochs": model_epochs,
         "poison_rate": script.poison_rate,
         "device": records_io.device_name(),
         "seed": seed,

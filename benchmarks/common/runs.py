@@ -237,6 +237,13 @@ def saved_training_wall(run_dir) -> float | None:
     return json.loads(run_info.read_text())["wall_s"] if run_info.exists() else None
 
 
+def saved_training_epochs(run_dir) -> float | None:
+    """The training epochs :func:`save_trained_model` wrote beside a model, or ``None`` when there are none: two
+    models of one shape trained for different schedules are different models, and their records must say which."""
+    run_info = Path(run_dir) / RUN_INFO
+    return json.loads(run_info.read_text()).get("epochs") if run_info.exists() else None
+
+
 def stratified_clean_slice(dataset, fraction: float, seed: int, exclude=None, reference_size: int | None = None):
     """``fraction`` of ``reference_size`` rows (default: ``dataset``'s size), the same number from every class of
     ``dataset``, seeded; ``exclude`` rows are never taken."""
