@@ -230,18 +230,24 @@ def save_trained_model(trainer, run_dir, wall_s: float, epochs: float) -> None:
     (Path(run_dir) / RUN_INFO).write_text(json.dumps({"wall_s": wall_s, "epochs": epochs}))
 
 
-def saved_training_wall(run_dir) -> float | None:
-    """The training wall time :func:`save_trained_model` wrote beside a model, or ``None`` when there is none (a Hub
-    model, or one saved some other way)."""
+def _saved_run_info(run_dir) -> dict | None:
+    """What :func:`save_trained_model` wrote beside a model, or ``None`` when it wrote nothing there (a Hub model, or
+    one saved some other way)."""
     run_info = Path(run_dir) / RUN_INFO
-    return json.loads(run_info.read_text())["wall_s"] if run_info.exists() else None
+    return json.loads(run_info.read_text()) if run_info.exists() else None
+
+
+def saved_training_wall(run_dir) -> float | None:
+    """The training wall time :func:`save_trained_model` wrote beside a model, or ``None`` when there is none."""
+    info = _saved_run_info(run_dir)
+    return info["wall_s"] if info is not None else None
 
 
 def saved_training_epochs(run_dir) -> float | None:
     """The training epochs :func:`save_trained_model` wrote beside a model, or ``None`` when there are none: two
     models of one shape trained for different schedules are different models, and their records must say which."""
-    run_info = Path(run_dir) / RUN_INFO
-    return json.loads(run_info.read_text()).get("epochs") if run_info.exists() else None
+    info = _saved_run_info(run_dir)
+    return info.get("epochs") if info is not None else None
 
 
 def stratified_clean_slice(dataset, fraction: float, seed: int, exclude=None, reference_size: int | None = None):
