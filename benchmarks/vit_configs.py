@@ -6,6 +6,7 @@ BadNets ASR the same config reaches (issue: "a stronger CPU default for 32 px").
     python benchmarks/vit_configs.py --configs "<config>" --attack badnet --epochs 30     # the backdoor it learns
     python benchmarks/vit_configs.py --configs "num_hidden_layers=1" --epochs 1 --max-train-samples 256 --no-save
     python benchmarks/vit_configs.py --configs cpu --epochs 45 --batch-size 64 --bf16   # under bf16 autocast
+    python benchmarks/vit_configs.py --configs cpu --epochs 45 --batch-size 64 --compile   # torch.compile'd
 
 Each config (``;``-separated ``ViTConfig`` overrides of the default small ViT; ``default`` for none) is trained with
 the reference ViT recipe (``benchmarks/common/vision.py``: AdamW, weight decay 0.05, 10% warm-up then cosine decay,
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--bf16", action="store_true", help="train under bf16 autocast (a speed lever where the CPU has bf16 kernels)"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="train the torch.compile'd model (TrainingArguments.torch_compile)"
+    )
     parser.add_argument("--budget-min", type=float, default=25.0, help="the training-time budget the table checks")
     parser.add_argument("--no-cache", action="store_true", help="train without reading or writing the model zoo")
     parser.add_argument("--output-dir", default="/tmp/vit_configs")
@@ -91,6 +95,7 @@ def _train_fn(args, rows, test, label_names, overrides: dict, out_dir: Path):
                 "eval_strategy": "steps",
                 "eval_steps": max(1, round(args.eval_every * steps_per_epoch)),
                 **({"bf16": True, **device_defaults()} if args.bf16 else {}),
+                **({"torch_compile": True} if args.compile else {}),
             },
         )
         trainer, wall = train_vit(
@@ -148,6 +153,7 @@ def main(argv=None) -> list[dict]:
                 "crop_padding": args.crop_padding,
                 # only when on: the fp32 models already in the zoo keep their keys
                 **({"bf16": True} if args.bf16 else {}),
+                **({"torch_compile": True} if args.compile else {}),
             },
         )
         out_dir = Path(args.output_dir) / f"{spec.replace(',', '_').replace('=', '')}_{zoo_config.attack}"
@@ -188,6 +194,7 @@ def main(argv=None) -> list[dict]:
             "batch_size": args.batch_size,
             "learning_rate": args.lr,
             "bf16": args.bf16,
+            "torch_compile": args.compile,
             "wall_s": round(wall, 1),
             "epoch_s": round(wall / args.epochs, 2),
             "within_budget": wall <= args.budget_min * 60,
@@ -221,7 +228,9 @@ def main(argv=None) -> list[dict]:
 def _same_run(a: dict, b: dict) -> bool:
     """Same data, architecture (``cpu`` and its spelled-out fields are one) and training."""
     keys = ("data", "model_config", "epochs", "batch_size", "learning_rate", "seed", "num_train")
-    return all(a.get(k) == b.get(k) for k in keys) and a.get("bf16", False) == b.get("bf16", False)
+    return all(a.get(k) == b.get(k) for k in keys) and all(
+        a.get(flag, False) == b.get(flag, False) for flag in ("bf16", "torch_compile")
+    )
 
 
 def _same_record(a: dict, b: dict) -> bool:

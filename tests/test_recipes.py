@@ -518,3 +518,36 @@ def test_vit_config_benchmark_keeps_its_models_in_the_zoo_and_gives_attacked_run
     preset = bench.main(["--configs", "cpu,num_hidden_layers=1", *tiny[2:], "--epochs", "0.5"])[0]
     again = bench.main(["--configs", spelled_out, *tiny[2:], "--epochs", "0.5", "--attack", "badnet"])[0]
     assert preset["model_config"]["hidden_size"] == 128 and again["asr_floor"] == preset["asr"]  # one architecture
+
+
+def test_vit_config_benchmark_compiles_only_when_asked_and_keys_the_zoo_by_it(tmp_path, monkeypatch):
+    from hf_backdoor.zoo import config_key
+
+    bench = _load(ROOT / "benchmarks" / "vit_configs.py", "vit_configs_compile_under_test")
+    seen = []  # per run: the zoo config, then the TrainingArguments its training would have used
+
+    class Stop(Exception):
+        pass
+
+    def capture_training_args(training_args, *args, **kwargs):
+        seen.append(training_args)
+        raise Stop
+
+    def train_or_load(config, train_fn, **kwargs):
+        seen.append(config)
+        train_fn(config)  # stops in train_vit, before any step
+
+    monkeypatch.setattr(bench, "train_or_load", train_or_load)
+    monkeypatch.setattr(bench, "train_vit", capture_training_args)
+    tiny = ["--configs", TINY_VIT, "--data", "cifar10", "--epochs", "1", "--max-train-samples", "32"]
+    tiny += ["--max-eval-samples", "8", "--output", str(tmp_path / "out.json"), "--output-dir", str(tmp_path / "runs")]
+    for flags in ([], ["--compile"]):
+        with pytest.raises(Stop):
+            bench.main([*tiny, *flags])
+    plain_config, plain_args, compiled_config, compiled_args = seen
+    assert plain_args.torch_compile is False and "torch_compile" not in plain_config.training  # old keys unchanged
+    assert compiled_args.torch_compile is True and compiled_config.training["torch_compile"] is True
+    assert config_key(compiled_config) != config_key(plain_config)
+    record = {"data": "x", "model_config": {}, "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "seed": 0}
+    assert bench._same_run(record, {**record, "torch_compile": False})
+    assert not bench._same_run(record, {**record, "torch_compile": True})  # a compiled run is its own record
