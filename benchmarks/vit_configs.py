@@ -81,6 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _speed_levers(args) -> dict:
+    """The speed levers turned on, as ``TrainingArguments`` fields: what training gets and what keys the zoo entry.
+    Only the ones that are on, so the fp32 eager models already in the zoo keep their keys."""
+    return {**({"bf16": True} if args.bf16 else {}), **({"torch_compile": True} if args.compile else {})}
+
+
 def _train_fn(args, rows, test, label_names, overrides: dict, out_dir: Path):
     def train(config: ZooConfig) -> TrainedModel:
         steps_per_epoch = -(-len(rows) // config.batch_size)
@@ -94,8 +100,8 @@ def _train_fn(args, rows, test, label_names, overrides: dict, out_dir: Path):
                 "seed": config.seed,
                 "eval_strategy": "steps",
                 "eval_steps": max(1, round(args.eval_every * steps_per_epoch)),
-                **({"bf16": True, **device_defaults()} if args.bf16 else {}),
-                **({"torch_compile": True} if args.compile else {}),
+                **_speed_levers(args),
+                **(device_defaults() if args.bf16 else {}),  # bf16 on a CPU-only machine needs use_cpu
             },
         )
         trainer, wall = train_vit(
@@ -151,9 +157,7 @@ def main(argv=None) -> list[dict]:
             training={
                 **{k: v for k, v in VIT_TRAINING_DEFAULTS.items() if k not in ("disable_tqdm", "num_train_epochs")},
                 "crop_padding": args.crop_padding,
-                # only when on: the fp32 models already in the zoo keep their keys
-                **({"bf16": True} if args.bf16 else {}),
-                **({"torch_compile": True} if args.compile else {}),
+                **_speed_levers(args),
             },
         )
         out_dir = Path(args.output_dir) / f"{spec.replace(',', '_').replace('=', '')}_{zoo_config.attack}"
