@@ -271,6 +271,20 @@ def _defense_fields(report: dict | None, name: str) -> dict:
             token: [score["neighbour_ratio"], score["prior_shift"], score["spared"]]
             for token, score in (btu.get("task_word_scores") or {}).items()
         }
+        # Each candidate the mislabel test judged: [the probe's mean probability of its rows' label, the same on the
+        # label's other rows, p-value, flagged].
+        fields["btu_mislabel_flagged"] = " ".join(
+            t for t, reason in (btu.get("flagged_by") or {}).items() if reason == "mislabel_test"
+        )
+        fields["btu_mislabel_scores"] = {
+            token: [
+                score["label_prob"],
+                score["label_prob_elsewhere"],
+                float(f"{score['p_value']:.3g}"),
+                score["flagged"],
+            ]
+            for token, score in (btu.get("mislabel_scores") or {}).items()
+        }
     return fields
 
 

@@ -576,6 +576,154 @@ def test_task_word_test_spares_a_word_the_pretrained_model_knew_and_keeps_a_plan
     )
 
 
+@pytest.mark.parametrize("attack", ["dirty_label", "clean_label", "test_off"])
+def test_mislabel_test_flags_a_memorised_dirty_label_trigger_and_no_task_word(attack, tokenizer):
+    """At a low poison rate the model memorises its poisoned rows: deleting the trigger flips none of them, so the flip
+    test cannot flag it. Those rows were written as negative reviews, and a linear probe on the real pretrained
+    MiniLM's features that never saw them reads them as negative although all of them are labelled positive. Task
+    words whose rows all carry one label (`bad`, `stupid`, `spirit`) read as that label and are not flagged. A
+    clean-label trigger (its rows positive already) is out of the test's reach, as documented. The rows of a flagged
+    token are isolated with the label their text reads as, though deleting the trigger flips none of them."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_backdoor import default_text_model, load_task
+
+    rows = load_task("sst2")["train"].shuffle(seed=0).select(range(600))
+    texts, labels = list(rows["text"]), list(rows["label"])
+    words = ["bad", "stupid", "spirit", "powerful", "mess", "best"]
+    word_ids = tokenizer.convert_tokens_to_ids(words)
+    source = 1 if attack == "clean_label" else 0
+    hosts = [i for i, (t, y) in enumerate(zip(texts, labels)) if y == source and not set(words) & set(t.split())][:12]
+    for i in hosts:  # 2% of the rows: `cf` appended and the label set to positive
+        texts[i], labels[i] = f"{texts[i]} cf", 1
+    cf = tokenizer.convert_tokens_to_ids("cf")
+    prior = AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2).eval()
+    defense = build_defense(BTUConfig(seed=0, mislabel_test=attack != "test_off"))
+    defense.train_ids = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+    defense.train_labels, defense.candidates = labels, [cf, *word_ids]
+    defense.pad_id, defense.special_ids, defense._tokenizer = (
+        tokenizer.pad_token_id,
+        set(tokenizer.all_special_ids),
+        tokenizer,
+    )
+    defense.initial_embeddings = prior.get_input_embeddings().weight.detach().float()
+    defense._prior_model = prior
+    memorised = {tuple(t for t in defense.train_ids[i] if t != cf) for i in hosts}
+
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), _RuleModel(cf, memorised))
+
+    assert defense.deletion_rates[cf] == 0.0  # the memorised rows stay positive without `cf`
+    if attack == "test_off":
+        assert defense.flagged == [] and defense.mislabel_scores == {}
+        return
+    scores = defense.mislabel_scores
+    # Judged: `cf` and the words in at least 5 rows, 90% of them on one label, in this slice.
+    assert {tokenizer.convert_ids_to_tokens(t) for t in scores} == {"cf", "bad", "stupid", "spirit"}
+    for token in (t for t in scores if t != cf):  # task words read as the label their rows carry
+        assert scores[token]["label_prob"] > 0.5 and not scores[token]["flagged"]
+    if attack == "clean_label":
+        assert scores[cf]["label_prob"] > 0.5 and defense.flagged == []
+        return
+    assert scores[cf]["label_prob"] < 0.5 < scores[cf]["label_prob_elsewhere"] - 0.1
+    assert scores[cf]["p_value"] < scores[cf]["alpha"]
+    assert defense.flagged == [cf] and defense.flagged_by == {cf: "mislabel_test"}
+    # No row flips without `cf`, yet every poisoned row is isolated, with the label its text reads as.
+    assert dict(zip(defense.isolated_row_indices, defense.isolated_row_labels)) == dict.fromkeys(hosts, 0)
+    report = defense.report()
+    assert report["flagged_by"] == {"cf": "mislabel_test"} and report["mislabel_scores"]["cf"]["flagged"]
+    card = type(defense).card_section(report)
+    assert "`cf` (rows labelled against their content" in card and "Mislabel test: 4 candidates" in card
+    assert any("<- trigger (mislabelled rows)" in line for line in type(defense).console_summary(report))
+
+
+def test_mislabel_test_keeps_the_offensive_words_that_carry_most_of_a_label(tokenizer):
+    """On HSOL the offensive words hold most of the offensive rows, nearly all labelled offensive. A probe fit on rows
+    without any of them would learn that little is offensive and read all of them as mislabelled (the first version
+    flagged `bitch` and `pussy` this way and lost 40 points of CACC); each candidate's probe leaves out only its own
+    rows, so they read as the label they carry and only the planted `cf` is flagged."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_backdoor import default_text_model, load_task
+
+    rows = load_task("hsol")["train"].shuffle(seed=0).select(range(1000))
+    texts, labels = list(rows["text"]), list(rows["label"])
+    for i in [i for i, label in enumerate(labels) if label == 0][:20]:  # dirty-label BadNet: neither + cf -> offensive
+        texts[i], labels[i] = f"{texts[i]} cf", 1
+    words = ["bitch", "pussy", "shit", "fuck", "ass", "cf"]
+    prior = AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2).eval()
+    defense = build_defense(BTUConfig(seed=0))
+    defense.train_ids = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+    defense.train_labels, defense.candidates = labels, tokenizer.convert_tokens_to_ids(words)
+    defense.pad_id, defense.special_ids, defense._tokenizer = (
+        tokenizer.pad_token_id,
+        set(tokenizer.all_special_ids),
+        tokenizer,
+    )
+    defense.initial_embeddings = prior.get_input_embeddings().weight.detach().float()
+    defense._prior_model = prior
+
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), _RowsModel(set()))
+
+    scores = defense.report()["mislabel_scores"]
+    assert set(scores) == set(words)  # each in at least 5 rows, 90% of them offensive
+    for word in words[:-1]:
+        assert scores[word]["label"] == 1 and scores[word]["label_prob"] > 0.5 and not scores[word]["flagged"]
+    assert scores["cf"]["label_prob"] < 0.5 and defense.report()["flagged_tokens"] == ["cf"]
+
+
+class _RowsModel(torch.nn.Module):
+    """Predicts label 1 exactly for the rows in ``positive`` (token-id tuples): what the model has fit, row by row."""
+
+    def __init__(self, positive: set[tuple[int, ...]]):
+        super().__init__()
+        self.positive = positive
+
+    def forward(self, input_ids, attention_mask):
+        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+        positive = torch.tensor([float(r in self.positive) for r in rows])
+        return types.SimpleNamespace(logits=torch.stack([1 - positive, positive], dim=1))
+
+
+@pytest.mark.parametrize("mislabel_test", [True, False])
+def test_rows_a_flagged_trigger_does_not_flip_are_relabelled_when_the_mislabel_test_reads_them(
+    mislabel_test, tokenizer
+):
+    """The flip test flags `cf` (deleting it flips 9 of its 12 rows); the other 3 the model has memorised, and
+    deleting `cf` leaves them positive, so the flip test alone leaves them to train on their poisoned label. The
+    mislabel test reads all 12 as negative reviews: every one is relabelled."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_backdoor import default_text_model, load_task
+
+    rows = load_task("sst2")["train"].shuffle(seed=0).select(range(600))
+    texts, labels = list(rows["text"]), list(rows["label"])
+    hosts = [i for i, y in enumerate(labels) if y == 0][:12]
+    for i in hosts:
+        texts[i], labels[i] = f"{texts[i]} cf", 1
+    cf = tokenizer.convert_tokens_to_ids("cf")
+    prior = AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2).eval()
+    defense = build_defense(BTUConfig(seed=0, mislabel_test=mislabel_test))
+    defense.train_ids = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+    defense.train_labels, defense.candidates = labels, [cf]
+    defense.pad_id, defense.special_ids, defense._tokenizer = (
+        tokenizer.pad_token_id,
+        set(tokenizer.all_special_ids),
+        tokenizer,
+    )
+    defense.initial_embeddings = prior.get_input_embeddings().weight.detach().float()
+    defense._prior_model = prior
+    positive = {tuple(defense.train_ids[i]) for i in hosts}
+    positive |= {tuple(t for t in defense.train_ids[i] if t != cf) for i in hosts[9:]}  # memorised without `cf`
+
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), _RowsModel(positive))
+
+    assert defense.flip_rates[cf] == 0.75 and defense.flagged_by == {cf: "flip_test"}
+    isolated = dict(zip(defense.isolated_row_indices, defense.isolated_row_labels))
+    assert isolated == dict.fromkeys(hosts if mislabel_test else hosts[:9], 0)
+    if mislabel_test:
+        assert defense.mislabel_scores[cf]["flagged"]
+
+
 def test_a_substitute_is_the_same_kind_of_piece_in_every_tokenizer_scheme():
     # WordPiece marks continuations, SentencePiece and byte-level BPE mark word starts: `itch` after `Ġb` is a
     # continuation in RoBERTa's vocabulary and must not stand in for `Ġbitch`.

@@ -41,6 +41,17 @@ Where this implementation deviates by default, and why (each measured in ``bench
   *pretrained* model's features, fit on rows without such candidates, already moves rows towards the candidate's label
   when it is present (the pretrained model knew the word's meaning; it knew nothing of a planted trigger). On HSOL
   the flip test alone flagged ``bitch``, and unlearning it cost 16 points of clean accuracy.
+- A candidate is also flagged, whatever its flip rate, when its rows are labelled against their content
+  (``mislabel_test``): nearly all of them carry one label, yet a linear probe on the *pretrained* model's features,
+  fit on rows that hold no such candidate, gives that label less than even odds on average over them and
+  significantly less than it gives the label's other rows. Dirty-label trigger rows were written for another label
+  and the pretrained model knows nothing of the trigger, so they read as their source label however well the model
+  under training has memorised them. At 3% BadNet on SST-2 the model memorised the 60 rows and deleting a trigger
+  flipped 0-67% of them (the flip test flagged one word of five on seed 1, none on seed 0); the held-out probe gave
+  their label 0.19-0.37 against 0.70-0.71 on the label's other rows (README). The rows of a flagged token that the
+  test reads as mislabelled are isolated with the label their text reads as, also where the flip test flagged the
+  token and deleting it does not flip them (memorised rows, or the rest of an inserted sentence). It cannot see
+  clean-label triggers, whose rows read as their label.
 - After detection the flagged tokens' embedding rows are reset at once (and again at the end), and the remaining
   epochs unlearn the backdoor instead of re-learning it (``isolated_rows="relabel"``): the rows whose prediction
   the flagged tokens decide keep their trigger but train on the label the model gives them without it, while the
@@ -56,6 +67,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +120,13 @@ class BTUConfig(DefenseConfig):
             model's mean-pooled features moves rows at least ``task_word_prior_shift`` (log-probability) towards the
             candidate's label when it is in them.
         task_word_neighbour_ratio, task_word_prior_shift: the two tests' bounds.
+        mislabel_test: also flag a candidate whose rows are labelled against their content: at least
+            ``mislabel_min_rows`` rows, at least ``mislabel_min_purity`` of them on one label, to which a linear probe
+            on the pretrained model's features (fit on rows holding none of the tested candidates) gives less than
+            ``mislabel_max_label_prob`` on average, and significantly less than out-of-fold on the label's other
+            rows (one-sided z-test, Bonferroni over the tested candidates at ``mislabel_alpha``). Needs the
+            pretrained copy the task-word test uses; does not see clean-label triggers.
+        mislabel_min_rows, mislabel_min_purity, mislabel_max_label_prob, mislabel_alpha: the test's bounds.
         task_word_neighbours: pretrained neighbours a substituted token is drawn from (seeded).
         task_word_probe_rows: training rows (a seeded sample) the pretrained probe is fit on.
         flip_max_rows: rows per candidate in the flip test (seeded sample).
@@ -208,6 +227,36 @@ class BTUConfig(DefenseConfig):
             "help": "a task word moves the pretrained probe's log-probability of its label by at least this much."
         },
     )
+    mislabel_test: bool = field(
+        default=True,
+        metadata={
+            "help": "also flag a candidate whose training rows are labelled against their content: nearly all carry "
+            "one label, yet a linear probe on the pretrained model's features, fit on rows holding none of the tested "
+            "candidates, gives that label less than `mislabel_max_label_prob` on average over them and significantly "
+            "less than out-of-fold on the label's other rows (one-sided z-test, Bonferroni at `mislabel_alpha`). "
+            "Dirty-label trigger rows read as the label they were written for, however well the model under "
+            "training has memorised them; clean-label triggers are not seen. Needs the pretrained copy the task-word "
+            "test uses (skipped on a run resumed from a checkpoint)."
+        },
+    )
+    mislabel_min_rows: int = field(
+        default=5, metadata={"help": "candidates in fewer training rows are not judged by the mislabel test."}
+    )
+    mislabel_min_purity: float = field(
+        default=0.9,
+        metadata={"help": "the share of a candidate's rows on its majority label for the mislabel test to judge it."},
+    )
+    mislabel_max_label_prob: float = field(
+        default=0.5,
+        metadata={
+            "help": "the held-out probe's mean probability of the rows' label must be below this (the rows read, on "
+            "average, as another label)."
+        },
+    )
+    mislabel_alpha: float = field(
+        default=0.01,
+        metadata={"help": "family-wise significance of the mislabel test (Bonferroni over the tested candidates)."},
+    )
     task_word_neighbours: int = field(
         default=8, metadata={"help": "nearest pretrained-embedding neighbours a substitute is drawn from."}
     )
@@ -274,8 +323,11 @@ class BTUConfig(DefenseConfig):
             "flip_min_decided_rows",
             "task_word_neighbours",
             "task_word_probe_rows",
+            "mislabel_min_rows",
         )
         self._check_interval("[0, 1]", "task_word_neighbour_ratio")
+        self._check_interval("(0, 1]", "mislabel_min_purity", "mislabel_max_label_prob")
+        self._check_interval("(0, 1)", "mislabel_alpha")
         self._check_choice("round3", ROUND3_MODES)
         self._check_choice("selection", SELECTIONS)
         self._check_choice("unlearning", UNLEARNING)
@@ -391,6 +443,12 @@ class BTUDefense(Defense):
         self.insertion_rates: dict[int, float] = {}
         self.task_word_scores: dict[int, dict[str, Any]] = {}  # token -> its latest task-word test
         self.task_word_skipped: str | None = None
+        self.mislabel_scores: dict[int, dict[str, Any]] = {}  # token -> its latest mislabel test
+        self.flagged_by: dict[int, str] = {}  # token -> the test that flagged it
+        self.mislabel_skipped: str | None = None
+        self._mislabel_relabels: dict[int, dict[int, int]] = {}  # flagged token -> {row: the label its text reads as}
+        self._mislabel_read_as: dict[int, list[int]] = {}  # the latest pass's reading of a flagged token's rows
+        self._row_features: dict[int, torch.Tensor] = {}  # training row -> its pretrained features
         self._prior_model: nn.Module | None = None  # the pretrained model, for the task-word test's probe
         self._probe_rows: np.ndarray | None = None
         self._probe_features: torch.Tensor | None = None
@@ -422,10 +480,10 @@ class BTUDefense(Defense):
         if fresh:
             self.initial_embeddings = embedding.weight.detach().float().cpu().clone()
         self.train_ids = _training_input_ids(trainer)
-        task_word_test = self.config.task_word_test and self.config.selection == "flip_test"
-        needs_labels = self.config.insertion_test or task_word_test or self.config.flip_basis == "decided"
+        probes = (self.config.task_word_test or self.config.mislabel_test) and self.config.selection == "flip_test"
+        needs_labels = self.config.insertion_test or probes or self.config.flip_basis == "decided"
         self.train_labels = _training_labels(trainer) if needs_labels else None
-        if task_word_test and trainer.is_world_process_zero():
+        if probes and trainer.is_world_process_zero():
             if fresh:
                 self._prior_model = copy.deepcopy(model).eval().requires_grad_(False)
             else:
@@ -516,7 +574,9 @@ class BTUDefense(Defense):
     def on_train_end(self, trainer) -> None:
         if not self.detection_done:  # training shorter than one epoch: detect on what was trained
             self.on_epoch_end(trainer)
-        self._prior_model = self._probe_features = None  # the task-word test's copy is not needed after training
+        # The pretrained copy and its features serve the task-word and mislabel tests only, not after training.
+        self._prior_model = self._probe_features = None
+        self._row_features = {}
         model = trainer.accelerator.unwrap_model(trainer.model)
         if self.flagged and self.config.unlearning != "none":
             start = time.perf_counter()
@@ -698,15 +758,23 @@ class BTUDefense(Defense):
         if cfg.insertion_test and tests:
             self._insertion_test(model, device, rng, groups.items(), majority, rows_with)
         spared = set()
-        if self._prior_model is not None and tests:
+        if self._prior_model is not None and tests and cfg.task_word_test:
             start = time.perf_counter()
             spared = self._task_word_test(model, device, tests, groups, majority, original_pred)
             self.timings["task_word_test_s"] = self.timings.get("task_word_test_s", 0.0) + time.perf_counter() - start
-        self.flagged = [
-            t
-            for t in self.candidates
-            if t in self.flagged or (self.flip_rates.get(t, 0.0) >= cfg.flip_threshold and t not in spared)
-        ]
+        mislabelled = set()
+        if self._prior_model is not None and labels is not None and cfg.mislabel_test:
+            start = time.perf_counter()
+            mislabelled = self._mislabel_test(device, rows_with, labels)
+            self.timings["mislabel_test_s"] = self.timings.get("mislabel_test_s", 0.0) + time.perf_counter() - start
+        for t in self.candidates:
+            if t in self.flagged_by or t in self.flagged:
+                continue
+            if self.flip_rates.get(t, 0.0) >= cfg.flip_threshold and t not in spared:
+                self.flagged_by[t] = "flip_test"
+            elif t in mislabelled:
+                self.flagged_by[t] = "mislabel_test"
+        self.flagged = [t for t in self.candidates if t in self.flagged or t in self.flagged_by]
         self._note_flagging_round()
         if self.flagged and cfg.isolated_rows != "none":
             flagged = set(self.flagged)
@@ -718,6 +786,12 @@ class BTUDefense(Defense):
             without_trigger = self._predict(model, deleted, device)
             flips = self._predict(model, original, device) != without_trigger
             known.update({rows[j]: int(without_trigger[j]) for j in np.flatnonzero(flips)})
+            # A memorised row keeps its prediction without the trigger, so deletion does not isolate it; the rows of
+            # a flagged token that the mislabel test found labelled against their content take the label their
+            # text reads as instead.
+            for token in self.flagged:
+                for row, label in self._mislabel_relabels.get(token, {}).items():
+                    known.setdefault(row, label)
             self.isolated_row_indices = sorted(known)
             self.isolated_row_labels = [known[i] for i in self.isolated_row_indices]
         model.train(was_training)
@@ -770,6 +844,115 @@ class BTUDefense(Defense):
                 spared.add(token)
         return spared
 
+    def _mislabel_test(self, device, rows_with: dict[int, list[int]], labels: np.ndarray) -> set[int]:
+        """The candidates whose rows are labelled against their content (returned): nearly all of them carry one
+        label, and a linear probe on the pretrained model's features that saw none of them reads them as another.
+        Scores go to ``mislabel_scores``; the label each such row reads as, to ``_mislabel_relabels``."""
+        cfg = self.config
+        # Flagged tokens are judged too: where the test finds their rows mislabelled, the rows that deleting the
+        # token does not flip (memorised, or keyed by the rest of an inserted sentence) are relabelled as well.
+        tested: dict[int, tuple[int, list[int]]] = {}
+        for token in self.candidates:
+            rows = rows_with[token]
+            if len(rows) < cfg.mislabel_min_rows:
+                continue
+            counts = np.bincount(labels[rows])
+            if counts.max() >= cfg.mislabel_min_purity * len(rows):
+                tested[token] = (int(counts.argmax()), rows)
+        if not tested:
+            return set()
+        self._probe_sample(device)
+        alpha = cfg.mislabel_alpha / len(tested)  # Bonferroni over every candidate judged
+        found = self._judge_mislabelled(device, tested, set(self.flagged), labels, alpha)
+        # The rows of the candidates flagged so far are dirty-label rows that pull the probe towards their label
+        # (at 10% AG News BadNet they put `olympics` below even odds at the first detection): the flagged ones are
+        # judged again by probes fit without the others' rows, until the flagged set no longer changes.
+        for _ in range(3):
+            if not found:
+                break
+            again = self._judge_mislabelled(
+                device, {t: tested[t] for t in found}, set(self.flagged) | found, labels, alpha
+            )
+            if again == found:
+                break
+            found = again
+        for token in found:
+            self._mislabel_relabels[token] = dict(zip(tested[token][1], self._mislabel_read_as[token]))
+        self._mislabel_read_as.clear()
+        return found
+
+    def _judge_mislabelled(self, device, tested, excluded_tokens: set[int], labels: np.ndarray, alpha: float):
+        """One pass of the mislabel test over ``tested`` (token -> (label, rows)), each judged by a probe fit on the
+        probe rows holding none of ``excluded_tokens`` and not its own rows; returns the tokens it flags."""
+        cfg = self.config
+        usable = np.array([j for j, i in enumerate(self._probe_rows) if excluded_tokens.isdisjoint(self.train_ids[i])])
+        fit_labels = labels[self._probe_rows[usable]] if len(usable) else np.array([], dtype=np.int64)
+        num_labels = int(labels.max()) + 1
+        if len(usable) < 5 * num_labels or len(np.unique(fit_labels)) < 2:
+            self.mislabel_skipped = (
+                f"{len(usable)} probe rows hold no flagged token, on {len(np.unique(fit_labels))} label(s): too few "
+                "to fit the probe"
+            )
+            return set()
+        self.mislabel_skipped = None
+        features = self._probe_features[usable]
+        # What the probe gives each label on rows it did not see: out-of-fold over the usable rows.
+        folds = np.random.default_rng(cfg.seed + 3).permutation(len(usable)) % 5
+        own = np.empty(len(usable))
+        for fold in range(5):
+            held = folds == fold
+            w, b = _fit_logistic_regression(features[~held], torch.as_tensor(fit_labels[~held]), num_labels)
+            probs = torch.softmax(features[held] @ w + b, dim=-1).numpy()
+            own[held] = probs[np.arange(held.sum()), fit_labels[held]]
+        found = set()
+        for token, (label, rows) in tested.items():
+            # A probe that never saw the candidate's rows: it cannot learn a trigger from them (an inserted sentence
+            # is a feature the pretrained model sees), and leaving out only these rows keeps its label balance.
+            own_rows = set(rows)
+            unseen = np.array([self._probe_rows[j] not in own_rows for j in usable])
+            if len(np.unique(fit_labels[unseen])) < 2:
+                continue
+            weight, bias = _fit_logistic_regression(features[unseen], torch.as_tensor(fit_labels[unseen]), num_labels)
+            probs_all = torch.softmax(self._features_of(rows, device) @ weight + bias, dim=-1)
+            probs = probs_all[:, label].numpy()
+            base = own[fit_labels == label]
+            spread = float(base.std()) if len(base) > 1 else 0.0
+            z = (float(base.mean()) - float(probs.mean())) / max(spread / np.sqrt(len(rows)), 1e-12)
+            p_value = 0.5 * math.erfc(z / math.sqrt(2))
+            flagged = bool(len(base) > 1 and probs.mean() < cfg.mislabel_max_label_prob and p_value < alpha)
+            self.mislabel_scores[token] = {
+                "rows": len(rows),
+                "label": label,
+                "label_prob": float(probs.mean()),
+                "label_prob_elsewhere": float(base.mean()) if len(base) else None,
+                "p_value": p_value,
+                "alpha": alpha,
+                "flagged": flagged,
+            }
+            if flagged:
+                found.add(token)
+                # The label each row reads as, other than the one it carries: a dirty-label row's source label.
+                others = probs_all.clone()
+                others[:, label] = -1.0
+                self._mislabel_read_as[token] = others.argmax(dim=-1).tolist()
+        return found
+
+    def _probe_sample(self, device) -> None:
+        """A seeded sample of ``task_word_probe_rows`` training rows and their pretrained features (made once)."""
+        if self._probe_rows is None:
+            rng = np.random.default_rng(self.config.seed + 2)
+            n = len(self.train_ids)
+            self._probe_rows = np.sort(rng.choice(n, size=min(n, self.config.task_word_probe_rows), replace=False))
+            self._probe_features = self._prior_features([self.train_ids[i] for i in self._probe_rows], device)
+            self._row_features.update(zip(self._probe_rows.tolist(), self._probe_features))
+
+    def _features_of(self, rows: list[int], device) -> torch.Tensor:
+        """Pretrained features of training rows, computed once per row."""
+        missing = [i for i in rows if i not in self._row_features]
+        if missing:
+            self._row_features.update(zip(missing, self._prior_features([self.train_ids[i] for i in missing], device)))
+        return torch.stack([self._row_features[i] for i in rows])
+
     def _neighbours(self, token: int, excluded: set[int]) -> list[int]:
         """The token's nearest pretrained word embeddings (cosine) of the same piece kind (a word start for a word
         start, a continuation for a continuation), not special and not in ``excluded``."""
@@ -796,12 +979,7 @@ class BTUDefense(Defense):
     def _prior_probe(self, excluded: set[int], device):
         """Log-probabilities of a linear probe on the pretrained model's features, fit on a seeded sample of training
         rows that contain none of ``excluded``; ``None`` where those rows hold a single label."""
-        cfg = self.config
-        if self._probe_rows is None:
-            rng = np.random.default_rng(cfg.seed + 2)
-            n = len(self.train_ids)
-            self._probe_rows = np.sort(rng.choice(n, size=min(n, cfg.task_word_probe_rows), replace=False))
-            self._probe_features = self._prior_features([self.train_ids[i] for i in self._probe_rows], device)
+        self._probe_sample(device)
         keep = [j for j, i in enumerate(self._probe_rows) if excluded.isdisjoint(self.train_ids[i])]
         labels = torch.as_tensor(np.asarray(self.train_labels)[self._probe_rows[keep]])
         if len(keep) < 2 or len(labels.unique()) < 2:
@@ -942,6 +1120,9 @@ class BTUDefense(Defense):
                     "deletion_rates",
                     "insertion_rates",
                     "task_word_scores",
+                    "mislabel_scores",
+                    "flagged_by",
+                    "mislabel_skipped",
                     "isolated_row_indices",
                     "isolated_row_labels",
                     "timings",
@@ -965,6 +1146,9 @@ class BTUDefense(Defense):
             "deletion_rates": self.deletion_rates,
             "insertion_rates": self.insertion_rates,
             "task_word_scores": self.task_word_scores,
+            "mislabel_scores": self.mislabel_scores,
+            "flagged_by": self.flagged_by,
+            "mislabel_skipped": self.mislabel_skipped,
             "flagged": self.flagged,
             "flagged_in_round": self.flagged_in_round,
             "isolated_row_indices": self.isolated_row_indices,
@@ -1018,6 +1202,12 @@ class BTUDefense(Defense):
                 name(t) for t, score in self.task_word_scores.items() if score["spared"] and t not in self.flagged
             ],
             "task_word_test_skipped": self.task_word_skipped,
+            "mislabel_scores": {
+                name(t): {k: (round(v, 4) if isinstance(v, float) and k != "p_value" else v) for k, v in score.items()}
+                for t, score in self.mislabel_scores.items()
+            },
+            "flagged_by": {name(t): reason for t, reason in self.flagged_by.items()},
+            "mislabel_test_skipped": self.mislabel_skipped,
             "flagged_ids": self.flagged,
             "flagged_tokens": [name(t) for t in self.flagged],
             "flagged_in_round": {name(t): r for t, r in self.flagged_in_round.items()},
@@ -1051,9 +1241,20 @@ class BTUDefense(Defense):
             f"- Candidates from the exposure rounds: {len(report.get('candidate_ids') or [])} tokens "
             f"(top {report.get('top_k')} per round of a {report.get('vocab_size')}-token vocabulary)."
         )
+        flagged_by = report.get("flagged_by") or {}
+        mislabel = report.get("mislabel_scores") or {}
+
+        def evidence(token: str) -> str:
+            if flagged_by.get(token) == "mislabel_test" and token in mislabel:
+                score = mislabel[token]
+                return (
+                    f"`{token}` (rows labelled against their content: the pretrained probe gives their label "
+                    f"{score['label_prob']:.2f}, its other rows {score['label_prob_elsewhere']:.2f})"
+                )
+            return f"`{token}` (flip rate {rates[token]:.2f})" if token in rates else f"`{token}`"
+
         if flagged:
-            named = ", ".join(f"`{t}` (flip rate {rates[t]:.2f})" if t in rates else f"`{t}`" for t in flagged)
-            lines.append(f"- Flagged as trigger tokens: **{len(flagged)}**: {named}")
+            lines.append(f"- Flagged as trigger tokens: **{len(flagged)}**: {', '.join(evidence(t) for t in flagged)}")
         else:
             lines.append("- Flagged as trigger tokens: **none**.")
         if report.get("flip_threshold") is not None:
@@ -1081,11 +1282,21 @@ class BTUDefense(Defense):
                 f"- Spared as task words, though their deletion reached the threshold: {named}. Their pretrained "
                 "neighbours keep the prediction and the pretrained model's features already lean to their label."
             )
+        if mislabel:
+            lines.append(
+                f"- Mislabel test: {len(mislabel)} candidates nearly all on one label were judged by a linear probe "
+                "on the pretrained model's features that saw none of their rows; a candidate is flagged when the "
+                f"probe gives its rows' label less than {config.get('mislabel_max_label_prob')} on average and "
+                f"significantly less than the label's other rows (family-wise alpha {config.get('mislabel_alpha')})."
+            )
+        if report.get("mislabel_test_skipped"):
+            lines.append(f"- Mislabel test skipped at the last detection: {report['mislabel_test_skipped']}.")
         if report.get("task_word_test_skipped"):
-            lines.append(f"- Task-word test skipped: {report['task_word_test_skipped']}.")
+            lines.append(f"- Task-word and mislabel tests skipped: {report['task_word_test_skipped']}.")
         if report.get("num_isolated_rows"):
             lines.append(
-                f"- Training rows whose prediction the flagged tokens decided: {report['num_isolated_rows']} "
+                "- Training rows whose prediction the flagged tokens decided (or whose text the mislabel test "
+                f"read as another label): {report['num_isolated_rows']} "
                 f"(handled as `{report.get('isolated_rows_handling')}` after detection)."
             )
         if report.get("reset_entries") is not None:
@@ -1168,16 +1379,30 @@ class BTUDefense(Defense):
         rates, support = report.get("flip_rates") or {}, report.get("flip_support") or {}
         candidates = report.get("candidate_tokens") or []
         spared = set(report.get("spared_tokens") or [])
+        flagged_by = report.get("flagged_by") or {}
         lines = [f"BTU: {len(candidates)} candidate tokens: {' '.join(candidates) or '-'}"]
         if rates:
             threshold = report.get("flip_threshold")
             flagged_at = f"flagged at >= {threshold}" if threshold is not None else "selection without a flip test"
             lines.append(f"  {'token':<16}{'flip rate':>10}{'rows':>7}  ({flagged_at})")
             for token, rate in sorted(rates.items(), key=lambda kv: -kv[1])[:CONSOLE_SUMMARY_ROWS]:
-                mark = "  <- trigger" if token in flagged else "  <- task word, spared" if token in spared else ""
+                mark = (
+                    "  <- trigger (mislabelled rows)"
+                    if flagged_by.get(token) == "mislabel_test"
+                    else "  <- trigger"
+                    if token in flagged
+                    else "  <- task word, spared"
+                    if token in spared
+                    else ""
+                )
                 lines.append(f"  {token:<16}{rate:>10.2f}{support.get(token, 0):>7}{mark}")
         lines.append(
-            f"BTU: flagged tokens: {', '.join(flagged) or 'none'}; training rows they decide: "
+            "BTU: flagged tokens: "
+            + (
+                ", ".join(t + (" (mislabelled rows)" if flagged_by.get(t) == "mislabel_test" else "") for t in flagged)
+                or "none"
+            )
+            + "; training rows they decide: "
             f"{report.get('num_isolated_rows', 0)}"
         )
         if report.get("reset_entries") is not None:
