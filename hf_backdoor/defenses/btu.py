@@ -43,12 +43,12 @@ Where this implementation deviates by default, and why (each measured in ``bench
   the flip test alone flagged ``bitch``, and unlearning it cost 16 points of clean accuracy.
 - A candidate is also flagged, whatever its flip rate, when its rows are labelled against their content
   (``mislabel_test``): nearly all of them carry one label, yet a linear probe on the *pretrained* model's features,
-  fit on rows that hold no such candidate, gives that label less than even odds on average over them and
+  fit on the training rows without the candidate, gives that label less than even odds on average over them and
   significantly less than it gives the label's other rows. Dirty-label trigger rows were written for another label
   and the pretrained model knows nothing of the trigger, so they read as their source label however well the model
   under training has memorised them. At 3% BadNet on SST-2 the model memorised the 60 rows and deleting a trigger
   flipped 0-67% of them (the flip test flagged one word of five on seed 1, none on seed 0); the held-out probe gave
-  their label 0.19-0.37 against 0.70-0.71 on the label's other rows (README). The rows of a flagged token that the
+  their label 0.20-0.38 against 0.72 on the label's other rows (README). The rows of a flagged token that the
   test reads as mislabelled are isolated with the label their text reads as, also where the flip test flagged the
   token and deleting it does not flip them (memorised rows, or the rest of an inserted sentence). It cannot see
   clean-label triggers, whose rows read as their label.
@@ -122,7 +122,7 @@ class BTUConfig(DefenseConfig):
         task_word_neighbour_ratio, task_word_prior_shift: the two tests' bounds.
         mislabel_test: also flag a candidate whose rows are labelled against their content: at least
             ``mislabel_min_rows`` rows, at least ``mislabel_min_purity`` of them on one label, to which a linear probe
-            on the pretrained model's features (fit on rows holding none of the tested candidates) gives less than
+            on the pretrained model's features (fit on the training rows without the candidate) gives less than
             ``mislabel_max_label_prob`` on average, and significantly less than out-of-fold on the label's other
             rows (one-sided z-test, Bonferroni over the tested candidates at ``mislabel_alpha``). Needs the
             pretrained copy the task-word test uses; does not see clean-label triggers.
@@ -231,8 +231,8 @@ class BTUConfig(DefenseConfig):
         default=True,
         metadata={
             "help": "also flag a candidate whose training rows are labelled against their content: nearly all carry "
-            "one label, yet a linear probe on the pretrained model's features, fit on rows holding none of the tested "
-            "candidates, gives that label less than `mislabel_max_label_prob` on average over them and significantly "
+            "one label, yet a linear probe on the pretrained model's features, fit on the training rows without the "
+            "candidate, gives that label less than `mislabel_max_label_prob` on average over them and significantly "
             "less than out-of-fold on the label's other rows (one-sided z-test, Bonferroni at `mislabel_alpha`). "
             "Dirty-label trigger rows read as the label they were written for, however well the model under "
             "training has memorised them; clean-label triggers are not seen. Needs the pretrained copy the task-word "
