@@ -447,7 +447,6 @@ class BTUDefense(Defense):
         self.flagged_by: dict[int, str] = {}  # token -> the test that flagged it
         self.mislabel_skipped: str | None = None
         self._mislabel_relabels: dict[int, dict[int, int]] = {}  # flagged token -> {row: the label its text reads as}
-        self._mislabel_read_as: dict[int, list[int]] = {}  # the latest pass's reading of a flagged token's rows
         self._row_features: dict[int, torch.Tensor] = {}  # training row -> its pretrained features
         self._prior_model: nn.Module | None = None  # the pretrained model, for the task-word test's probe
         self._probe_rows: np.ndarray | None = None
@@ -863,27 +862,28 @@ class BTUDefense(Defense):
             return set()
         self._probe_sample(device)
         alpha = cfg.mislabel_alpha / len(tested)  # Bonferroni over every candidate judged
-        found = self._judge_mislabelled(device, tested, set(self.flagged), labels, alpha)
+        read_as = self._judge_mislabelled(device, tested, set(self.flagged), labels, alpha)
         # The rows of the candidates flagged so far are dirty-label rows that pull the probe towards their label
         # (at 10% AG News BadNet they put `olympics` below even odds at the first detection): the flagged ones are
         # judged again by probes fit without the others' rows, until the flagged set no longer changes.
         for _ in range(3):
-            if not found:
+            if not read_as:
                 break
             again = self._judge_mislabelled(
-                device, {t: tested[t] for t in found}, set(self.flagged) | found, labels, alpha
+                device, {t: tested[t] for t in read_as}, set(self.flagged) | set(read_as), labels, alpha
             )
-            if again == found:
+            if again.keys() == read_as.keys():
+                read_as = again
                 break
-            found = again
-        for token in found:
-            self._mislabel_relabels[token] = dict(zip(tested[token][1], self._mislabel_read_as[token]))
-        self._mislabel_read_as.clear()
-        return found
+            read_as = again
+        for token, row_labels in read_as.items():
+            self._mislabel_relabels[token] = dict(zip(tested[token][1], row_labels))
+        return set(read_as)
 
     def _judge_mislabelled(self, device, tested, excluded_tokens: set[int], labels: np.ndarray, alpha: float):
         """One pass of the mislabel test over ``tested`` (token -> (label, rows)), each judged by a probe fit on the
-        probe rows holding none of ``excluded_tokens`` and not its own rows; returns the tokens it flags."""
+        probe rows holding none of ``excluded_tokens`` and not its own rows; returns the tokens it flags, each with
+        the label each of its rows reads as (other than the one it carries)."""
         cfg = self.config
         usable = np.array([j for j, i in enumerate(self._probe_rows) if excluded_tokens.isdisjoint(self.train_ids[i])])
         fit_labels = labels[self._probe_rows[usable]] if len(usable) else np.array([], dtype=np.int64)
@@ -893,7 +893,7 @@ class BTUDefense(Defense):
                 f"{len(usable)} probe rows hold no flagged token, on {len(np.unique(fit_labels))} label(s): too few "
                 "to fit the probe"
             )
-            return set()
+            return {}
         self.mislabel_skipped = None
         features = self._probe_features[usable]
         # What the probe gives each label on rows it did not see: out-of-fold over the usable rows.
@@ -904,7 +904,7 @@ class BTUDefense(Defense):
             w, b = _fit_logistic_regression(features[~held], torch.as_tensor(fit_labels[~held]), num_labels)
             probs = torch.softmax(features[held] @ w + b, dim=-1).numpy()
             own[held] = probs[np.arange(held.sum()), fit_labels[held]]
-        found = set()
+        read_as: dict[int, list[int]] = {}
         for token, (label, rows) in tested.items():
             # A probe that never saw the candidate's rows: it cannot learn a trigger from them (an inserted sentence
             # is a feature the pretrained model sees), and leaving out only these rows keeps its label balance.
@@ -930,12 +930,11 @@ class BTUDefense(Defense):
                 "flagged": flagged,
             }
             if flagged:
-                found.add(token)
                 # The label each row reads as, other than the one it carries: a dirty-label row's source label.
                 others = probs_all.clone()
                 others[:, label] = -1.0
-                self._mislabel_read_as[token] = others.argmax(dim=-1).tolist()
-        return found
+                read_as[token] = others.argmax(dim=-1).tolist()
+        return read_as
 
     def _probe_sample(self, device) -> None:
         """A seeded sample of ``task_word_probe_rows`` training rows and their pretrained features (made once)."""
