@@ -4,7 +4,7 @@
     accelerate launch recipes/cifar10_vit.py --dataset ../shared/data/cifar10_32.npz --bf16   # the reference setting
     accelerate launch recipes/cifar10_vit.py --attack blended --runs undefended,abl
     accelerate launch recipes/cifar10_vit.py --dataset ../shared/data/cifar10_32.npz --config_overrides cpu \\
-        --num_train_epochs 45 --per_device_train_batch_size 64   # the CPU preset (about 25 minutes a run on 2 cores)
+        --num_train_epochs 45 --per_device_train_batch_size 64   # the CPU preset (24-32 minutes a run on 2 cores)
     python recipes/cifar10_vit.py --num_train_epochs 1 --max_train_samples 300 --max_eval_samples 200   # a smoke run
 
 Runs (``--runs``): ``clean`` (no poison: its ASR on the triggered rows is the ASR floor), ``undefended`` (plain

@@ -518,6 +518,24 @@ def test_decided_flip_basis_flags_a_trigger_the_model_learned_on_part_of_its_row
         BTUConfig(flip_basis="rows")
 
 
+def _btu_on_real_rows(config, texts, labels, candidates, tokenizer, prior=True):
+    """BTU as ``on_train_begin`` leaves it on real rows: tokenized by MiniLM's tokenizer, with the real pretrained
+    MiniLM as its frozen pretrained copy (none with ``prior=False``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_backdoor import default_text_model
+
+    pretrained = AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2).eval()
+    defense = build_defense(config)
+    defense.train_ids = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
+    defense.train_labels, defense.candidates = labels, list(candidates)
+    defense.pad_id, defense.special_ids = tokenizer.pad_token_id, set(tokenizer.all_special_ids)
+    defense._tokenizer = tokenizer
+    defense.initial_embeddings = pretrained.get_input_embeddings().weight.detach().float()
+    defense._prior_model = pretrained if prior else None
+    return defense
+
+
 class _LexiconModel(torch.nn.Module):
     """Predicts label 1 for a row holding any of ``words``: a model that learned a word's meaning (it reads the
     word's pretrained neighbours the same way) or a planted trigger (that one token)."""
@@ -537,26 +555,16 @@ def test_task_word_test_spares_a_word_the_pretrained_model_knew_and_keeps_a_plan
     """HSOL's `bitch` decides the label as a trigger would: deleting it flips the rows it is in. Its pretrained
     neighbours keep them offensive, and the real pretrained MiniLM's features already lean offensive with it; the
     planted `cf` has neither. The flip test alone flags both."""
-    from transformers import AutoModelForSequenceClassification
-
-    from hf_backdoor import default_text_model, load_task
+    from hf_backdoor import load_task
 
     rows = load_task("hsol")["train"].shuffle(seed=0).select(range(1000))
     texts, labels = list(rows["text"]), list(rows["label"])
     for i in [i for i, label in enumerate(labels) if label == 0][:80]:  # dirty-label BadNet: neither + cf -> offensive
         texts[i], labels[i] = f"{texts[i]} cf", 1
     bitch, cf = tokenizer.convert_tokens_to_ids(["bitch", "cf"])
-    prior = AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2).eval()
-    defense = build_defense(BTUConfig(seed=0, task_word_test=task_word_test))
-    defense.train_ids = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
-    defense.train_labels, defense.candidates = labels, [bitch, cf]
-    defense.pad_id, defense.special_ids, defense._tokenizer = (
-        tokenizer.pad_token_id,
-        set(tokenizer.all_special_ids),
-        tokenizer,
+    defense = _btu_on_real_rows(
+        BTUConfig(seed=0, task_word_test=task_word_test), texts, labels, [bitch, cf], tokenizer, prior=task_word_test
     )
-    defense.initial_embeddings = prior.get_input_embeddings().weight.detach().float()
-    defense._prior_model = prior if task_word_test else None
     model = _LexiconModel({bitch, cf, *defense._neighbours(bitch, {cf})})
 
     defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), model)
@@ -584,9 +592,7 @@ def test_mislabel_test_flags_a_memorised_dirty_label_trigger_and_no_task_word(at
     words whose rows all carry one label (`bad`, `stupid`, `spirit`) read as that label and are not flagged. A
     clean-label trigger (its rows positive already) is out of the test's reach, as documented. The rows of a flagged
     token are isolated with the label their text reads as, though deleting the trigger flips none of them."""
-    from transformers import AutoModelForSequenceClassification
-
-    from hf_backdoor import default_text_model, load_task
+    from hf_backdoor import load_task
 
     rows = load_task("sst2")["train"].shuffle(seed=0).select(range(600))
     texts, labels = list(rows["text"]), list(rows["label"])
@@ -597,17 +603,9 @@ def test_mislabel_test_flags_a_memorised_dirty_label_trigger_and_no_task_word(at
     for i in hosts:  # 2% of the rows: `cf` appended and the label set to positive
         texts[i], labels[i] = f"{texts[i]} cf", 1
     cf = tokenizer.convert_tokens_to_ids("cf")
-    prior = AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2).eval()
-    defense = build_defense(BTUConfig(seed=0, mislabel_test=attack != "test_off"))
-    defense.train_ids = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
-    defense.train_labels, defense.candidates = labels, [cf, *word_ids]
-    defense.pad_id, defense.special_ids, defense._tokenizer = (
-        tokenizer.pad_token_id,
-        set(tokenizer.all_special_ids),
-        tokenizer,
+    defense = _btu_on_real_rows(
+        BTUConfig(seed=0, mislabel_test=attack != "test_off"), texts, labels, [cf, *word_ids], tokenizer
     )
-    defense.initial_embeddings = prior.get_input_embeddings().weight.detach().float()
-    defense._prior_model = prior
     memorised = {tuple(t for t in defense.train_ids[i] if t != cf) for i in hosts}
 
     defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), _RuleModel(cf, memorised))
@@ -641,26 +639,14 @@ def test_mislabel_test_keeps_the_offensive_words_that_carry_most_of_a_label(toke
     without any of them would learn that little is offensive and read all of them as mislabelled (the first version
     flagged `bitch` and `pussy` this way and lost 40 points of CACC); each candidate's probe leaves out only its own
     rows, so they read as the label they carry and only the planted `cf` is flagged."""
-    from transformers import AutoModelForSequenceClassification
-
-    from hf_backdoor import default_text_model, load_task
+    from hf_backdoor import load_task
 
     rows = load_task("hsol")["train"].shuffle(seed=0).select(range(1000))
     texts, labels = list(rows["text"]), list(rows["label"])
     for i in [i for i, label in enumerate(labels) if label == 0][:20]:  # dirty-label BadNet: neither + cf -> offensive
         texts[i], labels[i] = f"{texts[i]} cf", 1
     words = ["bitch", "pussy", "shit", "fuck", "ass", "cf"]
-    prior = AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2).eval()
-    defense = build_defense(BTUConfig(seed=0))
-    defense.train_ids = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
-    defense.train_labels, defense.candidates = labels, tokenizer.convert_tokens_to_ids(words)
-    defense.pad_id, defense.special_ids, defense._tokenizer = (
-        tokenizer.pad_token_id,
-        set(tokenizer.all_special_ids),
-        tokenizer,
-    )
-    defense.initial_embeddings = prior.get_input_embeddings().weight.detach().float()
-    defense._prior_model = prior
+    defense = _btu_on_real_rows(BTUConfig(seed=0), texts, labels, tokenizer.convert_tokens_to_ids(words), tokenizer)
 
     defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), _RowsModel(set()))
 
@@ -691,9 +677,7 @@ def test_rows_a_flagged_trigger_does_not_flip_are_relabelled_when_the_mislabel_t
     """The flip test flags `cf` (deleting it flips 9 of its 12 rows); the other 3 the model has memorised, and
     deleting `cf` leaves them positive, so the flip test alone leaves them to train on their poisoned label. The
     mislabel test reads all 12 as negative reviews: every one is relabelled."""
-    from transformers import AutoModelForSequenceClassification
-
-    from hf_backdoor import default_text_model, load_task
+    from hf_backdoor import load_task
 
     rows = load_task("sst2")["train"].shuffle(seed=0).select(range(600))
     texts, labels = list(rows["text"]), list(rows["label"])
@@ -701,17 +685,7 @@ def test_rows_a_flagged_trigger_does_not_flip_are_relabelled_when_the_mislabel_t
     for i in hosts:
         texts[i], labels[i] = f"{texts[i]} cf", 1
     cf = tokenizer.convert_tokens_to_ids("cf")
-    prior = AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2).eval()
-    defense = build_defense(BTUConfig(seed=0, mislabel_test=mislabel_test))
-    defense.train_ids = [tokenizer(t, truncation=True, max_length=64)["input_ids"] for t in texts]
-    defense.train_labels, defense.candidates = labels, [cf]
-    defense.pad_id, defense.special_ids, defense._tokenizer = (
-        tokenizer.pad_token_id,
-        set(tokenizer.all_special_ids),
-        tokenizer,
-    )
-    defense.initial_embeddings = prior.get_input_embeddings().weight.detach().float()
-    defense._prior_model = prior
+    defense = _btu_on_real_rows(BTUConfig(seed=0, mislabel_test=mislabel_test), texts, labels, [cf], tokenizer)
     positive = {tuple(defense.train_ids[i]) for i in hosts}
     positive |= {tuple(t for t in defense.train_ids[i] if t != cf) for i in hosts[9:]}  # memorised without `cf`
 
