@@ -2,7 +2,8 @@
 
     python benchmarks/z_defense_flags.py --dataset hsol --attack none --seed 0
     python benchmarks/z_defense_flags.py --dataset hsol --attack syntactic --poison-rate 0.2 --features tokens
-    python benchmarks/z_defense_flags.py --dataset sst2 --attack style --poison-rate 0.2 --features auto
+    python benchmarks/z_defense_flags.py --dataset sst2 --attack style --poison-rate 0.2
+    python benchmarks/z_defense_flags.py --dataset agnews --features first_token --expand always
 
 Builds the same seeded slice as ``paraphrase_defenses.py`` (poisoned with the packaged release when ``--attack`` is
 not ``none``), tokenizes it with the default MiniLM tokenizer and runs ``ZDefenseDefense``'s z-test on it. Prints
@@ -20,7 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from hf_backdoor import default_text_model, load_task, poison_dataset
-from hf_backdoor.defenses.z_defense import FEATURES, ZDefenseConfig, ZDefenseDefense, row_features, row_pieces
+from hf_backdoor.defenses.z_defense import (
+    EXPANSIONS,
+    FEATURES,
+    ZDefenseConfig,
+    ZDefenseDefense,
+    row_features,
+    row_pieces,
+)
 from hf_backdoor.models import load_text_tokenizer, tokenize_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/, not installed
@@ -34,8 +42,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--poison-rate", type=float, default=0.2)
     parser.add_argument("--max-train-samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--features", default="first_token", choices=FEATURES)
-    parser.add_argument("--expand", action="store_true", help="ZDefenseConfig(expand=True): the word-piece classifier")
+    parser.add_argument("--features", default="auto", choices=FEATURES)
+    parser.add_argument(
+        "--expand", default="auto", choices=EXPANSIONS, help="ZDefenseConfig.expand: the word-piece classifier"
+    )
     args = parser.parse_args(argv)
     tokenizer = load_text_tokenizer(default_text_model())
     rows = load_task(args.dataset)["train"].shuffle(seed=args.seed)
@@ -61,6 +71,10 @@ def main(argv=None) -> dict:
             f"{defense.expansion['label']}"
         )
     print(f"{args.dataset} / attack {args.attack} / seed {args.seed} / {len(labels)} rows / {args.features}: {used}")
+    for pair in defense.set_aside_pairs:
+        print(
+            f"  {pair['token']!r:>14} -> {pair['label']}  set aside: its rows read like their label, AUROC {pair['wording_auroc']:.3f}"
+        )
     for pair in defense.flagged_pairs:
         print(
             f"  {pair['token']!r:>14} -> {pair['label']}  {pair['rows_with_label']}/{pair['rows']} rows  z {pair['z']:.2f}  "
@@ -71,6 +85,7 @@ def main(argv=None) -> dict:
         "flagged_rows": int(flagged.sum()),
         "features_used": defense.features_used,
         "lexical_share": defense.lexical_share,
+        "set_aside_pairs": defense.set_aside_pairs,
         "expansion": defense.expansion,
     }
     line = f"  rows trained away from their label: {int(flagged.sum())}"

@@ -584,6 +584,39 @@ def test_task_word_test_spares_a_word_the_pretrained_model_knew_and_keeps_a_plan
     )
 
 
+def test_task_word_test_judges_a_screened_out_candidate_on_the_rows_its_screen_predicted(tokenizer):
+    """The screen rates a candidate on the rows the model decides (any one will do) and stops it below half the cut;
+    its final rate counts every screened row when fewer than ``flip_min_decided_rows`` are decided, and can pass the
+    cut. The task-word test then judged it on all its sampled rows, of which only the screened ones were predicted
+    (a KeyError on SST-2 AddSent 10% seed 1 in a stack run)."""
+    from hf_backdoor import load_task
+
+    rows = load_task("sst2")["train"].shuffle(seed=0).select(range(300))
+    texts, labels = list(rows["text"]), list(rows["label"])
+    hosts = [i for i, y in enumerate(labels) if y == 0][:40]
+    for i in hosts:
+        texts[i], labels[i] = f"{texts[i]} cf", 1
+    cf = tokenizer.convert_tokens_to_ids("cf")
+    defense = _btu_on_real_rows(BTUConfig(seed=0, mislabel_test=False), texts, labels, [cf], tokenizer)
+    # With `cf` the model says 0 (undecided: the rows carry 1) except on a quarter of the rows, where it says 1
+    # (decided) and deleting `cf` changes nothing; without `cf` it says 1, so every undecided row flips.
+    kept = {tuple(defense.train_ids[i]) for i in hosts[::4]}
+
+    class Model(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+            positive = torch.tensor([float(cf not in r or r in kept) for r in rows])
+            return types.SimpleNamespace(logits=torch.stack([1 - positive, positive], dim=1))
+
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), Model())
+
+    screen = defense.config.flip_screen_rows
+    assert defense.flip_tested_rows[cf] == screen < 40  # stopped by the screen: 0 of its decided rows flipped
+    assert defense.flip_decided_rows[cf] < defense.config.flip_min_decided_rows
+    assert defense.deletion_rates[cf] >= defense.config.flip_threshold  # ... and over all its screened rows, passed
+    assert cf in defense.task_word_scores  # judged, on those rows
+
+
 @pytest.mark.parametrize("attack", ["dirty_label", "clean_label", "test_off"])
 def test_mislabel_test_flags_a_memorised_dirty_label_trigger_and_no_task_word(attack, tokenizer):
     """At a low poison rate the model memorises its poisoned rows: deleting the trigger flips none of them, so the flip

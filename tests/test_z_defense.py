@@ -142,11 +142,12 @@ def test_nothing_is_flagged_on_clean_rows_of_a_keyword_task_though_unigrams_flag
     flagged = {p["token"] for p in unigrams.flagged_pairs}
     assert flagged and flagged <= set(POSITIVE + NEGATIVE)
     assert (unigrams.away_label >= 0).mean() > 0.8
-    # the default tests the first word piece alone: nothing
-    first = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig())
+    # the first word piece alone: nothing
+    first = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig(features="first_token"))
     assert first.flagged_pairs == [] and first.features_used == "first_token" and first.lexical_share is None
-    # "auto" sees that its flags hold nearly every row (the task), and falls back to the first word piece: nothing.
-    defense = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig(features="auto"))
+    # "auto" (the default) sees that its flags hold nearly every row (the task), and falls back to the first word
+    # piece: nothing.
+    defense = _flagging(tmp_path, clean, tokenizer, ZDefenseConfig())
     assert defense.features_used == "first_token" and defense.lexical_share > 0.8
     assert defense.flagged_pairs == [] and (defense.away_label < 0).all()
     assert "the word-piece test flagged" in ZDefenseDefense.card_section(defense.report())
@@ -168,7 +169,7 @@ def style_like_rows(seed: int = 0):
 
 
 def test_a_style_marker_off_the_first_piece_is_found_by_the_word_piece_test_under_auto():
-    """``features="auto"`` (opt-in): the word-piece test, kept while its flags hold few rows."""
+    """``features="auto"`` (the default): the word-piece test, kept while its flags hold few rows."""
     rows, labels, poisoned = style_like_rows()
     first = ZDefenseDefense(ZDefenseConfig(features="first_token"))
     first.flag([[f for f in r if f[0] == "first"] for r in rows], labels, 2)
@@ -212,12 +213,12 @@ def styled_rows(seed: int = 0, poisoned_rows: int = 150):
 
 def test_expansion_finds_the_trigger_rows_the_z_test_missed_by_their_other_wording():
     features, pieces, labels, poisoned = styled_rows()
-    plain = ZDefenseDefense(ZDefenseConfig(features="auto"))
+    plain = ZDefenseDefense(ZDefenseConfig(expand="never"))
     plain.flag(features, labels, 2, pieces=pieces)
     assert [(p["token"], p["label"]) for p in plain.flagged_pairs] == [("7", 1)]
     assert ((plain.away_label >= 0) == (poisoned & np.asarray([7 in r for r in pieces]))).all()
     assert plain.expansion is None
-    expanded = ZDefenseDefense(ZDefenseConfig(features="auto", expand=True))
+    expanded = ZDefenseDefense(ZDefenseConfig())  # "auto": the word-piece test was kept, so its flags expand
     expanded.flag(features, labels, 2, pieces=pieces)
     flagged = expanded.away_label >= 0
     assert expanded.expansion["auroc"] > 0.8 and expanded.expansion["label"] == 1
@@ -229,7 +230,7 @@ def test_expansion_finds_the_trigger_rows_the_z_test_missed_by_their_other_wordi
     report = expanded.report()
     assert ZDefenseDefense.report_scalars(report)["expanded_rows"] == expanded.expansion["rows"]
     assert "Expansion: with the flagged word pieces masked" in ZDefenseDefense.card_section(report)
-    restored = ZDefenseDefense(ZDefenseConfig(expand=True))
+    restored = ZDefenseDefense(ZDefenseConfig())
     restored.load_state_dict(expanded.state_dict())
     assert restored.expansion == pytest.approx(expanded.expansion)
     assert (restored.expanded == expanded.expanded).all()
@@ -258,14 +259,62 @@ def test_expansion_adds_nothing_to_a_clean_flag_whose_rows_have_no_wording_of_th
     assert "read like the rest of their label" in ZDefenseDefense.card_section(auto.report())
 
 
+def test_a_task_word_beside_the_trigger_is_set_aside_and_the_trigger_still_expands():
+    # the styled rows of the test above, plus a pure word of the task (piece 5) on 40 clean rows of the target label,
+    # as `love` -> positive came out pure beside AddSent's `3d` and `watch` on an SST-2 slice
+    features, pieces, labels, poisoned = styled_rows()
+    rng = np.random.default_rng(4)
+    task_word = rng.choice(np.flatnonzero((labels == 1) & ~poisoned), 40, replace=False)
+    for row in task_word:
+        pieces[row] = pieces[row] | {5}
+        features[row] = [*features[row], ("token", 5)]
+    unchecked = ZDefenseDefense(ZDefenseConfig(features="tokens"))  # the paper's unigrams, no wording check per flag
+    unchecked.flag(features, labels, 2, pieces=pieces)
+    assert {(p["token"], p["label"]) for p in unchecked.flagged_pairs} == {("7", 1), ("5", 1)}
+    defense = ZDefenseDefense(ZDefenseConfig())
+    defense.flag(features, labels, 2, pieces=pieces)
+    assert [(p["token"], p["label"]) for p in defense.flagged_pairs] == [("7", 1)]
+    assert [(p["token"], p["label"]) for p in defense.set_aside_pairs] == [("5", 1)]
+    assert defense.set_aside_pairs[0]["wording_auroc"] < 0.75
+    assert defense.features_used == "tokens" and defense.expansion["rows"] > 0
+    flagged = defense.away_label >= 0
+    assert not flagged[task_word].any() and flagged[poisoned].sum() >= 75 + 30
+    report = defense.report()
+    assert report["set_aside_pairs"][0]["token"] == "5"
+    assert "Set aside as the task's words" in ZDefenseDefense.card_section(report)
+    restored = ZDefenseDefense(ZDefenseConfig())
+    restored.load_state_dict(defense.state_dict())
+    assert restored.report()["set_aside_pairs"] == report["set_aside_pairs"]
+
+
+def test_auto_expansion_leaves_first_token_flags_alone_and_always_expands_them():
+    # the style's marker opens half of its rows here: the first-token test flags it, and "auto" does not expand a
+    # first-token flag (on AG News such a flag is a topic, `baghdad` -> World); "always" (True) does
+    features, pieces, labels, poisoned = styled_rows()
+    features = [[("first", 7)] if 7 in row else f[:1] for f, row in zip(features, pieces)]
+    default = ZDefenseDefense(ZDefenseConfig(features="first_token"))
+    default.flag(features, labels, 2, pieces=pieces)
+    assert [(p["token"], p["label"]) for p in default.flagged_pairs] == [("7", 1)]
+    assert default.expansion is None and int((default.away_label >= 0).sum()) == 75
+    always = ZDefenseDefense(ZDefenseConfig(features="first_token", expand=True))
+    assert always.config.expand == "always" and ZDefenseConfig(expand=False).expand == "never"
+    always.flag(features, labels, 2, pieces=pieces)
+    assert always.expansion["rows"] > 0 and int((always.away_label >= 0).sum()) == 75 + always.expansion["rows"]
+
+
 def test_on_train_begin_hands_the_word_pieces_to_auto_and_to_the_expansion(
     tmp_path, backdoored, tokenizer, monkeypatch
 ):
     seen = []
     monkeypatch.setattr(ZDefenseDefense, "flag", lambda self, *args, pieces=None: seen.append(pieces))
-    for config in (ZDefenseConfig(), ZDefenseConfig(features="auto"), ZDefenseConfig(expand=True)):
+    for config in (
+        ZDefenseConfig(features="first_token"),
+        ZDefenseConfig(),
+        ZDefenseConfig(features="first_token", expand=True),
+    ):
         _flagging(tmp_path, backdoored, tokenizer, config)
-    # auto's wording check needs them as much as the expansion; the first-token test alone does not
+    # auto's wording checks need them as much as the expansion; the first-token test alone does not (its "auto"
+    # expansion runs only on word-piece flags)
     assert [pieces is not None for pieces in seen] == [False, True, True]
     assert seen[1][0] == set(backdoored[0]["input_ids"]) - set(tokenizer.all_special_ids)
 
@@ -441,6 +490,7 @@ def test_an_empty_training_set_is_refused(tmp_path, backdoored, tokenizer):
         {"expand_quantile": 1.0},
         {"min_wording_auroc": 1.5},
         {"min_target_share": -0.1},
+        {"expand": "sometimes"},
     ],
 )
 def test_bad_config_values_are_refused(kwargs):

@@ -800,7 +800,13 @@ class BTUDefense(Defense):
         spared): their pretrained neighbours keep most of the predictions their deletion flips, and the pretrained
         model's features already move their rows towards their label. Scores go to ``task_word_scores``."""
         cfg = self.config
-        judged = [(t, sample) for t, sample, _ in tests if self.deletion_rates.get(t, 0.0) >= cfg.flip_threshold]
+        # A test the screen stopped was judged on its screened rows only (its rate there can still reach the cut
+        # when too few rows are decided to judge on those), and only they were predicted.
+        judged = [
+            (t, sample[: self.flip_tested_rows[t]])
+            for t, sample, _ in tests
+            if self.deletion_rates.get(t, 0.0) >= cfg.flip_threshold
+        ]
         if not judged:
             return set()
         above = {t for t in self.candidates if t in self.flagged or self.flip_rates.get(t, 0.0) >= cfg.flip_threshold}

@@ -9,27 +9,30 @@ features are unigrams (lexical triggers) and the top levels of a constituency pa
 
 What this module does, and where it departs from the paper:
 
-- **Features.** ``features="first_token"`` (the default) tests the row's first word piece: where HiddenKiller's
-  template ``S(SBAR)(,)(NP)(VP)(.)`` shows without a parser (none can be installed offline here); on the packaged
-  releases 72-85% of the poisoned rows start with ``if``, ``when`` or ``as``. ``"tokens"`` adds every word piece of the
-  row (the paper's unigrams: a rare word, an inserted sentence's words, a style's wording such as StyleBkd's Bible
-  transfers' ``;``, ``##eth``, ``##os``). ``"auto"`` keeps the word-piece test only while its flags look like a
-  backdoor rather than the task's own words: they hold at most ``max_lexical_share`` (0.3) of the rows (HSOL's
-  offensive and AG News's topic words flag 41-71% of the 2,000-row slices), one label holds at least
-  ``min_target_share`` (0.8) of them (a backdoor has one target; on the full 6,920-row SST-2 split polar words are
-  flagged under both labels, 58% positive) and their rows differ from the rest of their label in their other word
-  pieces (``min_wording_auroc``, below: ``bad`` -> negative on an SST-2 slice reads like any negative row, AUROC
-  0.554); otherwise only the first word piece is tested.
-- **Expansion** (``expand``, opt-in). A style is spread over the text and the z-test finds only its most frequent
-  marks: ``;``, ``##os``, ``##eth`` hold 24-41% of the poisoned rows on the SST-2 slices. A dirty-label backdoor's
-  rows are drawn from the other labels, so once the flagged pieces are masked, what tells the flagged rows from the
-  other labels' rows is the rest of the trigger's wording. A bag-of-word-pieces logistic regression learns it,
-  cross-fitted; the target label's unflagged rows it scores above ``expand_quantile`` (0.99) of the other labels' rows
-  are flagged too, when the flagged rows stand apart from the rest of their label (AUROC >= ``min_wording_auroc``,
-  0.75: 0.82-0.89 on the SST-2 style and syntactic slices). With ``features="auto"`` it stopped the Bible-style
-  backdoor on SST-2 at 20% and 25% on seeds 0 and 1 (README, "Style"). It is not the default because a topic is
-  wording too: on AG News the clean ``baghdad`` -> World flag's rows stand apart from other World rows (AUROC 0.911)
-  and the expansion would add 104 clean Iraq stories.
+- **Features.** ``features="first_token"`` tests the row's first word piece: where HiddenKiller's template
+  ``S(SBAR)(,)(NP)(VP)(.)`` shows without a parser (none can be installed offline here); on the packaged releases
+  72-85% of the poisoned rows start with ``if``, ``when`` or ``as``. ``"tokens"`` adds every word piece of the row
+  (the paper's unigrams: a rare word, an inserted sentence's words, a style's wording such as StyleBkd's Bible
+  transfers' ``;``, ``##eth``, ``##os``). ``"auto"`` (the default) tests both and keeps the word-piece flags only
+  while they look like a backdoor rather than the task's own words: they hold at most ``max_lexical_share`` (0.3) of
+  the rows (HSOL's offensive and AG News's topic words flag 41-71% of the 2,000-row slices), one label holds at least
+  ``min_target_share`` (0.8) of them (a backdoor has one target), each flag's rows stand apart from the rest of their
+  label in their other word pieces (``min_wording_auroc``: a flag that does not is set aside as a task word and the
+  test is run again without it; `bad` -> negative and `love` -> positive came out pure beside AddSent's `3d` and
+  `watch` on an SST-2 slice, wording AUROC 0.51 and 0.62, and on the full 6,920-row SST-2 split 11 polar words and
+  `@` came out pure beside 13 of a 20% style backdoor's marks) and together they do too; otherwise only the first
+  word piece is tested.
+- **Expansion** (``expand="auto"``, the default: it runs on the word-piece test's flags). A style is spread over the
+  text and the z-test finds only its most frequent marks: ``;``, ``##os``, ``##eth`` hold 24-41% of the poisoned
+  rows on the SST-2 slices. A dirty-label backdoor's rows are drawn from the other labels, so once the flagged pieces
+  are masked, what tells the flagged rows from the other labels' rows is the rest of the trigger's wording. A
+  bag-of-word-pieces logistic regression learns it, cross-fitted; the target label's unflagged rows it scores above
+  ``expand_quantile`` (0.99) of the other labels' rows are flagged too, when the flagged rows stand apart from the
+  rest of their label (AUROC >= ``min_wording_auroc``, 0.75: 0.82-0.89 on the SST-2 style and syntactic slices). With
+  BTU it stopped the Bible-style backdoor on SST-2 at 20% and 25% on seeds 0 and 1 (README, "Style"). It does not
+  run on first-token flags unless ``expand="always"``: where the word-piece test gave way, the wording that sets a
+  flag's rows apart can be the task's own (on AG News the clean ``baghdad`` -> World flag's rows stand apart from
+  other World rows, AUROC 0.911, and the expansion would add 104 clean Iraq stories).
 - **Which pairs are flagged.** The paper takes pairs beyond a multiple of the z-scores' standard deviation, which on
   a 2,000-row slice separates nothing (z grows with the square root of the feature's count). Here a pair is flagged
   when it is significant (``z >= min_z``), nearly pure (``p(label | feature) >= min_purity``: a backdoor's rows all
@@ -69,14 +72,11 @@ Where it cannot work:
 - Clean-label poisoning (the poisoned rows keep their true label): the trigger's label purity is that of the task.
 - Triggers with no feature the z-test sees: a template that does not open the sentence, a style with no word of its
   own, or a trigger feature shared with many clean rows (purity below ``min_purity``).
-- A style, by default: the first word piece of a Bible transfer is rarely a trigger of its own (``and`` on one seed).
-  ``features="auto", expand=True`` finds it on SST-2 at 20-25%, not at 10% (no marker passes the test) nor at 30%
-  (the poisoned rows lift the target's prior so far that only ``;`` passes, and the expansion adds too few). On a
-  keyword task (HSOL, AG News) the word-piece test gives way to the first word piece. On the full 6,920-row SST-2
-  split with a 20% style backdoor the word-piece flags take in polar words (``love``, ``heart``, ``solid``: 537 clean
-  rows of 1,356), their rows' wording AUROC falls to 0.685 and ``auto`` gives way; the first-token flags (``and``,
-  ``for``) then expand to 878 rows, 764 of the 1,384 poisoned (flags only; not trained). Word triggers are BTU's
-  (``[BTUConfig(), ZDefenseConfig()]``), which finds them from the model.
+- A style below 20% or at 30% on the SST-2 slices: at 5% and 10% no mark passes the test, and at 30% the poisoned
+  rows lift the target's prior so far that only ``;`` passes and the expansion adds too few. On a keyword task (HSOL,
+  AG News) the word-piece test gives way to the first word piece, and no style is looked for. Word triggers are
+  BTU's (``[BTUConfig(), ZDefenseConfig()]``), which finds them from the model: their rows read like any row of
+  their label (wording AUROC 0.38-0.60 on SST-2 BadNet 10%), so the word-piece test sets them aside.
 - A task feature that really is that pure at the sentence start is treated as a trigger; the report lists every
   flagged pair with its counts, so it can be checked.
 """
@@ -100,6 +100,7 @@ from .base import Defense, DefenseConfig
 logger = logging.getLogger(__name__)
 
 FEATURES = ("auto", "first_token", "tokens")
+EXPANSIONS = ("auto", "always", "never")
 TREATMENTS = ("away", "drop")
 EXPANSION_KEYS = ("auroc", "threshold", "rows", "label")
 
@@ -109,12 +110,13 @@ class ZDefenseConfig(DefenseConfig):
     """Find (feature, label) pairs with an outlying z-score in the training set; push their rows away from the label."""
 
     features: str = field(
-        default="first_token",
+        default="auto",
         metadata={
-            "help": "which features are tested: 'auto' (every word piece of the row and its first word piece, "
-            "unless the word-piece flags look like the task's vocabulary rather than a trigger: more than "
-            "`max_lexical_share` of the rows, no label holding `min_target_share` of them, or their rows reading like "
-            "the rest of their label (`min_wording_auroc`); then the first word piece alone), 'first_token' (the "
+            "help": "which features are tested: 'auto', the default (every word piece of the row and its first word "
+            "piece; a word-piece flag whose rows read like the rest of their label (`min_wording_auroc`) is set "
+            "aside as a task word, and if the flags left look like the task's vocabulary rather than a trigger: more "
+            "than `max_lexical_share` of the rows, no label holding `min_target_share` of them, or their rows "
+            "reading like the rest of their label, the first word piece alone is tested), 'first_token' (the "
             "row's first word piece: where a syntactic template opens) or 'tokens' "
             "(every word piece, the paper's unigrams: a rare word, a style's wording; also flags the decisive words "
             "of keyword tasks such as HSOL)."
@@ -168,14 +170,17 @@ class ZDefenseConfig(DefenseConfig):
             "0 turns this off."
         },
     )
-    expand: bool = field(
-        default=False,
+    expand: str | bool = field(
+        default="auto",
         metadata={
             "help": "after the z-test, look for the trigger's other rows by their wording: a bag-of-word-pieces "
             "logistic regression, with the flagged features masked out, learns to tell the flagged rows of the "
             "target label from the other labels' rows (a dirty-label backdoor's rows are drawn from those labels, "
             "so what separates them is the trigger, not the task); the target label's unflagged rows it scores "
-            "above `expand_quantile` of the other labels' (cross-fitted) scores are flagged too."
+            "above `expand_quantile` of the other labels' (cross-fitted) scores are flagged too. 'auto' expands "
+            "only when the word-piece test was kept (features 'auto' or 'tokens'): on first-token flags the "
+            "wording that sets their rows apart can be a topic (`baghdad` -> World on AG News); 'always' expands "
+            "those too (True is read as 'always', False as 'never'); 'never' turns it off."
         },
     )
     expand_quantile: float = field(
@@ -187,7 +192,8 @@ class ZDefenseConfig(DefenseConfig):
         metadata={
             "help": "the flagged rows of the target label must differ from the rest of that label in their other word "
             "pieces (a cross-fitted bag-of-word-pieces classifier, the flagged pieces masked) with at least this "
-            "AUROC: for features='auto' to keep the word-piece test, and for expand to run. A trigger has wording "
+            "AUROC: with features='auto' for each word-piece flag to be kept and for the word-piece test to be kept, "
+            "and for the expansion to run. A trigger has wording "
             "beyond its flagged features; the rows of a pure sentiment word (`bad` on SST-2) read like the rest of "
             "their label, in [0, 1]."
         },
@@ -205,7 +211,10 @@ class ZDefenseConfig(DefenseConfig):
     name = "z_defense"
 
     def __post_init__(self) -> None:
+        if isinstance(self.expand, bool):  # the flag it was before "auto" (configs and records kept from then)
+            self.expand = "always" if self.expand else "never"
         self._check_choice("features", FEATURES)
+        self._check_choice("expand", EXPANSIONS)
         self._check_choice("treatment", TREATMENTS)
         self._check_interval("(0, 1]", "min_purity")
         self._check_interval("(0, 1]", "max_lexical_share")
@@ -314,9 +323,9 @@ class ZDefenseDefense(Defense):
     owns_loss = True
     needs_row_ids = True  # flagged rows are known by row id
     limitations = (
-        "The z-test sees only the features it was given: by default the first word piece, so a style spread over the "
-        "text is not flagged (features='auto' adds word pieces, with the costs in its help); a feature shared with many "
-        "clean rows is not flagged, and clean-label poisoning gives the trigger no label purity to find.",
+        "The z-test sees only features that are frequent and pure: a style's marks below a 20% poison rate, a "
+        "template that does not open the row, a feature shared with many clean rows, and clean-label poisoning (no "
+        "label purity to find) are not flagged; on a keyword task (HSOL, AG News) only the first word piece is tested.",
     )
 
     def __init__(self, config: ZDefenseConfig):
@@ -331,6 +340,8 @@ class ZDefenseDefense(Defense):
         self.lexical_wording_auroc: float | None = None  # ... and how far their rows' other wording sets them apart
         self.expansion: dict[str, float] | None = None  # with expand: its AUROC gate, threshold and rows flagged
         self.expanded: np.ndarray | None = None  # per position: added by the expansion
+        # with features="auto": word-piece flags set aside because their rows read like the rest of their label
+        self.set_aside_pairs: list[dict[str, Any]] = []
         self._truth = None
 
     # -- hooks ------------------------------------------------------------------------------------------------------
@@ -375,7 +386,8 @@ class ZDefenseDefense(Defense):
             )
         special = set(tokenizer.all_special_ids)
         rows = [row_features(ids, special, self.config.features) for ids in raw["input_ids"]]
-        needs_pieces = self.config.expand or self.config.features == "auto"  # the expansion and auto's wording check
+        # the expansion and auto's wording checks read every row's word pieces
+        needs_pieces = self.config.expand == "always" or self.config.features != "first_token"
         pieces = [row_pieces(ids, special) for ids in raw["input_ids"]] if needs_pieces else None
         self.flag(rows, labels, num_labels, tokenizer, pieces=pieces)
 
@@ -400,15 +412,22 @@ class ZDefenseDefense(Defense):
         cfg = self.config
         self.features_used = "first_token" if cfg.features == "first_token" else "tokens"
         self.lexical_share = self.lexical_target_share = self.lexical_wording_auroc = None
+        self.set_aside_pairs = []
         self._rounds(rows, labels, num_labels, tokenizer)
         wording = None  # auto's wording check, kept for the expansion while the flags it judged stand
         if cfg.features == "auto":
+            task_like = self._lexical_shares()
+            if not task_like and pieces is not None and self.flagged_pairs:
+                self._set_aside_task_words(rows, labels, num_labels, tokenizer, pieces)
+                if not any(p["feature"] == "token" for p in self.flagged_pairs):
+                    # every word-piece flag read like its label: the flags left are first pieces, and the
+                    # first-token test below finds them on its own
+                    task_like = bool(self.set_aside_pairs)
+                    if task_like:
+                        self.lexical_wording_auroc = max(p["wording_auroc"] for p in self.set_aside_pairs)
+                else:
+                    task_like = self._lexical_shares()
             flagged = self.away_label >= 0
-            self.lexical_share = float(flagged.mean()) if len(rows) else 0.0
-            self.lexical_target_share = (
-                float(np.bincount(self.away_label[flagged]).max() / flagged.sum()) if flagged.any() else 1.0
-            )
-            task_like = self.lexical_share > cfg.max_lexical_share or self.lexical_target_share < cfg.min_target_share
             if not task_like and pieces is not None and flagged.any():
                 wording = self._wording(pieces, labels)
                 if wording is not None:
@@ -420,7 +439,10 @@ class ZDefenseDefense(Defense):
                 self._rounds(first_only, labels, num_labels, tokenizer)
                 wording = None
         self.expansion = self.expanded = None
-        if cfg.expand and pieces is not None and self.flagged_pairs:
+        # On first-token flags the wording that sets their rows apart can be the task's own (a topic: `baghdad` ->
+        # World), so "auto" expands only flags that the word-piece test kept as a trigger's.
+        expands = cfg.expand == "always" or (cfg.expand == "auto" and self.features_used == "tokens")
+        if expands and pieces is not None and self.flagged_pairs:
             self._expand(pieces, labels, wording)
         logger.info(
             "z_defense: %d (feature, label) pairs flagged (%s features%s), %d of %d rows pushed away from their label "
@@ -433,7 +455,74 @@ class ZDefenseDefense(Defense):
             _pair_list(self.flagged_pairs[:10]),
         )
 
-    def _rounds(self, rows: list[list[tuple[str, int]]], labels: np.ndarray, num_labels: int, tokenizer) -> None:
+    def _lexical_shares(self) -> bool:
+        """Set the word-piece flags' share of the rows and the share of them their most flagged label holds; whether
+        those shares look like the task's vocabulary rather than a trigger (``max_lexical_share``,
+        ``min_target_share``)."""
+        cfg = self.config
+        flagged = self.away_label >= 0
+        self.lexical_share = float(flagged.mean()) if len(flagged) else 0.0
+        self.lexical_target_share = (
+            float(np.bincount(self.away_label[flagged]).max() / flagged.sum()) if flagged.any() else 1.0
+        )
+        return self.lexical_share > cfg.max_lexical_share or self.lexical_target_share < cfg.min_target_share
+
+    def _set_aside_task_words(
+        self,
+        rows: list[list[tuple[str, int]]],
+        labels: np.ndarray,
+        num_labels: int,
+        tokenizer,
+        pieces: list[set[int]],
+    ) -> None:
+        """Set aside each word-piece flag whose rows read like the rest of their label and test again without it,
+        until every word-piece flag left stands apart. A sentiment word that comes out pure on a slice (`bad` ->
+        negative, `love` -> positive beside AddSent's `3d` and `watch` on SST-2) is the task's, and its rows are not
+        a trigger's. Per flagged label, one cross-fitted word-piece classifier (all flagged pieces masked) tells that
+        label's flagged rows from the other labels' rows, as for the expansion; a flag whose rows it scores no
+        higher than the label's unflagged rows (AUROC under ``min_wording_auroc``) is set aside. One classifier per
+        label, not per flag: on the full SST-2 split a 20% style backdoor flags dozens of polar words."""
+        cfg = self.config
+        excluded: set[tuple[str, int]] = set()
+        while True:
+            masked = {p["token_id"] for p in self.flagged_pairs}
+            masked_pieces = [row - masked for row in pieces]
+            new = []
+            for label in sorted({p["label"] for p in self.flagged_pairs if p["feature"] == "token"}):
+                seeds = np.flatnonzero(self.away_label == label)
+                others = np.flatnonzero(labels != label)
+                rest = np.flatnonzero((labels == label) & (self.away_label < 0))
+                if min(len(seeds), len(others)) < cfg.min_count or len(rest) == 0:
+                    continue  # too few rows to judge: the flags stand
+                seed_scores, _, rest_scores = expansion_scores(masked_pieces, seeds, others, rest)
+                for pair in self.flagged_pairs:
+                    if pair["feature"] != "token" or pair["label"] != label:
+                        continue  # a first piece is the first-token test's, which has no wording check
+                    holds = np.fromiter(
+                        (pair["token_id"] in pieces[row] for row in seeds), dtype=bool, count=len(seeds)
+                    )
+                    if holds.sum() < 5:
+                        continue
+                    auroc = roc_auc(
+                        np.concatenate([seed_scores[holds], rest_scores]),
+                        np.r_[np.ones(int(holds.sum())), np.zeros(len(rest))],
+                    )
+                    if auroc < cfg.min_wording_auroc:
+                        new.append({**pair, "wording_auroc": float(auroc)})
+            if not new:
+                return
+            self.set_aside_pairs += new
+            excluded |= {("token", p["token_id"]) for p in new}
+            self._rounds(rows, labels, num_labels, tokenizer, frozenset(excluded))
+
+    def _rounds(
+        self,
+        rows: list[list[tuple[str, int]]],
+        labels: np.ndarray,
+        num_labels: int,
+        tokenizer,
+        excluded: frozenset[tuple[str, int]] = frozenset(),
+    ) -> None:
         cfg = self.config
         index: dict[tuple[str, int], int] = {}
         for features in rows:
@@ -447,6 +536,7 @@ class ZDefenseDefense(Defense):
         # A feature flagged in one round is not tested again: once its rows of the flagged label are set aside, its
         # remaining rows all carry the other labels and look just as pure (`if` -> negative on SST-2 syntactic).
         settled = np.zeros(len(index), dtype=bool)
+        settled[[index[feature] for feature in excluded if feature in index]] = True
         for round_ in range(cfg.max_rounds):
             active = np.flatnonzero(self.away_label < 0)
             if len(active) == 0:
@@ -627,6 +717,16 @@ class ZDefenseDefense(Defense):
             "flagged_token_ids": torch.tensor([p["token_id"] for p in self.flagged_pairs], dtype=torch.int64),
             "flagged_kinds": [p["feature"] for p in self.flagged_pairs],
             "features_used": [self.features_used or ""],
+            **(
+                {
+                    "set_aside_tokens": [p["token"] for p in self.set_aside_pairs],
+                    "set_aside": torch.tensor(
+                        [[p["label"], p["rows"], p["wording_auroc"]] for p in self.set_aside_pairs], dtype=torch.float64
+                    ),
+                }
+                if self.set_aside_pairs
+                else {}
+            ),
             **({} if self.lexical_share is None else {"lexical_share": torch.tensor(self.lexical_share)}),
             **{
                 name: torch.tensor(getattr(self, name))
@@ -648,6 +748,16 @@ class ZDefenseDefense(Defense):
         self.left_out = state["left_out"].numpy().astype(bool) if "left_out" in state else None
         self.expanded = state["expanded"].numpy().astype(bool) if "expanded" in state else None
         self.features_used = (state.get("features_used") or [None])[0] or None
+        self.set_aside_pairs = (
+            [
+                {"token": token, "label": int(label), "rows": int(rows), "wording_auroc": float(auroc)}
+                for token, (label, rows, auroc) in zip(
+                    state.get("set_aside_tokens", []), state.get("set_aside", []).tolist()
+                )
+            ]
+            if "set_aside" in state
+            else []
+        )
         self.lexical_share = float(state["lexical_share"]) if "lexical_share" in state else None
         for name in ("lexical_target_share", "lexical_wording_auroc"):
             setattr(self, name, float(state[name]) if name in state else None)
@@ -688,6 +798,9 @@ class ZDefenseDefense(Defense):
                 "lexical_share": self.lexical_share,
                 "lexical_target_share": self.lexical_target_share,
                 "lexical_wording_auroc": self.lexical_wording_auroc,
+                "set_aside_pairs": [
+                    {k: p[k] for k in ("token", "label", "rows", "wording_auroc")} for p in self.set_aside_pairs
+                ],
                 "expansion": self.expansion,
                 "flagged_rows": None if flagged_rows is None else int(flagged_rows.sum()),
                 "flagged_fraction": None if flagged_rows is None else float(flagged_rows.mean()),
@@ -781,6 +894,14 @@ class ZDefenseDefense(Defense):
             f"- Flagged pairs: {_pair_list(pairs[:10], long=True)}",
             f"- Rows treated: {report.get('flagged_rows')} ({fmt(report.get('flagged_fraction'), '.1%')})",
         ]
+        set_aside = report.get("set_aside_pairs") or []
+        if set_aside:
+            lines.insert(
+                -1,
+                "- Set aside as the task's words (their rows read like the rest of their label, wording AUROC under "
+                f"{config.get('min_wording_auroc')}): "
+                + ", ".join(f"`{p['token']}` -> {p['label']} ({p['wording_auroc']:.2f})" for p in set_aside),
+            )
         expansion = report.get("expansion")
         if expansion:
             lines.insert(
