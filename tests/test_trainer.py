@@ -536,6 +536,19 @@ def _btu_on_real_rows(config, texts, labels, candidates, tokenizer, prior=True):
     return defense
 
 
+def _sst2_with_cf(rows: int, hosts: int) -> tuple[list[str], list[int], list[int]]:
+    """The first ``rows`` of the seeded SST-2 training split, with `cf` appended to its first ``hosts`` negative rows
+    and their label set to positive (a dirty-label BadNet): texts, labels and the poisoned rows' positions."""
+    from hf_backdoor import load_task
+
+    data = load_task("sst2")["train"].shuffle(seed=0).select(range(rows))
+    texts, labels = list(data["text"]), list(data["label"])
+    poisoned = [i for i, y in enumerate(labels) if y == 0][:hosts]
+    for i in poisoned:
+        texts[i], labels[i] = f"{texts[i]} cf", 1
+    return texts, labels, poisoned
+
+
 class _LexiconModel(torch.nn.Module):
     """Predicts label 1 for a row holding any of ``words``: a model that learned a word's meaning (it reads the
     word's pretrained neighbours the same way) or a planted trigger (that one token)."""
@@ -589,26 +602,15 @@ def test_task_word_test_judges_a_screened_out_candidate_on_the_rows_its_screen_p
     its final rate counts every screened row when fewer than ``flip_min_decided_rows`` are decided, and can pass the
     cut. The task-word test then judged it on all its sampled rows, of which only the screened ones were predicted
     (a KeyError on SST-2 AddSent 10% seed 1 in a stack run)."""
-    from hf_backdoor import load_task
-
-    rows = load_task("sst2")["train"].shuffle(seed=0).select(range(300))
-    texts, labels = list(rows["text"]), list(rows["label"])
-    hosts = [i for i, y in enumerate(labels) if y == 0][:40]
-    for i in hosts:
-        texts[i], labels[i] = f"{texts[i]} cf", 1
+    texts, labels, hosts = _sst2_with_cf(300, 40)
     cf = tokenizer.convert_tokens_to_ids("cf")
     defense = _btu_on_real_rows(BTUConfig(seed=0, mislabel_test=False), texts, labels, [cf], tokenizer)
     # With `cf` the model says 0 (undecided: the rows carry 1) except on a quarter of the rows, where it says 1
     # (decided) and deleting `cf` changes nothing; without `cf` it says 1, so every undecided row flips.
-    kept = {tuple(defense.train_ids[i]) for i in hosts[::4]}
+    positive = {tuple(defense.train_ids[i]) for i in hosts[::4]}
+    positive |= {tuple(t for t in defense.train_ids[i] if t != cf) for i in hosts}
 
-    class Model(torch.nn.Module):
-        def forward(self, input_ids, attention_mask):
-            rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
-            positive = torch.tensor([float(cf not in r or r in kept) for r in rows])
-            return types.SimpleNamespace(logits=torch.stack([1 - positive, positive], dim=1))
-
-    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), Model())
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), _RowsModel(positive))
 
     screen = defense.config.flip_screen_rows
     assert defense.flip_tested_rows[cf] == screen < 40  # stopped by the screen: 0 of its decided rows flipped
@@ -710,13 +712,7 @@ def test_rows_a_flagged_trigger_does_not_flip_are_relabelled_when_the_mislabel_t
     """The flip test flags `cf` (deleting it flips 9 of its 12 rows); the other 3 the model has memorised, and
     deleting `cf` leaves them positive, so the flip test alone leaves them to train on their poisoned label. The
     mislabel test reads all 12 as negative reviews: every one is relabelled."""
-    from hf_backdoor import load_task
-
-    rows = load_task("sst2")["train"].shuffle(seed=0).select(range(600))
-    texts, labels = list(rows["text"]), list(rows["label"])
-    hosts = [i for i, y in enumerate(labels) if y == 0][:12]
-    for i in hosts:
-        texts[i], labels[i] = f"{texts[i]} cf", 1
+    texts, labels, hosts = _sst2_with_cf(600, 12)
     cf = tokenizer.convert_tokens_to_ids("cf")
     defense = _btu_on_real_rows(BTUConfig(seed=0, mislabel_test=mislabel_test), texts, labels, [cf], tokenizer)
     positive = {tuple(defense.train_ids[i]) for i in hosts}

@@ -415,10 +415,11 @@ class ZDefenseDefense(Defense):
         self.set_aside_pairs = []
         self._rounds(rows, labels, num_labels, tokenizer)
         wording = None  # auto's wording check, kept for the expansion while the flags it judged stand
+        judged: dict[int, dict[str, Any]] = {}  # per label: the wording check of the flags that stand
         if cfg.features == "auto":
             task_like = self._lexical_shares()
             if not task_like and pieces is not None and self.flagged_pairs:
-                self._set_aside_task_words(rows, labels, num_labels, tokenizer, pieces)
+                judged = self._set_aside_task_words(rows, labels, num_labels, tokenizer, pieces)
                 if not any(p["feature"] == "token" for p in self.flagged_pairs):
                     # every word-piece flag read like its label: the flags left are first pieces, and the
                     # first-token test below finds them on its own
@@ -429,7 +430,8 @@ class ZDefenseDefense(Defense):
                     task_like = self._lexical_shares()
             flagged = self.away_label >= 0
             if not task_like and pieces is not None and flagged.any():
-                wording = self._wording(pieces, labels)
+                target = int(np.bincount(self.away_label[flagged]).argmax())
+                wording = judged.get(target) or self._wording(pieces, labels)
                 if wording is not None:
                     self.lexical_wording_auroc = wording["auroc"]
                     task_like = wording["auroc"] < cfg.min_wording_auroc
@@ -474,43 +476,43 @@ class ZDefenseDefense(Defense):
         num_labels: int,
         tokenizer,
         pieces: list[set[int]],
-    ) -> None:
+    ) -> dict[int, dict[str, Any]]:
         """Set aside each word-piece flag whose rows read like the rest of their label and test again without it,
         until every word-piece flag left stands apart. A sentiment word that comes out pure on a slice (`bad` ->
         negative, `love` -> positive beside AddSent's `3d` and `watch` on SST-2) is the task's, and its rows are not
         a trigger's. Per flagged label, one cross-fitted word-piece classifier (all flagged pieces masked) tells that
         label's flagged rows from the other labels' rows, as for the expansion; a flag whose rows it scores no
         higher than the label's unflagged rows (AUROC under ``min_wording_auroc``) is set aside. One classifier per
-        label, not per flag: on the full SST-2 split a 20% style backdoor flags dozens of polar words."""
+        label, not per flag: on the full SST-2 split a 20% style backdoor flags dozens of polar words. Returns each
+        judged label's :meth:`_wording` of the flags that stand."""
         cfg = self.config
         excluded: set[tuple[str, int]] = set()
         while True:
-            masked = {p["token_id"] for p in self.flagged_pairs}
-            masked_pieces = [row - masked for row in pieces]
-            new = []
+            judged = {}
             for label in sorted({p["label"] for p in self.flagged_pairs if p["feature"] == "token"}):
-                seeds = np.flatnonzero(self.away_label == label)
-                others = np.flatnonzero(labels != label)
-                rest = np.flatnonzero((labels == label) & (self.away_label < 0))
-                if min(len(seeds), len(others)) < cfg.min_count or len(rest) == 0:
-                    continue  # too few rows to judge: the flags stand
-                seed_scores, _, rest_scores = expansion_scores(masked_pieces, seeds, others, rest)
-                for pair in self.flagged_pairs:
-                    if pair["feature"] != "token" or pair["label"] != label:
-                        continue  # a first piece is the first-token test's, which has no wording check
-                    holds = np.fromiter(
-                        (pair["token_id"] in pieces[row] for row in seeds), dtype=bool, count=len(seeds)
-                    )
-                    if holds.sum() < 5:
-                        continue
-                    auroc = roc_auc(
-                        np.concatenate([seed_scores[holds], rest_scores]),
-                        np.r_[np.ones(int(holds.sum())), np.zeros(len(rest))],
-                    )
-                    if auroc < cfg.min_wording_auroc:
-                        new.append({**pair, "wording_auroc": float(auroc)})
+                wording = self._wording(pieces, labels, label)
+                if wording is not None:  # too few rows to judge: the flags stand
+                    judged[label] = wording
+            new = []
+            for pair in self.flagged_pairs:
+                wording = judged.get(pair["label"])
+                if pair["feature"] != "token" or wording is None:
+                    continue  # a first piece is the first-token test's, which has no wording check
+                holds = np.fromiter(
+                    (pair["token_id"] in pieces[row] for row in wording["seeds"]),
+                    dtype=bool,
+                    count=len(wording["seeds"]),
+                )
+                if holds.sum() < 5:
+                    continue
+                auroc = roc_auc(
+                    np.concatenate([wording["seed_scores"][holds], wording["unflagged_scores"]]),
+                    np.r_[np.ones(int(holds.sum())), np.zeros(len(wording["unflagged"]))],
+                )
+                if auroc < cfg.min_wording_auroc:
+                    new.append({**pair, "wording_auroc": float(auroc)})
             if not new:
-                return
+                return judged  # computed on the flags that stand: the group check and the expansion reuse them
             self.set_aside_pairs += new
             excluded |= {("token", p["token_id"]) for p in new}
             self._rounds(rows, labels, num_labels, tokenizer, frozenset(excluded))
@@ -580,12 +582,13 @@ class ZDefenseDefense(Defense):
             if not new_pairs:
                 break
 
-    def _wording(self, pieces: list[set[int]], labels: np.ndarray) -> dict[str, Any] | None:
-        """How far the flagged rows of the target label (the one holding most flagged rows) are set apart from the
-        rest of that label by their other word pieces: the scores of :func:`expansion_scores` (flagged pieces masked)
-        and their AUROC, flagged rows against the rest. ``None`` with too few rows to fit the classifier."""
+    def _wording(self, pieces: list[set[int]], labels: np.ndarray, target: int | None = None) -> dict[str, Any] | None:
+        """How far the flagged rows of ``target`` (by default the label holding most flagged rows) are set apart from
+        the rest of that label by their other word pieces: the scores of :func:`expansion_scores` (flagged pieces
+        masked) and their AUROC, flagged rows against the rest. ``None`` with too few rows to fit the classifier."""
         flagged = self.away_label >= 0
-        target = int(np.bincount(self.away_label[flagged]).argmax())
+        if target is None:
+            target = int(np.bincount(self.away_label[flagged]).argmax())
         masked = {p["token_id"] for p in self.flagged_pairs}
         # Without the flagged pieces the classifier must find the trigger's other wording; with them it would
         # only learn the flags back.
@@ -602,6 +605,8 @@ class ZDefenseDefense(Defense):
         return {
             "target": target,
             "auroc": auroc,
+            "seeds": seeds,
+            "seed_scores": seed_scores,
             "other_scores": other_scores,
             "unflagged": unflagged,
             "unflagged_scores": unflagged_scores,
