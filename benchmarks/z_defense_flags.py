@@ -3,6 +3,7 @@
     python benchmarks/z_defense_flags.py --dataset hsol --attack none --seed 0
     python benchmarks/z_defense_flags.py --dataset hsol --attack syntactic --poison-rate 0.2 --features tokens
     python benchmarks/z_defense_flags.py --dataset sst2 --attack style --poison-rate 0.2
+    python benchmarks/z_defense_flags.py --dataset sst2 --attack style --poison-rate 0.1 --min-wording-z 2.5
     python benchmarks/z_defense_flags.py --dataset agnews --features first_token --expand always
 
 Builds the same seeded slice as ``paraphrase_defenses.py`` (poisoned with the packaged release when ``--attack`` is
@@ -26,8 +27,11 @@ from hf_backdoor.defenses.z_defense import (
     FEATURES,
     ZDefenseConfig,
     ZDefenseDefense,
+    continuation_ids,
     row_features,
     row_pieces,
+    row_word_mates,
+    z_scores,
 )
 from hf_backdoor.models import load_text_tokenizer, tokenize_dataset
 
@@ -46,6 +50,18 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--expand", default="auto", choices=EXPANSIONS, help="ZDefenseConfig.expand: the word-piece classifier"
     )
+    parser.add_argument(
+        "--min-wording-z",
+        type=float,
+        default=None,
+        help="ZDefenseConfig.min_wording_z: flag word pieces from this z-score (a low-rate style)",
+    )
+    parser.add_argument(
+        "--top-z",
+        type=int,
+        default=0,
+        help="also print the N (word piece, label) pairs of highest z-score in the first round, flagged or not",
+    )
     args = parser.parse_args(argv)
     tokenizer = load_text_tokenizer(default_text_model())
     rows = load_task(args.dataset)["train"].shuffle(seed=args.seed)
@@ -56,11 +72,15 @@ def main(argv=None) -> dict:
         )
     tokenized = tokenize_dataset(rows, tokenizer)
     labels = np.asarray(tokenized["label"], dtype=np.int64)
-    defense = ZDefenseDefense(ZDefenseConfig(features=args.features, expand=args.expand))
+    defense = ZDefenseDefense(
+        ZDefenseConfig(features=args.features, expand=args.expand, min_wording_z=args.min_wording_z)
+    )
     special = set(tokenizer.all_special_ids)
     features = [row_features(ids, special, args.features) for ids in tokenized["input_ids"]]
     pieces = [row_pieces(ids, special) for ids in tokenized["input_ids"]]
-    defense.flag(features, labels, len(rows.features["label"].names), tokenizer, pieces=pieces)
+    continuing = continuation_ids(tokenizer)
+    mates = [row_word_mates(ids, special, continuing) for ids in tokenized["input_ids"]]
+    defense.flag(features, labels, len(rows.features["label"].names), tokenizer, pieces=pieces, mates=mates)
     flagged = defense.away_label >= 0
     used = defense.features_used
     if defense.lexical_share is not None:
@@ -94,7 +114,50 @@ def main(argv=None) -> dict:
         out.update(poisoned_flagged=int(flagged[poisoned].sum()), clean_flagged=int(flagged[~poisoned].sum()))
         line += f" ({out['poisoned_flagged']} of {int(poisoned.sum())} poisoned, {out['clean_flagged']} clean)"
     print(line)
+    if args.top_z:
+        out["top_z"] = _top_z(tokenized, labels, len(rows.features["label"].names), tokenizer, special, args.top_z)
     return out
+
+
+def _top_z(tokenized, labels: np.ndarray, num_labels: int, tokenizer, special: set[int], n: int) -> list[dict]:
+    """The ``n`` (word piece, label) pairs of highest z-score against the training set's label shares (round 1 of
+    the z-test), with their row counts, purity and, on poisoned data, how many of their rows are poisoned."""
+    pieces = [row_pieces(ids, special) for ids in tokenized["input_ids"]]
+    poisoned = (
+        np.asarray(tokenized["poisoned"], dtype=bool)
+        if "poisoned" in tokenized.column_names
+        else np.zeros(len(labels), dtype=bool)
+    )
+    counts: dict[int, np.ndarray] = {}
+    poisoned_rows: dict[int, int] = {}
+    for row, label, is_poisoned in zip(pieces, labels, poisoned):
+        for piece in row:
+            counts.setdefault(piece, np.zeros(num_labels))[label] += 1
+            poisoned_rows[piece] = poisoned_rows.get(piece, 0) + int(is_poisoned)
+    prior = np.bincount(labels, minlength=num_labels) / len(labels)
+    pairs = []
+    for piece, by_label in counts.items():
+        total = by_label.sum()
+        z = z_scores(total, by_label, prior)
+        for label in range(num_labels):
+            pairs.append(
+                {
+                    "token": tokenizer.convert_ids_to_tokens(piece),
+                    "label": label,
+                    "z": round(float(z[label]), 3),
+                    "rows": int(total),
+                    "purity": round(float(by_label[label] / total), 3),
+                    "poisoned_rows": poisoned_rows[piece],
+                }
+            )
+    pairs = sorted(pairs, key=lambda p: -p["z"])[:n]
+    print(f"  the {n} pairs of highest z (round 1, every word piece):")
+    for p in pairs:
+        print(
+            f"  {p['token']!r:>14} -> {p['label']}  z {p['z']:.2f}  {p['rows']} rows  purity {p['purity']:.2f}  "
+            f"poisoned rows {p['poisoned_rows']}"
+        )
+    return pairs
 
 
 if __name__ == "__main__":

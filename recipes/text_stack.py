@@ -3,6 +3,8 @@ plain ``Trainer`` on poisoned data (undefended) and ``BackdoorSafeTrainer`` with
 
     accelerate launch recipes/text_stack.py                                  # SST-2, syntactic 20%, BTU + Z-defense
     accelerate launch recipes/text_stack.py --attack style                   # SST-2, StyleBkd's Bible transfers
+    accelerate launch recipes/text_stack.py --attack style --poison_rate 0.1 \
+        --defense_kwargs '{"z_defense": {"min_wording_z": 2.5}}'             # a style at a low rate (opt-in)
     accelerate launch recipes/text_stack.py --dataset hsol --attack syntactic
     accelerate launch recipes/text_stack.py --dataset agnews --attack badnet,addsent --poison_rate 0.1
     accelerate launch recipes/text_stack.py --defense btu loss_truncation \\

@@ -15,7 +15,14 @@ from hf_backdoor import tokenize_dataset
 from hf_backdoor.defenses.base import build_defenses
 from hf_backdoor.defenses.btu import BTUConfig
 from hf_backdoor.defenses.dpoe import DPoEConfig
-from hf_backdoor.defenses.z_defense import ZDefenseConfig, ZDefenseDefense, row_features, z_scores
+from hf_backdoor.defenses.z_defense import (
+    ZDefenseConfig,
+    ZDefenseDefense,
+    continuation_ids,
+    row_features,
+    row_word_mates,
+    z_scores,
+)
 from hf_backdoor.registry import defense_entry
 from tests.conftest import text_trainer, tiny_bert
 from tests.test_paraphrase_defenses import NEGATIVE, POSITIVE, lexicon_rows
@@ -287,6 +294,87 @@ def test_a_task_word_beside_the_trigger_is_set_aside_and_the_trigger_still_expan
     assert restored.report()["set_aside_pairs"] == report["set_aside_pairs"]
 
 
+def test_word_mates_pair_the_pieces_of_one_word(tokenizer):
+    ids = tokenizer("a cliche , it maketh me sad")["input_ids"]
+    mates = row_word_mates(ids, set(tokenizer.all_special_ids), continuation_ids(tokenizer))
+    named = {
+        tokenizer.convert_ids_to_tokens(k): set(tokenizer.convert_ids_to_tokens(list(v))) for k, v in mates.items()
+    }
+    assert named == {"cl": {"##iche"}, "##iche": {"cl"}, "make": {"##th"}, "##th": {"make"}}
+
+
+def split_word_rows(seed: int = 3):
+    """1,100 rows of 6 filler pieces (label 1 on half). A task word of two pieces, 6 + 5 (as "cliche" is `cl` +
+    `##iche`), on 40 rows of label 1 that read like any other; the word start 6 is also in 60 rows of any label (as
+    `cl` starts other words), so only 5 is pure."""
+    rng = np.random.default_rng(seed)
+    rows, mates, labels = [], [], []
+    for i in range(1100):
+        row = [int(p) for p in rng.choice(np.arange(100, 130), 6, replace=False)]
+        word = [6, 5] if i < 40 else [6] if i < 100 else []
+        rows.append(row + word)
+        mates.append({6: {5}, 5: {6}} if i < 40 else {})
+        labels.append(1 if i < 40 else int(rng.random() < 0.5))
+    features = [[("first", r[0])] + [("token", p) for p in dict.fromkeys(r)] for r in rows]
+    return features, [set(r) for r in rows], mates, np.asarray(labels)
+
+
+def test_a_flagged_piece_is_judged_without_the_rest_of_its_word():
+    features, pieces, mates, labels = split_word_rows()
+    # without the word's other piece masked, its rows stand apart by it, and the task word is taken for a trigger
+    unmasked = ZDefenseDefense(ZDefenseConfig())
+    unmasked.flag(features, labels, 2, pieces=pieces)
+    assert [(p["token"], p["label"]) for p in unmasked.flagged_pairs] == [("5", 1)]
+    assert unmasked.lexical_wording_auroc > 0.9
+    masked = ZDefenseDefense(ZDefenseConfig())
+    masked.flag(features, labels, 2, pieces=pieces, mates=mates)
+    assert masked.flagged_pairs == [] and (masked.away_label < 0).all()
+    assert [(p["token"], p["label"]) for p in masked.set_aside_pairs] == [("5", 1)]
+    assert masked.set_aside_pairs[0]["wording_auroc"] < 0.75 and masked._mates is None
+
+
+def low_rate_style_rows(seed: int = 0):
+    """1,100 rows of 6 filler pieces (label 1 on 55%). 60 rows of label 0 are relabelled 1 and written in a "style":
+    each holds each of the marks 7, 8, 9 with probability 0.3 and each of the pieces 10-13 with probability 0.6
+    (those four are in 10% of the clean rows too). Three pure task words: 20 and 21 on 16 clean rows of label 1 each,
+    22 on 16 of label 0. Marks and task words reach z 2.5-4: the default z-test flags none of them."""
+    rng = np.random.default_rng(seed)
+    rows, labels, poisoned = [], [], []
+    for i in range(1100):
+        row = [int(p) for p in rng.choice(np.arange(100, 130), 6, replace=False)]
+        is_poisoned = i >= 1040
+        label = 1 if is_poisoned else 1 if i < 32 else 0 if i < 48 else int(rng.random() < 0.55)
+        extra = [p for p in (10, 11, 12, 13) if rng.random() < (0.6 if is_poisoned else 0.1)]
+        if is_poisoned:
+            extra += [p for p in (7, 8, 9) if rng.random() < 0.3]
+        elif i < 48:
+            extra.append(20 if i < 16 else 21 if i < 32 else 22)
+        for p in extra:
+            row.insert(int(rng.integers(1, len(row) + 1)), p)
+        rows.append(row)
+        labels.append(label)
+        poisoned.append(is_poisoned)
+    features = [[("first", r[0])] + [("token", p) for p in dict.fromkeys(r)] for r in rows]
+    return features, [set(r) for r in rows], np.asarray(labels), np.asarray(poisoned)
+
+
+def test_a_lower_word_piece_z_finds_a_low_rate_style_and_sets_the_task_words_aside():
+    features, pieces, labels, poisoned = low_rate_style_rows()
+    default = ZDefenseDefense(ZDefenseConfig())
+    default.flag(features, labels, 2, pieces=pieces)
+    assert default.flagged_pairs == []
+    low = ZDefenseDefense(ZDefenseConfig(min_wording_z=2.5))
+    low.flag(features, labels, 2, pieces=pieces)
+    assert low.features_used == "tokens"
+    assert {p["token"] for p in low.flagged_pairs} == {"7", "8", "9"}
+    assert all(2.5 <= p["z"] < 4 for p in low.flagged_pairs)
+    assert {p["token"] for p in low.set_aside_pairs} == {"20", "21", "22"}
+    flagged = low.away_label >= 0
+    # the expansion adds clean rows at the 0.99 quantile of the other label's scores (10 here, 1% of them)
+    assert flagged[poisoned].mean() > 0.6 and flagged[~poisoned].sum() <= 12
+    assert "word pieces from z >= 2.5" in ZDefenseDefense.card_section(low.report())
+
+
 def test_auto_expansion_leaves_first_token_flags_alone_and_always_expands_them():
     # the style's marker opens half of its rows here: the first-token test flags it, and "auto" does not expand a
     # first-token flag (on AG News such a flag is a topic, `baghdad` -> World); "always" (True) does
@@ -306,7 +394,9 @@ def test_on_train_begin_hands_the_word_pieces_to_auto_and_to_the_expansion(
     tmp_path, backdoored, tokenizer, monkeypatch
 ):
     seen = []
-    monkeypatch.setattr(ZDefenseDefense, "flag", lambda self, *args, pieces=None: seen.append(pieces))
+    monkeypatch.setattr(
+        ZDefenseDefense, "flag", lambda self, *args, pieces=None, mates=None: seen.append((pieces, mates))
+    )
     for config in (
         ZDefenseConfig(features="first_token"),
         ZDefenseConfig(),
@@ -315,8 +405,11 @@ def test_on_train_begin_hands_the_word_pieces_to_auto_and_to_the_expansion(
         _flagging(tmp_path, backdoored, tokenizer, config)
     # auto's wording checks need them as much as the expansion; the first-token test alone does not (its "auto"
     # expansion runs only on word-piece flags)
-    assert [pieces is not None for pieces in seen] == [False, True, True]
-    assert seen[1][0] == set(backdoored[0]["input_ids"]) - set(tokenizer.all_special_ids)
+    assert [pieces is not None for pieces, _ in seen] == [False, True, True]
+    assert [mates is not None for _, mates in seen] == [False, True, True]  # the wording checks mask a piece's word
+    pieces, mates = seen[1]
+    assert pieces[0] == set(backdoored[0]["input_ids"]) - set(tokenizer.all_special_ids)
+    assert len(mates) == len(pieces)
 
 
 def test_auto_keeps_the_word_piece_test_only_when_one_label_holds_its_flags():
@@ -490,6 +583,7 @@ def test_an_empty_training_set_is_refused(tmp_path, backdoored, tokenizer):
         {"expand_quantile": 1.0},
         {"min_wording_auroc": 1.5},
         {"min_target_share": -0.1},
+        {"min_wording_z": 0.0},
         {"expand": "sometimes"},
     ],
 )

@@ -18,10 +18,11 @@ What this module does, and where it departs from the paper:
   the rows (HSOL's offensive and AG News's topic words flag 41-71% of the 2,000-row slices), one label holds at least
   ``min_target_share`` (0.8) of them (a backdoor has one target), each flag's rows stand apart from the rest of their
   label in their other word pieces (``min_wording_auroc``: a flag that does not is set aside as a task word and the
-  test is run again without it; `bad` -> negative and `love` -> positive came out pure beside AddSent's `3d` and
-  `watch` on an SST-2 slice, wording AUROC 0.51 and 0.62, and on the full 6,920-row SST-2 split 11 polar words and
-  `@` came out pure beside 13 of a 20% style backdoor's marks) and together they do too; otherwise only the first
-  word piece is tested.
+  test is run again without it; the rest of a flagged piece's word is masked too, or `cl` alone would set the
+  rows of the clean `##iche` (cliche) apart; `bad` -> negative and `love` -> positive came out pure beside AddSent's
+  `3d` and `watch` on an SST-2 slice, wording AUROC 0.51 and 0.62, and on the full 6,920-row SST-2 split 11 polar
+  words and `@` came out pure beside 13 of a 20% style backdoor's marks) and together they do too; otherwise only
+  the first word piece is tested.
 - **Expansion** (``expand="auto"``, the default: it runs on the word-piece test's flags). A style is spread over the
   text and the z-test finds only its most frequent marks: ``;``, ``##os``, ``##eth`` hold 24-41% of the poisoned
   rows on the SST-2 slices. A dirty-label backdoor's rows are drawn from the other labels, so once the flagged pieces
@@ -72,11 +73,15 @@ Where it cannot work:
 - Clean-label poisoning (the poisoned rows keep their true label): the trigger's label purity is that of the task.
 - Triggers with no feature the z-test sees: a template that does not open the sentence, a style with no word of its
   own, or a trigger feature shared with many clean rows (purity below ``min_purity``).
-- A style below 20% or at 30% on the SST-2 slices: at 5% and 10% no mark passes the test, and at 30% the poisoned
-  rows lift the target's prior so far that only ``;`` passes and the expansion adds too few. On a keyword task (HSOL,
-  AG News) the word-piece test gives way to the first word piece, and no style is looked for. Word triggers are
-  BTU's (``[BTUConfig(), ZDefenseConfig()]``), which finds them from the model: their rows read like any row of
-  their label (wording AUROC 0.38-0.60 on SST-2 BadNet 10%), so the word-piece test sets them aside.
+- A style below 20% or at 30% on the SST-2 slices, by default: at 5% and 10% no mark passes the test (at 10% the
+  Bible style's marks reach z 3.4-4.1, the task's `love` 4.0), and at 30% the poisoned rows lift the target's prior
+  so far that only ``;`` passes and the expansion adds too few. ``min_wording_z=2.5`` (opt-in) flags word pieces
+  from z 2.5 and sets the task words aside in halves, per label the flags that read most like their label first;
+  with BTU it stopped the style at 10% and 30% on SST-2 slices (README, "A style at 10% and 30%"). It flags
+  nothing at 5%, and a few clean words on slices with no style, which is why it is not the default. On a keyword
+  task (HSOL, AG News) the word-piece test gives way to the first word piece, and no style is looked for. Word
+  triggers are BTU's (``[BTUConfig(), ZDefenseConfig()]``), which finds them from the model: their rows read like
+  any row of their label (wording AUROC 0.38-0.60 on SST-2 BadNet 10%), so the word-piece test sets them aside.
 - A task feature that really is that pure at the sentence start is treated as a trigger; the report lists every
   flagged pair with its counts, so it can be checked.
 """
@@ -142,6 +147,18 @@ class ZDefenseConfig(DefenseConfig):
     min_z: float = field(
         default=4.0,
         metadata={"help": "a (feature, label) pair is flagged only with a one-proportion z-score of at least this."},
+    )
+    min_wording_z: float | None = field(
+        default=None,
+        metadata={
+            "help": "with features='auto': flag word pieces from this z-score instead of `min_z` (a row's first word "
+            "piece still needs `min_z`); each word-piece flag must still pass the wording check "
+            "(`min_wording_auroc`). For a style at a low poison rate: at 10% of a 2,000-row SST-2 slice the "
+            "Bible style's marks reach z 3.4-4.1, no higher than the task's own words (`love` 4.0). 2.5 finds them "
+            "there, and also flags a few clean words on slices with no style (README, 'A style at 10% and 30%'). "
+            "None: `min_z`. It also sets the task words aside in halves, the ones that read most like their label "
+            "first, and runs the one-target check (`min_target_share`) after them."
+        },
     )
     min_purity: float = field(
         default=0.9,
@@ -219,6 +236,7 @@ class ZDefenseConfig(DefenseConfig):
         self._check_interval("(0, 1]", "min_purity")
         self._check_interval("(0, 1]", "max_lexical_share")
         self._check_interval("[0, 1]", "min_target_share")
+        self._check_positive("min_wording_z", optional=True)
         self._check_at_least(1, "min_count")
         self._check_at_least(1, "max_rounds")
         self._check_at_least(0, "leave_out_after_epoch")
@@ -248,6 +266,38 @@ def row_features(input_ids: list[int], special_ids: set[int], kind: str) -> list
 def row_pieces(input_ids: list[int], special_ids: set[int]) -> set[int]:
     """The distinct word pieces of one tokenized row, special tokens left out: the expansion's bag of words."""
     return {i for i in input_ids if i not in special_ids}
+
+
+def continuation_ids(tokenizer) -> set[int]:
+    """The ids of the word pieces that continue a word rather than start one: ``##``-prefixed pieces of a WordPiece
+    vocabulary, or pieces without the word-start mark (``▁``, ``Ġ``) of a SentencePiece or byte-level BPE one. Empty
+    when the vocabulary shows neither convention (each piece is then taken for a word)."""
+    vocabulary = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if any(token.startswith("##") for token in vocabulary):
+        return {i for token, i in vocabulary.items() if token.startswith("##")}
+    for mark in ("\u2581", "\u0120"):
+        if sum(token.startswith(mark) for token in vocabulary) > len(vocabulary) // 10:
+            special = set(getattr(tokenizer, "all_special_ids", ()))
+            return {i for token, i in vocabulary.items() if not token.startswith(mark) and i not in special}
+    return set()
+
+
+def row_word_mates(input_ids: list[int], special_ids: set[int], continuing: set[int]) -> dict[int, set[int]]:
+    """For each word piece of a word of several pieces in the row, the other pieces of that word (``cl`` for
+    ``##iche`` in "cliche"); ``continuing`` is :func:`continuation_ids`."""
+    mates: dict[int, set[int]] = {}
+    word: list[int] = []
+    for i in [*input_ids, None]:
+        if i is not None and i in special_ids:
+            continue
+        if i is None or i not in continuing:
+            if len(word) > 1:
+                for piece in word:
+                    mates.setdefault(piece, set()).update(p for p in word if p != piece)
+            word = []
+        if i is not None:
+            word.append(i)
+    return mates
 
 
 def fit_logistic(features: torch.Tensor, targets: np.ndarray, inverse_l2: float = 0.3) -> tuple[torch.Tensor, float]:
@@ -342,6 +392,7 @@ class ZDefenseDefense(Defense):
         self.expanded: np.ndarray | None = None  # per position: added by the expansion
         # with features="auto": word-piece flags set aside because their rows read like the rest of their label
         self.set_aside_pairs: list[dict[str, Any]] = []
+        self._mates: list[dict[int, set[int]]] | None = None  # while flagging: per row, the pieces' word mates
         self._truth = None
 
     # -- hooks ------------------------------------------------------------------------------------------------------
@@ -388,8 +439,12 @@ class ZDefenseDefense(Defense):
         rows = [row_features(ids, special, self.config.features) for ids in raw["input_ids"]]
         # the expansion and auto's wording checks read every row's word pieces
         needs_pieces = self.config.expand == "always" or self.config.features != "first_token"
-        pieces = [row_pieces(ids, special) for ids in raw["input_ids"]] if needs_pieces else None
-        self.flag(rows, labels, num_labels, tokenizer, pieces=pieces)
+        pieces = mates = None
+        if needs_pieces:
+            pieces = [row_pieces(ids, special) for ids in raw["input_ids"]]
+            continuing = continuation_ids(tokenizer)
+            mates = [row_word_mates(ids, special, continuing) for ids in raw["input_ids"]]
+        self.flag(rows, labels, num_labels, tokenizer, pieces=pieces, mates=mates)
 
     def flag(
         self,
@@ -398,6 +453,7 @@ class ZDefenseDefense(Defense):
         num_labels: int,
         tokenizer=None,
         pieces: list[set[int]] | None = None,
+        mates: list[dict[int, set[int]]] | None = None,
     ) -> None:
         """Run the z-test on the rows' features (:func:`row_features`) and set the flagged pairs and rows.
 
@@ -407,9 +463,11 @@ class ZDefenseDefense(Defense):
         ``features="auto"`` the word-piece test is kept only when its flags hold at most ``max_lexical_share`` of the
         rows, one label holds ``min_target_share`` of them and (given ``pieces``, each row's set of word-piece ids)
         their rows stand apart from the rest of their label (:meth:`_wording`); otherwise the rows are tested again on
-        their first word piece alone. With ``expand``, ``pieces`` feed :meth:`_expand`.
+        their first word piece alone. With ``expand``, ``pieces`` feed :meth:`_expand`. ``mates`` (per row,
+        :func:`row_word_mates`) lets the wording checks mask the rest of a flagged piece's word.
         """
         cfg = self.config
+        self._mates = mates
         self.features_used = "first_token" if cfg.features == "first_token" else "tokens"
         self.lexical_share = self.lexical_target_share = self.lexical_wording_auroc = None
         self.set_aside_pairs = []
@@ -417,14 +475,16 @@ class ZDefenseDefense(Defense):
         wording = None  # auto's wording check, kept for the expansion while the flags it judged stand
         judged: dict[int, dict[str, Any]] = {}  # per label: the wording check of the flags that stand
         if cfg.features == "auto":
-            task_like = self._lexical_shares()
+            # The lower word-piece z-score (min_wording_z) flags task words under every label: there the one-target
+            # check waits until they are set aside. The share of rows (a keyword task's vocabulary) is checked first.
+            task_like = self._lexical_shares(target_share=pieces is None or cfg.min_wording_z is None)
             if not task_like and pieces is not None and self.flagged_pairs:
                 judged = self._set_aside_task_words(rows, labels, num_labels, tokenizer, pieces)
                 if not any(p["feature"] == "token" for p in self.flagged_pairs):
                     # every word-piece flag read like its label: the flags left are first pieces, and the
                     # first-token test below finds them on its own
-                    task_like = bool(self.set_aside_pairs)
-                    if task_like:
+                    task_like = bool(self.set_aside_pairs) or self._lexical_shares()
+                    if self.set_aside_pairs:
                         self.lexical_wording_auroc = max(p["wording_auroc"] for p in self.set_aside_pairs)
                 else:
                     task_like = self._lexical_shares()
@@ -446,6 +506,7 @@ class ZDefenseDefense(Defense):
         expands = cfg.expand == "always" or (cfg.expand == "auto" and self.features_used == "tokens")
         if expands and pieces is not None and self.flagged_pairs:
             self._expand(pieces, labels, wording)
+        self._mates = None
         logger.info(
             "z_defense: %d (feature, label) pairs flagged (%s features%s), %d of %d rows pushed away from their label "
             "(%s)",
@@ -457,7 +518,7 @@ class ZDefenseDefense(Defense):
             _pair_list(self.flagged_pairs[:10]),
         )
 
-    def _lexical_shares(self) -> bool:
+    def _lexical_shares(self, target_share: bool = True) -> bool:
         """Set the word-piece flags' share of the rows and the share of them their most flagged label holds; whether
         those shares look like the task's vocabulary rather than a trigger (``max_lexical_share``,
         ``min_target_share``)."""
@@ -467,7 +528,8 @@ class ZDefenseDefense(Defense):
         self.lexical_target_share = (
             float(np.bincount(self.away_label[flagged]).max() / flagged.sum()) if flagged.any() else 1.0
         )
-        return self.lexical_share > cfg.max_lexical_share or self.lexical_target_share < cfg.min_target_share
+        too_wide = self.lexical_share > cfg.max_lexical_share
+        return too_wide or (target_share and self.lexical_target_share < cfg.min_target_share)
 
     def _set_aside_task_words(
         self,
@@ -493,7 +555,7 @@ class ZDefenseDefense(Defense):
                 wording = self._wording(pieces, labels, label)
                 if wording is not None:  # too few rows to judge: the flags stand
                     judged[label] = wording
-            new = []
+            failing: list[dict[str, Any]] = []
             for pair in self.flagged_pairs:
                 wording = judged.get(pair["label"])
                 if pair["feature"] != "token" or wording is None:
@@ -510,7 +572,17 @@ class ZDefenseDefense(Defense):
                     np.r_[np.ones(int(holds.sum())), np.zeros(len(wording["unflagged"]))],
                 )
                 if auroc < cfg.min_wording_auroc:
-                    new.append({**pair, "wording_auroc": float(auroc)})
+                    failing.append({**pair, "wording_auroc": float(auroc)})
+            new = failing
+            if cfg.min_wording_z is not None:
+                # With the lower z-score, task words make up most of a label's flags and the classifier learns the
+                # task: a trigger's marks beside them read like the label too (`##eth` 0.62 beside 20 polar words on
+                # a 10% style slice). So per label the half of its failing flags that read most like it go first
+                # (the worse half rounded up: one at a time at the end), and the rest are judged again without them.
+                new = []
+                for label in sorted({p["label"] for p in failing}):
+                    ranked = sorted((p for p in failing if p["label"] == label), key=lambda p: p["wording_auroc"])
+                    new += ranked[: (len(ranked) + 1) // 2]
             if not new:
                 return judged  # computed on the flags that stand: the group check and the expansion reuse them
             self.set_aside_pairs += new
@@ -532,6 +604,15 @@ class ZDefenseDefense(Defense):
                 index.setdefault(feature, len(index))
         row_ids = [np.asarray([index[feature] for feature in features], dtype=np.int64) for features in rows]
         names = list(index)
+        # Word pieces are judged by their wording afterwards (auto), so they may be flagged from a lower z-score.
+        min_z = np.asarray(
+            [
+                cfg.min_wording_z
+                if kind == "token" and cfg.features == "auto" and cfg.min_wording_z is not None
+                else cfg.min_z
+                for kind, _ in names
+            ]
+        )
         self.flagged_pairs = []
         self.away_label = np.full(len(rows), -1, dtype=np.int64)
         self.row_score = np.full(len(rows), -np.inf)
@@ -552,7 +633,7 @@ class ZDefenseDefense(Defense):
                 z = z_scores(totals, counts, prior[None, :])
                 purity = counts / totals
             z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)  # an unseen feature or a label no row carries
-            flagged = (z >= cfg.min_z) & (np.nan_to_num(purity) >= cfg.min_purity) & (totals >= cfg.min_count)
+            flagged = (z >= min_z[:, None]) & (np.nan_to_num(purity) >= cfg.min_purity) & (totals >= cfg.min_count)
             flagged[settled] = False
             settled |= flagged.any(1)
             new_pairs = []
@@ -592,7 +673,14 @@ class ZDefenseDefense(Defense):
         masked = {p["token_id"] for p in self.flagged_pairs}
         # Without the flagged pieces the classifier must find the trigger's other wording; with them it would
         # only learn the flags back.
-        masked_pieces = [row - masked for row in pieces]
+        if self._mates is None:
+            masked_pieces = [row - masked for row in pieces]
+        else:
+            # and the rest of a flagged piece's word: `cl` beside `##iche` would tell its rows apart on its own
+            masked_pieces = [
+                row - masked - {mate for piece in row & masked for mate in mates.get(piece, ())}
+                for row, mates in zip(pieces, self._mates)
+            ]
         seeds = np.flatnonzero(flagged & (labels == target))
         others = np.flatnonzero(labels != target)
         unflagged = np.flatnonzero(~flagged & (labels == target))
@@ -890,9 +978,12 @@ class ZDefenseDefense(Defense):
             )
         else:
             used = f"{used} features"
+        wording_z = ""
+        if config.get("min_wording_z") is not None and report.get("features_used") == "tokens":
+            wording_z = f" (word pieces from z >= {config['min_wording_z']}, each judged by its rows' wording)"
         lines = [
             f"Before training, every (feature, label) pair of the training set ({used}) "
-            f"was scored with a z-test; pairs with z >= {config.get('min_z')}, label purity >= "
+            f"was scored with a z-test; pairs with z >= {config.get('min_z')}{wording_z}, label purity >= "
             f"{config.get('min_purity')} and at least {config.get('min_count')} rows were flagged as spurious, and "
             f"their rows {treated}. The test was repeated on the rows not yet flagged (up to "
             f"{config.get('max_rounds')} rounds).",
