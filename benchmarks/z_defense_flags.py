@@ -115,14 +115,14 @@ def main(argv=None) -> dict:
         line += f" ({out['poisoned_flagged']} of {int(poisoned.sum())} poisoned, {out['clean_flagged']} clean)"
     print(line)
     if args.top_z:
-        out["top_z"] = _top_z(tokenized, labels, len(rows.features["label"].names), tokenizer, special, args.top_z)
+        out["top_z"] = _top_z(tokenized, pieces, labels, len(rows.features["label"].names), tokenizer, args.top_z)
     return out
 
 
-def _top_z(tokenized, labels: np.ndarray, num_labels: int, tokenizer, special: set[int], n: int) -> list[dict]:
+def _top_z(tokenized, pieces: list[set[int]], labels: np.ndarray, num_labels: int, tokenizer, n: int) -> list[dict]:
     """The ``n`` (word piece, label) pairs of highest z-score against the training set's label shares (round 1 of
-    the z-test), with their row counts, purity and, on poisoned data, how many of their rows are poisoned."""
-    pieces = [row_pieces(ids, special) for ids in tokenized["input_ids"]]
+    the z-test), with their row counts, purity and, on poisoned data, how many of their rows are poisoned;
+    ``pieces`` are the rows' word pieces (:func:`row_pieces`)."""
     poisoned = (
         np.asarray(tokenized["poisoned"], dtype=bool)
         if "poisoned" in tokenized.column_names
