@@ -75,6 +75,7 @@ def _key(record: dict) -> tuple:
         # clean rows from the training set or held out of it: the same defense on other data is another result
         record.get("clean_source"),
         record.get("num_clean_rows"),  # 500 or 1,000 clean rows: another result
+        record.get("fit_augmentation"),  # the repair trained on augmented or stored images: another result
         record["poison_rate"],
         record["model"],
         # one shape trained for 30 or 45 epochs: two models, two results (older records have no field)

@@ -66,6 +66,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--attacks", default="badnet", help="vision_abl attacks, comma-separated")
     parser.add_argument("--cul-attacks", default="badnet,blended,wanet", help="vision_cul attacks, comma-separated")
+    parser.add_argument(
+        "--attack-kwargs",
+        default=None,
+        help='per attack, its config\'s other fields as JSON, e.g. \'{"wanet": {"s": 1.0, "cross_ratio": 0}}\'',
+    )
     parser.add_argument("--detection-seeds", type=int, default=3, help="clean models trained for CUL detection")
     parser.add_argument(
         "--backdoored-seeds", type=int, default=None, help="backdoored models per CUL attack (default: as many)"
@@ -119,6 +124,24 @@ def parse_args(argv=None):
         "split, for every model alike (a clean-label attack at 10%% leaves no clean target rows)",
     )
     parser.add_argument("--cul-lr", type=float, default=None, help="exposure learning rate (default: the official)")
+    parser.add_argument(
+        "--cul-kwargs",
+        default=None,
+        help="other ExposeConfig fields as JSON, e.g. '{\"check_every_step\": true}' (recorded with the result)",
+    )
+    parser.add_argument(
+        "--cul-no-augment",
+        action="store_true",
+        help="expose on the clean images as stored (the setting before stop 47) instead of through the training "
+        "augmentation, as the official code does",
+    )
+    parser.add_argument(
+        "--cul-models",
+        default=None,
+        help="expose saved models instead of training them: comma-separated ATTACK:SEED=FOLDER (ATTACK 'none' for a "
+        "clean model), e.g. model-zoo folders written by benchmarks/vit_configs.py; replaces --detection-seeds and "
+        "--backdoored-seeds",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--output", default=str(records.RESULTS / "vision_defenses.json"))
@@ -136,6 +159,9 @@ def recipe_argv(args, attack: str, seed: int, output_dir: Path) -> list[str]:
     argv += ["--poison_rate", str(args.poison_rate), "--output_dir", str(output_dir), "--save_models"]
     argv += ["--defense_kwargs", json.dumps(abl), "--crop_padding", str(args.crop_padding)]
     argv += ["--dataloader_num_workers", str(args.workers), "--per_device_train_batch_size", str(args.batch_size)]
+    attack_kwargs = json.loads(args.attack_kwargs or "{}").get(attack)
+    if attack_kwargs:
+        argv += ["--attack_kwargs", json.dumps(attack_kwargs)]
     if args.config_overrides:
         argv += ["--config_overrides", args.config_overrides]
     if args.max_train_samples:
@@ -183,17 +209,23 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
     from hf_backdoor.metrics import roc_auc
 
     backdoored_seeds = args.detection_seeds if args.backdoored_seeds is None else args.backdoored_seeds
-    models = [("none", seed) for seed in range(args.detection_seeds)]
-    models += [(attack, seed) for attack in _split(args.cul_attacks) for seed in range(backdoored_seeds)]
+    models = [("none", seed, None) for seed in range(args.detection_seeds)]
+    models += [(attack, seed, None) for attack in _split(args.cul_attacks) for seed in range(backdoored_seeds)]
+    if args.cul_models:
+        models = saved_model_list(args.cul_models)
     found = []
-    for attack_name, seed in models:
+    for attack_name, seed, folder in models:
         script, training_args = recipe.parse_args(
             recipe_argv(args, attack_name if attack_name != "none" else "badnet", seed, tmp)
         )
         task, attack, poisoned, asr_rows = recipe.load_data(script, seed)
         rows = task["train"] if attack_name == "none" else poisoned
         # vision_abl keeps its clean model under every attack's folder; any of them is this clean model.
-        if attack_name == "none":
+        if folder is not None:
+            saved = [folder]
+            if not _saved(folder):
+                raise SystemExit(f"--cul-models: {folder} holds no model saved with its run info (run_info.json).")
+        elif attack_name == "none":
             saved = sorted(models_dir(args, "x", seed).parent.glob(f"*_seed{seed}/clean"))
         else:
             saved = [models_dir(args, attack_name, seed) / "undefended"]
@@ -208,15 +240,22 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         evaluation = vision.evaluate_images(trainer, task["test"], asr_rows, attack.target_label)
         poisoned_rows = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
         clean = exposure_clean_slice(args, task, args.cul_clean_fraction, seed, poisoned_rows)
-        result = expose_model(
-            trainer, clean, ExposeConfig(method=args.cul_method, learning_rate=args.cul_lr, seed=seed)
+        config = ExposeConfig(
+            method=args.cul_method,
+            learning_rate=args.cul_lr,
+            seed=seed,
+            augment=not args.cul_no_augment,
+            **json.loads(args.cul_kwargs or "{}"),
         )
-        found.append(
-            exposure_record(
-                args, training_args, attack, attack_name, evaluation, result, wall, args.cul_method,
-                args.cul_clean_fraction, command,
-            )
+        result = expose_model(trainer, clean, config)
+        record = exposure_record(
+            args, training_args, attack, attack_name, evaluation, result, wall, args.cul_method,
+            args.cul_clean_fraction, command,
         )  # fmt: skip
+        if folder is not None:  # a saved model: its own schedule, and which of the saved models it is
+            record.update(epochs=runs.saved_training_epochs(folder), model_key=Path(folder).name)
+            record["overhead_epochs"] = round(result.wall_s / (wall / record["epochs"]), 2)
+        found.append(record)
     # A backdoored model's floor is this grid's clean model of the same seed on the same rows: a clean model of the
     # same name saved by another run may have been trained on another CPU, whose kernels give another model.
     clean_asr = {(r["seed"], r["asr_attack"]): r["asr"] for r in found if not r["backdoored"]}
@@ -229,6 +268,26 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         for r in found:
             r.update(detection_auroc=auroc, detection_threshold=threshold, flagged=r["cul_score"] > threshold)
     return found
+
+
+def _attack_kwargs_text(args, attack_name: str) -> str | None:
+    """``--attack-kwargs``' fields for ``attack_name`` as a JSON string (records stay flat), ``None`` when none."""
+    fields = json.loads(args.attack_kwargs or "{}").get(attack_name)
+    return json.dumps(fields, sort_keys=True) if fields else None
+
+
+def saved_model_list(text: str) -> list[tuple[str, int, Path]]:
+    """``--cul-models``: ``"none:0=DIR,badnet:0=DIR"`` -> ``[("none", 0, Path(DIR)), ("badnet", 0, Path(DIR))]``."""
+    models = []
+    for item in _split(text):
+        name, sep, folder = item.partition("=")
+        attack, colon, seed = name.partition(":")
+        if not (sep and colon and seed.strip().isdigit() and folder.strip()):
+            raise SystemExit(f"--cul-models: {item!r} is not ATTACK:SEED=FOLDER (e.g. none:0=/path/to/model).")
+        models.append((attack.strip(), int(seed), Path(folder.strip())))
+    if not any(a == "none" for a, _, _ in models) or all(a == "none" for a, _, _ in models):
+        raise SystemExit("--cul-models needs clean (none:SEED=...) and backdoored models: detection compares them.")
+    return models
 
 
 def exposure_clean_slice(args, task, fraction: float, seed: int, poisoned_rows=None):
@@ -283,6 +342,9 @@ def exposure_record(
         "cul_method": method,
         "cul_clean_fraction": fraction,
         "cul_clean_from": args.cul_clean_from,
+        "cul_augmentation": result.augmentation,
+        "cul_kwargs": args.cul_kwargs or None,
+        "attack_kwargs": _attack_kwargs_text(args, attack_name),
     }
 
 

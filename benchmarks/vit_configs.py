@@ -58,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attack", default="none", help="none (clean) or an image attack (badnet, blended, ...)")
     parser.add_argument("--poison-rate", type=float, default=0.1)
     parser.add_argument("--target-label", type=int, default=0)
+    parser.add_argument(
+        "--attack-kwargs",
+        default=None,
+        help='JSON of the attack config\'s other fields, e.g. \'{"s": 1.0, "cross_ratio": 0}\' for WaNet (keys the zoo)',
+    )
     parser.add_argument("--epochs", type=float, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -132,8 +137,9 @@ def main(argv=None) -> list[dict]:
     badnet = get_image_attack_config(
         "badnet", poison_rate=args.poison_rate, target_label=args.target_label, seed=args.seed
     )
+    attack_kwargs = json.loads(args.attack_kwargs) if args.attack_kwargs else {}
     attack = None if args.attack == "none" else get_image_attack_config(
-        args.attack, poison_rate=args.poison_rate, target_label=args.target_label, seed=args.seed
+        args.attack, poison_rate=args.poison_rate, target_label=args.target_label, seed=args.seed, **attack_kwargs
     )  # fmt: skip
     rows = task["train"] if attack is None else poison_dataset(task["train"], attack)
     asr_attack = attack or badnet
@@ -207,6 +213,7 @@ def main(argv=None) -> list[dict]:
             "num_test": len(task["test"]),
             "device": records.device_name(),
             "seed": args.seed,
+            "attack_kwargs": attack_kwargs or None,
             "zoo_key": info.get("key"),
             "from_cache": info.get("from_cache"),
             "command": command,
@@ -238,7 +245,12 @@ def _same_run(a: dict, b: dict) -> bool:
 
 
 def _same_record(a: dict, b: dict) -> bool:
-    return _same_run(a, b) and a["attack"] == b["attack"] and a["poison_rate"] == b["poison_rate"]
+    return (
+        _same_run(a, b)
+        and a["attack"] == b["attack"]
+        and a["poison_rate"] == b["poison_rate"]
+        and a.get("attack_kwargs") == b.get("attack_kwargs")
+    )
 
 
 def _print_table(rows: list[dict], budget_min: float) -> None:

@@ -21,7 +21,6 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from hf_backdoor import make_asr_dataset, poison_dataset
-from hf_backdoor.attacks import get_image_attack_config
 from hf_backdoor.vision import describe_default_vit, load_image_task, prepare_image_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
@@ -46,9 +45,7 @@ def main(argv=None) -> list[dict]:
     model = vision.vit_name(script.model_name_or_path, script.config_overrides)
     task = limit_splits(load_image_task(script.dataset), script.max_train_samples, script.max_eval_samples, seed)
     label_names = task["train"].features["label"].names
-    attack = get_image_attack_config(
-        script.attack, poison_rate=script.poison_rate, target_label=script.target_label, seed=seed
-    )
+    attack = script.attack_config(seed)
     poisoned = poison_dataset(task["train"], attack)
     clean, test, clean_source = repair.clean_split(repair_args, task, poisoned, seed, text=False)
     asr_rows, target = make_asr_dataset(test, attack), attack.target_label

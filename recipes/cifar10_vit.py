@@ -23,7 +23,6 @@ from transformers import HfArgumentParser
 
 from hf_backdoor import make_asr_dataset, poison_dataset
 from hf_backdoor.arguments import BackdoorSafeTrainingArguments
-from hf_backdoor.attacks import get_image_attack_config
 from hf_backdoor.vision import load_image_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
@@ -60,9 +59,7 @@ class ScriptArguments(vision.ImageRecipeArguments):
 def load_data(script: ScriptArguments, seed: int):
     """The task (seeded slices when asked), the attack, the poisoned training rows and the ASR rows."""
     task = limit_splits(load_image_task(script.dataset), script.max_train_samples, script.max_eval_samples, seed)
-    attack = get_image_attack_config(
-        script.attack, poison_rate=script.poison_rate, target_label=script.target_label, seed=seed
-    )
+    attack = script.attack_config(seed)
     return task, attack, poison_dataset(task["train"], attack), make_asr_dataset(task["test"], attack)
 
 

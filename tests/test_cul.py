@@ -76,6 +76,9 @@ def test_cul_exposes_the_backdoor_label_of_a_backdoored_vit(backdoored_vit, clea
     result = trainer.expose(clean_images, ExposeConfig(learning_rate=1e-3, epochs=10))
     assert result.backdoor_label == TARGET, result.to_dict()
     assert result.exposed and result.clean_accuracy_after <= 0.1
+    # Trained through the training augmentation, as the official code's clean rows are (transform_train).
+    assert result.augmentation == "random crop (reflect padding 4) and horizontal flip"
+    assert "trained through random crop" in ExposeDefense.card_section(result.report())
     assert result.label_shares[TARGET] == max(result.label_shares)
     assert result.score == pytest.approx(concentration(np.asarray(result.label_shares)))
     assert result.history[0]["epoch"] == 0 and result.history[-1]["clean_accuracy"] == result.clean_accuracy_after
@@ -94,6 +97,8 @@ def test_random_label_exposure_and_unexposable_warning(backdoored_vit, clean_ima
         clean_images, ExposeConfig(method="random_label", learning_rate=1e-3, epochs=3, escalate=0, early_stop=False)
     )
     assert result.method == "random_label" and len(result.history) == 4
+    stored = backdoored_vit.expose(clean_images, ExposeConfig(epochs=1, escalate=0, augment=False))
+    assert stored.augmentation is None and "trained through" not in ExposeDefense.card_section(stored.report())
     stuck = backdoored_vit.expose(clean_images, ExposeConfig(learning_rate=1e-9, epochs=1, escalate=0))
     assert not stuck.exposed
     assert "did not expose the model: clean accuracy went from" in caplog.text
@@ -131,7 +136,7 @@ def test_cul_runs_on_a_text_model_with_raw_clean_text(sst2, tokenizer, tmp_path)
     trainer.train()
     clean = sst2["validation"].select(range(64))  # raw text: tokenized by the exposure with the trainer's tokenizer
     result = expose_model(trainer, clean, ExposeConfig(learning_rate=1e-3, epochs=3, escalate=0, early_stop=False))
-    assert len(result.history) == 4 and result.num_clean_rows == 64
+    assert len(result.history) == 4 and result.num_clean_rows == 64 and result.augmentation is None  # text
     assert result.backdoor_label in (0, 1) and 0.0 <= result.score <= 1.0
     assert result.to_dict()["config"]["learning_rate"] == 1e-3
     assert result.score_rows(clean).shape == (64,)

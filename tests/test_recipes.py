@@ -164,6 +164,26 @@ def test_vision_benchmark_hands_its_abl_and_loader_flags_to_the_recipe(tmp_path)
     assert default.unlearning_objective == "ascent" and default.seed == 3  # the training seed seeds ABL
 
 
+def test_vision_benchmark_hands_an_attacks_settings_and_saved_models_over(tmp_path):
+    from benchmarks import vision_defenses
+
+    recipe = vision_defenses.load_recipe()
+    args = vision_defenses.parse_args(["--attack-kwargs", '{"wanet": {"s": 1.0, "cross_ratio": 0}}'])
+    script, _ = recipe.parse_args(vision_defenses.recipe_argv(args, "wanet", 0, tmp_path))
+    wanet = script.attack_config(0)
+    assert (wanet.name, wanet.s, wanet.cross_ratio, wanet.seed) == ("wanet", 1.0, 0, 0)
+    script, _ = recipe.parse_args(vision_defenses.recipe_argv(args, "badnet", 0, tmp_path))
+    assert script.attack_kwargs is None and script.attack_config(0).name == "badnet"  # only the attack named
+    script, _ = recipe.parse_args(["--attack", "badnet", "--attack_kwargs", '{"s": 1.0}'])
+    with pytest.raises(SystemExit, match="does not fit the badnet attack"):
+        script.attack_config(0)
+    models = vision_defenses.saved_model_list(f"none:0={tmp_path}/a, badnet:1={tmp_path}/b")
+    assert models == [("none", 0, tmp_path / "a"), ("badnet", 1, tmp_path / "b")]
+    for bad in (f"badnet:1={tmp_path}", f"none:0={tmp_path}", "none=x,badnet:0=y"):
+        with pytest.raises(SystemExit, match="--cul-models"):
+            vision_defenses.saved_model_list(bad)
+
+
 def test_recipe_defense_takes_the_recipe_defaults_under_defense_kwargs_and_the_training_seed():
     recipe = _recipe("cifar10_vit")
     _, training_args = recipe.parse_args(["--seed", "4", "--defense_kwargs", '{"isolation_ratio": 0.05}'])

@@ -553,6 +553,56 @@ def test_rnp_runs_on_a_vit_with_lazy_image_transforms(tmp_path):
         prune_at_threshold(copy.deepcopy(original), {**report, "units": ["ffn"]}, 0.5)
 
 
+def _pixel_passes(context, part, passes=2):
+    """The pixel values of ``part``'s rows, in order, read ``passes`` times (torch seeded once, before the first)."""
+    torch.manual_seed(0)
+    return [torch.cat([batch["pixel_values"] for batch in context.loader(part, batch_size=16)]) for _ in range(passes)]
+
+
+def test_image_repairs_train_on_augmented_rows_and_read_stored_ones(tmp_path, tokenizer, clean_rows):
+    from hf_backdoor.vision import default_image_processor, load_image_task, prepare_image_dataset
+
+    images = load_image_task("cifar10")["train"].select(range(40))
+    clean = prepare_image_dataset(images, default_image_processor(32))  # an evaluation transform, as users pass
+    args = TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True
+    )
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+            num_labels=10,
+        )
+    )
+    trainer = Trainer(model=vit, args=args)
+    context = SanitizeContext(trainer, clean, SanitizeConfig(), num_labels=10)
+    assert context.fit_augmentation == "random crop (reflect padding 4) and horizontal flip"
+    stored, again = _pixel_passes(context, "fit")
+    first, second = _pixel_passes(context, "train")
+    assert torch.equal(stored, again)  # thresholds and accuracies read the images as stored
+    assert first.shape == stored.shape and not torch.equal(first, second) and not torch.equal(first, stored)
+    # A flip-only transform (a model trained without the crop) keeps its own setting; augment=False trains on the
+    # stored images, as every repair did before.
+    flip_only = prepare_image_dataset(images, default_image_processor(32), crop_padding=0)
+    assert SanitizeContext(trainer, flip_only, SanitizeConfig(), 10).fit_augmentation == "horizontal flip"
+    training_transform = flip_only.format["format_kwargs"]["transform"].with_augmentation()
+    assert training_transform.without_augmentation().with_augmentation().describe_augmentation() == "horizontal flip"
+    off = SanitizeContext(trainer, clean, SanitizeConfig(augment=False), num_labels=10)
+    assert off.fit_augmentation is None and all(torch.equal(t, stored) for t in _pixel_passes(off, "train"))
+    # Text has nothing to augment: the training rows are the fit rows.
+    text = SanitizeContext(_trainer(tmp_path, tiny_bert(), tokenizer), clean_rows, SanitizeConfig(), 2)
+    assert text.fit_augmentation is None and text.train_rows is text.fit
+    # The report and the card say it.
+    _, report = sanitize_model(trainer, clean, FinetuneConfig(epochs=1, batch_size=32))
+    assert report["fit_augmentation"] == context.fit_augmentation
+    assert any("random crop (reflect padding 4)" in line for line in FinetuneDefense.repair_lines(report))
+
+
 # -- exposure hand-off (EBYD) ------------------------------------------------------------------------------------------
 
 # Tiny settings: one recovery epoch and one threshold for RNP, one n and no fine-tuning for NWC; max_accuracy_drop=1.0

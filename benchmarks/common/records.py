@@ -154,6 +154,10 @@ def defenses_record_key(record: dict) -> tuple:
         record.get("cul_method", "cul" if record.get("defense") == "cul" else None),
         record.get("cul_clean_fraction", 0.01),  # written before it could change: EBYD's 1%
         record.get("cul_clean_from", "train"),
+        record.get("cul_augmentation"),  # trained on augmented or stored images (None before stop 47)
+        record.get("model_key"),  # a saved model exposed by --cul-models (two of one seed can differ: bf16, compile)
+        record.get("attack_kwargs"),  # an attack's non-default settings (JSON text), e.g. a stronger WaNet warp
+        record.get("cul_kwargs"),  # the exposure's non-default settings (JSON text)
     )
 
 

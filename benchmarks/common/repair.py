@@ -345,6 +345,8 @@ def _defend(setup: RepairSetup, undefended_state: dict, record: dict, config, sc
         wall_s=round(wall, 2),
         # Post-training cost against the training run it repairs (None when the model was loaded without its time).
         overhead=None if setup.train_wall_s is None else round(wall / setup.train_wall_s, 3),
+        # None on text and on images read as stored (every vision record before stop 47)
+        fit_augmentation=report.get("fit_augmentation"),
         **_summary(config.name, report),
     )
     if config.name == "rnp" and score_sweep:

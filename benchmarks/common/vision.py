@@ -18,7 +18,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_backdoor.attacks import IMAGE_ATTACKS
+from hf_backdoor.attacks import IMAGE_ATTACKS, get_image_attack_config
 from hf_backdoor.metrics import BackdoorEvaluation, attack_success_rate, clean_accuracy, predict_labels
 from hf_backdoor.trainer import BackdoorSafeTrainer
 from hf_backdoor.vision import (
@@ -59,6 +59,10 @@ class ImageRecipeArguments:
     attack: str = field(default="badnet", metadata={"help": "Image attack.", "choices": sorted(IMAGE_ATTACKS)})
     poison_rate: float = field(default=0.1, metadata={"help": "Share of the training rows poisoned."})
     target_label: int = field(default=0, metadata={"help": "Target label."})
+    attack_kwargs: str | None = field(
+        default=None,
+        metadata={"help": 'The attack config\'s other fields as JSON, e.g. \'{"s": 1.0, "cross_ratio": 0}\' (WaNet).'},
+    )
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Hub ViT/DeiT id or local path (None: the default small ViT)."}
     )
@@ -68,6 +72,21 @@ class ImageRecipeArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Seeded slice of the training split."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Seeded slice of the test split."})
+
+    def attack_config(self, seed: int):
+        """The attack these flags name, seeded by ``seed``; a field of ``--attack_kwargs`` that the attack's config
+        does not have is an error that names the attack."""
+        fields = json.loads(self.attack_kwargs) if self.attack_kwargs else {}
+        if not isinstance(fields, dict):
+            raise SystemExit(f"--attack_kwargs must be a JSON object, got {self.attack_kwargs!r}.")
+        try:
+            return get_image_attack_config(
+                self.attack, poison_rate=self.poison_rate, target_label=self.target_label, seed=seed, **fields
+            )
+        except TypeError as err:
+            raise SystemExit(
+                f"--attack_kwargs {self.attack_kwargs!r} does not fit the {self.attack} attack: {err}"
+            ) from err
 
 
 def vit_name(model: str | None, config_overrides: str | None) -> str:

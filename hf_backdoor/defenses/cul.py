@@ -7,8 +7,9 @@ One repair-stage defense, ``ExposeConfig`` / :class:`ExposeDefense` (registered 
 picks the procedure:
 
 - **CUL** (``method="cul"``): maximise the cross-entropy of a small clean set (official: 1% of the training data,
-  Adam lr 1e-5, weight decay 5e-4, batch 128, 20 epochs, dropout on). Clean functionality is unlearned faster than
-  the backdoor, so the exposed model sends clean inputs to the backdoor label.
+  images read through the training augmentation (``augment``), Adam lr 1e-5, weight decay 5e-4, batch 128, 20
+  epochs, dropout on). Clean functionality is unlearned faster than the backdoor, so the exposed model sends clean
+  inputs to the backdoor label.
 - **Random-label fine-tuning** (``method="random_label"``, the official ``ShuffleFT``): fine-tune on the clean set
   with uniformly random labels drawn afresh every batch (official: Adam lr 1e-4, weight decay 5e-4, 20 epochs).
 - **RNP's clean unlearning** (``method="rnp_unlearning"``; Li et al., "Reconstructive Neuron Pruning for Backdoor
@@ -53,7 +54,14 @@ import torch
 from torch.nn import functional as F
 
 from ..registry import register_defense
-from ._shared.data import class_shares, dataset_labels, iterate_batches, model_dataset, predict_logits
+from ._shared.data import (
+    augmented_view,
+    class_shares,
+    dataset_labels,
+    iterate_batches,
+    model_dataset,
+    predict_logits,
+)
 from ._shared.loops import clean_threshold_for
 from ._shared.repair import fmt
 from .base import Defense, DefenseConfig, Figure
@@ -123,6 +131,15 @@ class ExposeConfig(DefenseConfig):
         metadata={
             "help": "With early_stop, check the clean accuracy after every step instead of every epoch; None: only "
             "for rnp_unlearning, whose SGD ascent can overshoot within an epoch (as RNPConfig's default stop)."
+        },
+    )
+    augment: bool = field(
+        default=True,
+        metadata={
+            "help": "Train on images through the training augmentation of their transform (random crop, horizontal "
+            "flip), as the official code trains on its clean rows (transform_train); the clean accuracy and the "
+            "label shares are read on the images as stored. No effect on text. False: the stored images (the "
+            "setting before stop 47)."
         },
     )
     min_rows: int = field(default=10, metadata={"help": "The smallest clean set accepted (an error below)."})
@@ -195,6 +212,8 @@ class ExposureContext:
     data: Any
     labels: np.ndarray
     num_labels: int
+    train_data: Any = None  # what the exposure trains on: ``data``, or its images augmented (``augmentation``)
+    augmentation: str | None = None
 
     @classmethod
     def build(cls, trainer, clean_dataset, config: ExposeConfig, num_labels: int) -> ExposureContext:
@@ -202,7 +221,8 @@ class ExposureContext:
         data = model_dataset(trainer, clean_dataset, max_length=config.max_length)
         labels = dataset_labels(data)
         check_clean_set(labels, num_labels, config.min_rows, config.min_rows_per_class)
-        return cls(trainer, data, labels, num_labels)
+        train_data, augmentation = augmented_view(data) if config.augment else (data, None)
+        return cls(trainer, data, labels, num_labels, train_data, augmentation)
 
 
 # -- the procedures ------------------------------------------------------------------------------------------------
@@ -220,9 +240,11 @@ def _evaluate(trainer, model, data, labels, num_labels: int) -> tuple[float, lis
     return float(np.mean(predictions == labels)), [float(s) for s in class_shares(predictions, num_labels)]
 
 
-def run_exposure(trainer, model, data, labels: np.ndarray, num_labels: int, config: ExposeConfig):
-    """Run the configured exposure on ``model`` in place. Returns the per-epoch history (entry 0 = before) and the
-    last learning rate used."""
+def run_exposure(trainer, model, data, labels: np.ndarray, num_labels: int, config: ExposeConfig, train_data=None):
+    """Run the configured exposure on ``model`` in place, training on ``train_data`` (default: ``data``) and reading
+    the clean accuracy and shares on ``data``. Returns the per-epoch history (entry 0 = before) and the last learning
+    rate used."""
+    train_data = data if train_data is None else train_data
     accuracy, shares = _evaluate(trainer, model, data, labels, num_labels)
     chance = 1.0 / num_labels
     if config.stop_accuracy is not None:
@@ -268,7 +290,7 @@ def run_exposure(trainer, model, data, labels: np.ndarray, num_labels: int, conf
             epoch += 1
             losses = []
             for inputs, batch_labels in iterate_batches(
-                trainer, data, config.batch_size, shuffle=True, seed=config.seed + epoch
+                trainer, train_data, config.batch_size, shuffle=True, seed=config.seed + epoch
             ):
                 model.train()  # the per-step check evaluates in eval mode
                 with trainer.accelerator.autocast():
@@ -328,7 +350,9 @@ class ExposeDefense(Defense):
     def repair(self, context: ExposureContext, model) -> dict[str, Any]:
         config = self.config
         num_labels = context.num_labels
-        history, learning_rate = run_exposure(context.trainer, model, context.data, context.labels, num_labels, config)
+        history, learning_rate = run_exposure(
+            context.trainer, model, context.data, context.labels, num_labels, config, train_data=context.train_data
+        )
         before, after = history[0]["clean_accuracy"], history[-1]["clean_accuracy"]
         chance = 1.0 / num_labels
         # Exposed: half way to chance, or down to the method's own stop (RNP's 0.20 can sit above half way).
@@ -368,6 +392,7 @@ class ExposeDefense(Defense):
             "clean_accuracy_after": float(after),
             "learning_rate": float(learning_rate),
             "num_clean_rows": len(context.labels),
+            "augmentation": context.augmentation,
             "history": history,
         }
         logger.info(
@@ -390,7 +415,8 @@ class ExposeDefense(Defense):
             f"- Exposure by {method} on {report.get('num_clean_rows')} clean rows (a copy of the model; the model "
             f"itself is unchanged): clean accuracy {fmt(report.get('clean_accuracy_before'))} -> "
             f"{fmt(report.get('clean_accuracy_after'))} in {epochs} epoch(s), final learning rate "
-            f"{fmt(report.get('learning_rate'), '.1e')}."
+            f"{fmt(report.get('learning_rate'), '.1e')}"
+            + (f", trained through {report['augmentation']}." if report.get("augmentation") else ".")
         ]
         shares = report.get("label_shares") or []
         if report.get("exposed"):

@@ -69,6 +69,7 @@ class ExposureResult:
         share_variance: EBYD's raw statistic, the variance of the shares.
         exposed: whether clean accuracy fell at least half way from its starting value to chance.
         clean_accuracy_before / clean_accuracy_after: on the clean set.
+        augmentation: what the exposure trained through (``None``: the rows as stored, e.g. text).
         history: per epoch of exposure: step, learning rate, loss, clean accuracy, shares.
     """
 
@@ -83,6 +84,7 @@ class ExposureResult:
     clean_accuracy_after: float
     learning_rate: float
     num_clean_rows: int
+    augmentation: str | None = None
     history: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
     config: dict = field(default_factory=dict)
@@ -139,6 +141,7 @@ class ExposureResult:
             "clean_accuracy_after": self.clean_accuracy_after,
             "learning_rate": self.learning_rate,
             "num_clean_rows": self.num_clean_rows,
+            "augmentation": self.augmentation,
             "history": self.history,
             "wall_s": self.wall_s,
             "config": self.config,

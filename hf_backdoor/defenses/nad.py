@@ -132,7 +132,7 @@ def distillation_epoch(
     teacher.eval()
     totals = {"loss": 0.0, "ce": 0.0, "at": 0.0}
     correct = seen = 0
-    for batch in context.loader("fit", config.batch_size, shuffle=True, epoch=epoch):
+    for batch in context.loader("train", config.batch_size, shuffle=True, epoch=epoch):
         inputs, labels = context.split_batch(batch)
         mask = inputs.get("attention_mask")
         logits, outputs = context.logits(student, inputs, output_hidden_states=True)

@@ -242,7 +242,7 @@ def activeness_aware_finetune(context: SanitizeContext, config: NWCConfig, model
     for epoch in context.progress(range(config.finetune_epochs), "TSBD fine-tuning"):
         model.train()
         total = seen = 0
-        for batch in context.loader("fit", config.batch_size, shuffle=True, epoch=epoch):
+        for batch in context.loader("train", config.batch_size, shuffle=True, epoch=epoch):
             inputs, labels = context.split_batch(batch)
 
             def loss_fn(net, inputs=inputs, labels=labels):

@@ -265,6 +265,7 @@ def sanitize_model(
         **repair.report(),  # "defense" and "config"
         "num_fit_rows": len(context.fit),
         "num_holdout_rows": len(context.holdout),
+        "fit_augmentation": context.fit_augmentation,
         "holdout_accuracy_before": before,
         "holdout_accuracy_after": after,
         **fields,

@@ -56,14 +56,35 @@ class ImageClassificationTransform:
         self._warned_modes = False
 
     def without_augmentation(self) -> ImageClassificationTransform:
-        """The same transform for evaluation (no random crop or flip)."""
+        """The same transform for evaluation (no random crop or flip; the settings are kept for
+        :meth:`with_augmentation`)."""
         return ImageClassificationTransform(
             self.image_processor,
             augment=False,
+            crop_padding=self.crop_padding,
+            horizontal_flip=self.horizontal_flip,
             image_column=self.image_column,
             label_column=self.label_column,
             keep_row_index=self.keep_row_index,
         )
+
+    def with_augmentation(self) -> ImageClassificationTransform:
+        """The same transform with the training augmentation (this transform's crop padding and flip) switched on."""
+        return ImageClassificationTransform(
+            self.image_processor,
+            augment=True,
+            crop_padding=self.crop_padding,
+            horizontal_flip=self.horizontal_flip,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            keep_row_index=self.keep_row_index,
+        )
+
+    def describe_augmentation(self) -> str:
+        """What the augmentation does, for reports: e.g. ``random crop (reflect padding 4) and horizontal flip``."""
+        parts = [f"random crop (reflect padding {self.crop_padding})"] if self.crop_padding else []
+        parts += ["horizontal flip"] if self.horizontal_flip else []
+        return " and ".join(parts) or "none"
 
     def __call__(self, batch: dict) -> dict:
         images = [_as_pil(image, i) for i, image in enumerate(batch[self.image_column])]

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..base import DefenseConfig
-from .data import class_shares
+from .data import augmented_view, class_shares
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,15 @@ class SanitizeConfig(DefenseConfig):
     )
     seed: int = field(
         default=0, metadata={"help": "Seeds the clean split, the batch order, dropout and every random choice."}
+    )
+    augment: bool = field(
+        default=True,
+        metadata={
+            "help": "Train on the fit rows with the training augmentation where they are images read through "
+            "hf-backdoor's image transform (random crop with that transform's reflect padding, horizontal flip), as "
+            "the official RNP, NAD and TSBD codes train on their clean rows; thresholds and accuracies are still "
+            "read on the images as stored. No effect on text. False: the stored images (the setting before stop 47)."
+        },
     )
     max_holdout_drop: float | None = field(
         default=0.1,
@@ -171,14 +180,17 @@ class SanitizeContext:
         fit_idx, holdout_idx = _stratified_split(labels, config.holdout_fraction, config.seed)
         self.fit = _subset(dataset, fit_idx)
         self.holdout = _subset(dataset, holdout_idx)
+        # What the repair's training loops read: the fit rows, augmented as the model was trained where that applies.
+        self.train_rows, self.fit_augmentation = augmented_view(self.fit) if config.augment else (self.fit, None)
         self.fit_labels = labels[fit_idx]
         self.holdout_labels = labels[holdout_idx]
         self.show_progress = trainer.is_local_process_zero() and not trainer.args.disable_tqdm
 
     # -- batches ---------------------------------------------------------------------------------------------------
     def loader(self, part: str = "fit", batch_size: int | None = None, shuffle: bool = False, epoch: int = 0):
-        """Batches of ``fit`` or ``holdout``; a shuffled loader is seeded by ``(seed, epoch)``."""
-        dataset = {"fit": self.fit, "holdout": self.holdout}[part]
+        """Batches of ``fit``, ``holdout`` or ``train`` (the fit rows as the repair trains on them: augmented images
+        with ``augment``, see :attr:`fit_augmentation`); a shuffled loader is seeded by ``(seed, epoch)``."""
+        dataset = {"fit": self.fit, "holdout": self.holdout, "train": self.train_rows}[part]
         generator = torch.Generator().manual_seed(self.config.seed * 1000 + epoch) if shuffle else None
         return DataLoader(
             dataset,

@@ -75,6 +75,25 @@ def model_dataset(trainer, dataset: datasets.Dataset, augment: bool = False, max
     return dataset.select_columns([c for c in dataset.column_names if c in keep])
 
 
+def augmented_view(dataset):
+    """``dataset`` with its image transform's training augmentation switched on, and what that augmentation does;
+    ``(dataset, None)`` when there is nothing to augment (text, or a transform without augmentation options).
+
+    The official RNP, NAD, TSBD and EBYD codes train on their clean rows through the training transform (random crop
+    after 4-pixel padding, horizontal flip); a clean set built for evaluation
+    (``prepare_image_dataset(..., train=False)``) gets the same augmentation as the model's training, with its own
+    ``crop_padding``.
+    """
+    transform = _format_transform(dataset) if isinstance(dataset, datasets.Dataset) else None
+    if not hasattr(transform, "with_augmentation"):
+        return dataset, None
+    augmented = transform.with_augmentation()
+    description = augmented.describe_augmentation()
+    if description == "none":
+        return dataset, None
+    return dataset.with_transform(augmented), description
+
+
 def dataset_labels(dataset: datasets.Dataset) -> np.ndarray:
     """The label column of a (possibly transformed) dataset, read without the transform."""
     raw = dataset.with_format(None)

@@ -31,7 +31,7 @@ def cross_entropy_epoch(
     """
     model.train()
     total_loss = correct = seen = 0
-    for batch in context.loader("fit", batch_size, shuffle=True, epoch=epoch):
+    for batch in context.loader("train", batch_size, shuffle=True, epoch=epoch):
         inputs, labels = context.split_batch(batch)
         logits, _ = context.logits(model, inputs)
         loss = nn.functional.cross_entropy(logits, labels)

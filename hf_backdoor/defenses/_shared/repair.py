@@ -118,6 +118,8 @@ class RepairDefense(Defense):
                 f"- Repaired after training with {report['num_fit_rows']} clean rows; {report.get('num_holdout_rows')} "
                 "more were held out to choose every threshold and to measure clean accuracy."
             )
+        if report.get("fit_augmentation"):
+            lines.append(f"- It trained on the clean rows with {report['fit_augmentation']}, as the model was trained.")
         before, after = report.get("holdout_accuracy_before"), report.get("holdout_accuracy_after")
         if before is not None and after is not None:
             line = f"- Held-out clean accuracy: {fmt(before)} -> {fmt(after)}."
