@@ -65,6 +65,7 @@ def _key(record: dict) -> tuple:
     return (
         record["dataset"],
         record["attack"],
+        record.get("attack_kwargs"),  # a non-default attack setting (e.g. a stronger WaNet warp): another result
         record["defense"],
         record.get("exposure"),  # rnp and rnp+cul are different results; older records (no field) are plain runs
         record.get("rnp_units"),

@@ -110,6 +110,7 @@ def main(argv=None) -> list[dict]:
             "data": script.dataset if script.dataset != "cifar10" else "cifar10 (packaged subset)",
             "attack": "none" if run == "clean" else attack.name,
             "asr_attack": attack.name,
+            "attack_kwargs": script.attack_kwargs_text,  # the attack's non-default settings, as JSON text
             "defense": "abl" if run == "abl" else "none",
             "model": model,
             "poison_rate": 0.0 if run == "clean" else attack.poison_rate,

@@ -172,6 +172,7 @@ def test_vision_benchmark_hands_an_attacks_settings_and_saved_models_over(tmp_pa
     script, _ = recipe.parse_args(vision_defenses.recipe_argv(args, "wanet", 0, tmp_path))
     wanet = script.attack_config(0)
     assert (wanet.name, wanet.s, wanet.cross_ratio, wanet.seed) == ("wanet", 1.0, 0, 0)
+    assert script.attack_kwargs_text == '{"cross_ratio": 0, "s": 1.0}'  # what the records carry
     script, _ = recipe.parse_args(vision_defenses.recipe_argv(args, "badnet", 0, tmp_path))
     assert script.attack_kwargs is None and script.attack_config(0).name == "badnet"  # only the attack named
     script, _ = recipe.parse_args(["--attack", "badnet", "--attack_kwargs", '{"s": 1.0}'])

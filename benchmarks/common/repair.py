@@ -131,6 +131,8 @@ def recipe_record(
         "dataset": records_io.dataset_name(script.dataset),
         "data": script.dataset,
         "attack": attack.name,
+        # an image attack's non-default settings (--attack_kwargs, JSON text); text recipes have none
+        "attack_kwargs": getattr(script, "attack_kwargs_text", None),
         "model": model,
         "model_epochs": model_epochs,
         "poison_rate": script.poison_rate,

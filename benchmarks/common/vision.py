@@ -73,6 +73,11 @@ class ImageRecipeArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Seeded slice of the training split."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Seeded slice of the test split."})
 
+    @property
+    def attack_kwargs_text(self) -> str | None:
+        """``--attack_kwargs`` as sorted JSON text, the form records carry (``None`` when not given)."""
+        return json.dumps(json.loads(self.attack_kwargs), sort_keys=True) if self.attack_kwargs else None
+
     def attack_config(self, seed: int):
         """The attack these flags name, seeded by ``seed``; a field of ``--attack_kwargs`` that the attack's config
         does not have is an error that names the attack."""
