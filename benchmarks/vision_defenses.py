@@ -252,6 +252,7 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
             args, training_args, attack, attack_name, evaluation, result, wall, args.cul_method,
             args.cul_clean_fraction, command,
         )  # fmt: skip
+        record["attack_kwargs"] = script.attack_kwargs_text  # as the recipe's records carry it (None: defaults)
         if folder is not None:  # a saved model: its own schedule, and which of the saved models it is
             record.update(epochs=runs.saved_training_epochs(folder), model_key=Path(folder).name)
             record["overhead_epochs"] = round(result.wall_s / (wall / record["epochs"]), 2)
@@ -268,12 +269,6 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         for r in found:
             r.update(detection_auroc=auroc, detection_threshold=threshold, flagged=r["cul_score"] > threshold)
     return found
-
-
-def _attack_kwargs_text(args, attack_name: str) -> str | None:
-    """``--attack-kwargs``' fields for ``attack_name`` as a JSON string (records stay flat), ``None`` when none."""
-    fields = json.loads(args.attack_kwargs or "{}").get(attack_name)
-    return json.dumps(fields, sort_keys=True) if fields else None
 
 
 def saved_model_list(text: str) -> list[tuple[str, int, Path]]:
@@ -344,7 +339,6 @@ def exposure_record(
         "cul_clean_from": args.cul_clean_from,
         "cul_augmentation": result.augmentation,
         "cul_kwargs": args.cul_kwargs or None,
-        "attack_kwargs": _attack_kwargs_text(args, attack_name),
     }
 
 

@@ -564,22 +564,8 @@ def test_image_repairs_train_on_augmented_rows_and_read_stored_ones(tmp_path, to
 
     images = load_image_task("cifar10")["train"].select(range(40))
     clean = prepare_image_dataset(images, default_image_processor(32))  # an evaluation transform, as users pass
-    args = TrainingArguments(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, remove_unused_columns=False, disable_tqdm=True
-    )
-    torch.manual_seed(0)
-    vit = ViTForImageClassification(
-        ViTConfig(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=32,
-            patch_size=8,
-            num_labels=10,
-        )
-    )
-    trainer = Trainer(model=vit, args=args)
+    args = conftest.training_args(tmp_path, remove_unused_columns=False)
+    trainer = Trainer(model=conftest.tiny_cifar_vit(), args=args)
     context = SanitizeContext(trainer, clean, SanitizeConfig(), num_labels=10)
     assert context.fit_augmentation == "random crop (reflect padding 4) and horizontal flip"
     stored, again = _pixel_passes(context, "fit")

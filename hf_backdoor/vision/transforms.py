@@ -58,21 +58,16 @@ class ImageClassificationTransform:
     def without_augmentation(self) -> ImageClassificationTransform:
         """The same transform for evaluation (no random crop or flip; the settings are kept for
         :meth:`with_augmentation`)."""
-        return ImageClassificationTransform(
-            self.image_processor,
-            augment=False,
-            crop_padding=self.crop_padding,
-            horizontal_flip=self.horizontal_flip,
-            image_column=self.image_column,
-            label_column=self.label_column,
-            keep_row_index=self.keep_row_index,
-        )
+        return self._with_augment(False)
 
     def with_augmentation(self) -> ImageClassificationTransform:
         """The same transform with the training augmentation (this transform's crop padding and flip) switched on."""
+        return self._with_augment(True)
+
+    def _with_augment(self, augment: bool) -> ImageClassificationTransform:
         return ImageClassificationTransform(
             self.image_processor,
-            augment=True,
+            augment=augment,
             crop_padding=self.crop_padding,
             horizontal_flip=self.horizontal_flip,
             image_column=self.image_column,
