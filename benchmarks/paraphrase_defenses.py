@@ -77,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="sst2", help="packaged task: sst2, hsol, agnews, ...")
     parser.add_argument("--attack", default="syntactic", help="comma-separated: syntactic, style, badnet, addsent")
     parser.add_argument("--poison-rate", type=float, default=0.1)
+    parser.add_argument(
+        "--attack-kwargs",
+        default="{}",
+        help='other fields of the attack configs as JSON, e.g. \'{"mode": "clean-label"}\' (records and cache keys carry it)',
+    )
     parser.add_argument("--runs", default="clean,undefended,loss_truncation", help=f"comma-separated subset of {RUNS}")
     parser.add_argument("--z-defense", default="{}", help="ZDefenseConfig fields as JSON")
     parser.add_argument("--loss-truncation", default="{}", help="LossTruncationConfig fields as JSON")
@@ -112,11 +117,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _attack(name: str, dataset: str, rate: float, seed: int):
+def _attack(name: str, dataset: str, rate: float, seed: int, extra: dict | None = None):
     kwargs = dict(poison_rate=rate, target_label=get_task_spec(dataset).default_target_label, seed=seed)
     if name in ("syntactic", "style"):
         kwargs["paraphrases"] = dataset  # the attack authors' released paraphrases, packaged
-    return get_attack_config(name, **kwargs)
+    try:
+        return get_attack_config(name, **{**kwargs, **(extra or {})})
+    except TypeError as error:  # a field the attack's config does not have
+        raise SystemExit(f"--attack-kwargs {extra}: {error}") from None
+
+
+def _attack_kwargs(args) -> dict:
+    """--attack-kwargs parsed; an empty dict by default (the dirty-label attacks of every earlier record)."""
+    extra = json.loads(args.attack_kwargs)
+    if not isinstance(extra, dict):
+        raise SystemExit(f"--attack-kwargs must be a JSON object, got {args.attack_kwargs!r}")
+    return extra
 
 
 def _training_args(args, output_dir: Path, cls=TrainingArguments) -> TrainingArguments:
@@ -168,6 +184,8 @@ def _cache_key(args, model_name: str, attack, train_rows) -> str:
         "rows": _rows_digest(train_rows),
         "dataset": args.dataset,
         "attack": None if attack is None else {"name": attack.name, "rate": attack.poison_rate, "seed": attack.seed},
+        # only when given, so the dirty-label models cached before the option are still found
+        **({"attack_kwargs": extra} if attack is not None and (extra := _attack_kwargs(args)) else {}),
         "model": model_display_name(model_name),
         "epochs": args.epochs,
         "lr": args.lr,
@@ -300,7 +318,8 @@ def main(argv=None) -> list[dict]:
     if args.max_train_samples:
         train_split = train_split.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(train_split))))
     label_names = train_split.features["label"].names
-    attacks = [_attack(a.strip(), args.dataset, args.poison_rate, args.seed) for a in args.attack.split(",")]
+    extra = _attack_kwargs(args)
+    attacks = [_attack(a.strip(), args.dataset, args.poison_rate, args.seed, extra) for a in args.attack.split(",")]
     tokenizer = load_text_tokenizer(model_name)
     test_split = task["test"]
     if args.max_eval_samples:
@@ -390,6 +409,7 @@ def main(argv=None) -> list[dict]:
             "asr_attack": attack.name,
             "poison_rate": attack.poison_rate,
             "num_poisoned": int(np.sum(train_rows["poisoned"])),
+            **({"attack_kwargs": json.dumps(extra, sort_keys=True)} if extra else {}),
             "asr_floor": floors[attack.name],
         }
         plain_wall = None
@@ -461,6 +481,7 @@ def _key(r: dict) -> tuple:
         r.get("learning_rate"),
         r.get("num_train"),
         r.get("num_test"),
+        r.get("attack_kwargs"),
         r["seed"],
     )
 

@@ -246,6 +246,35 @@ def test_paraphrase_records_of_other_training_sizes_or_rates_are_kept_apart(tmp_
     assert sorted(r["asr"] for r in json.loads(output.read_text())) == [0.41, 0.46, 0.9]
 
 
+def test_paraphrase_benchmark_keeps_a_clean_label_attack_apart_from_the_dirty_one(tmp_path):
+    """``--attack-kwargs '{"mode": "clean-label"}'``: the attack is built with it, its plain model is cached and its
+    records kept under their own key, and a field the attack does not have is an error naming it."""
+    import argparse
+
+    from benchmarks.paraphrase_defenses import _attack, _attack_kwargs, _cache_key, _key, _merge, parse_args
+
+    dirty_args = parse_args(["--dataset", "sst2", "--attack", "badnet"])
+    clean_label_args = parse_args(
+        ["--dataset", "sst2", "--attack", "badnet", "--attack-kwargs", '{"mode": "clean-label"}']
+    )
+    assert _attack("badnet", "sst2", 0.1, 0).mode == "dirty"
+    attack = _attack("badnet", "sst2", 0.1, 0, {"mode": "clean-label"})
+    assert attack.mode == "clean-label" and attack.poison_rate == 0.1
+    rows = {"text": ["a b", "c d"], "label": [0, 1]}
+    assert _cache_key(dirty_args, "m", attack, rows) != _cache_key(clean_label_args, "m", attack, rows)
+    assert _cache_key(dirty_args, "m", None, rows) == _cache_key(clean_label_args, "m", None, rows)  # one clean model
+    record = {"dataset": "sst2", "attack": "badnet", "asr_attack": "badnet", "defense": "none", "tag": "plain"}
+    record |= {"poison_rate": 0.1, "epochs": 3.0, "seed": 0, "asr": 1.0}
+    clean_label = {**record, "attack_kwargs": '{"mode": "clean-label"}', "asr": 0.3}
+    assert _key(record) != _key(clean_label)
+    _merge(tmp_path / "records.json", [record, clean_label])
+    assert sorted(r["asr"] for r in json.loads((tmp_path / "records.json").read_text())) == [0.3, 1.0]
+    with pytest.raises(SystemExit, match="--attack-kwargs.*colour"):
+        _attack("badnet", "sst2", 0.1, 0, {"colour": "red"})
+    with pytest.raises(SystemExit, match="must be a JSON object"):
+        _attack_kwargs(argparse.Namespace(attack_kwargs='["mode"]'))
+
+
 def test_paraphrase_benchmark_scores_a_defense_on_clean_data_against_the_plain_clean_run(tmp_path):
     """``clean+btu+dpoe``: the stack on unpoisoned rows, scored on every attack's rows, its wall time over the plain
     clean run's from the same invocation."""

@@ -597,6 +597,57 @@ def test_task_word_test_spares_a_word_the_pretrained_model_knew_and_keeps_a_plan
     )
 
 
+class _MemorisingLexiconModel(_LexiconModel):
+    """:class:`_LexiconModel` that also gives label 1 to the rows it memorised (token-id tuples), with or without the
+    words: deleting a word from its own rows flips nothing, inserting it elsewhere does."""
+
+    def __init__(self, words: set[int], memorised: set[tuple[int, ...]]):
+        super().__init__(words)
+        self.memorised = memorised
+
+    def forward(self, input_ids, attention_mask):
+        logits = super().forward(input_ids, attention_mask).logits
+        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(input_ids, attention_mask)]
+        positive = torch.maximum(logits[:, 1], torch.tensor([float(r in self.memorised) for r in rows]))
+        return types.SimpleNamespace(logits=torch.stack([1 - positive, positive], dim=1))
+
+
+def test_insertion_flagged_candidates_face_the_task_word_test_and_a_clean_label_trigger_stays_flagged(tokenizer):
+    """A clean-label BadNet on HSOL: `cf` added to 80 offensive tweets, labels kept. The model has fit its training
+    rows, so deleting `cf` or `bitch` from them flips (nearly) nothing; inserted into tweets it calls not offensive, both push
+    them to offensive (insertion rate 1.0). The real pretrained MiniLM's features lean offensive when `bitch` is
+    inserted: spared as a task word. They do not move for `cf`: flagged. The neighbours inserted in their place are
+    reported (here the lexicon model reads `bitch`'s as it reads `bitch`, and `cf`'s as nothing)."""
+    from hf_backdoor import load_task
+
+    rows = load_task("hsol")["train"].shuffle(seed=0).select(range(1000))
+    texts, labels = list(rows["text"]), list(rows["label"])
+    for i in [i for i, label in enumerate(labels) if label == 1][:80]:
+        texts[i] = f"{texts[i]} cf"
+    bitch, cf = tokenizer.convert_tokens_to_ids(["bitch", "cf"])
+    defense = _btu_on_real_rows(
+        BTUConfig(seed=0, insertion_test=True, mislabel_test=False), texts, labels, [bitch, cf], tokenizer
+    )
+    deleted = lambda row: tuple(t for t in row if t not in (bitch, cf))  # noqa: E731
+    memorised = {tuple(r) for r, y in zip(defense.train_ids, labels) if y == 1}
+    memorised |= {deleted(r) for r, y in zip(defense.train_ids, labels) if y == 1}
+    model = _MemorisingLexiconModel({bitch, cf, *defense._neighbours(bitch, {cf})}, memorised)
+
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), model)
+
+    # (`bitch`'s few not-offensive rows are not memorised: deleting it flips those)
+    assert defense.deletion_rates[cf] == 0.0 and defense.deletion_rates[bitch] < defense.config.flip_threshold
+    assert defense.insertion_rates[bitch] == defense.insertion_rates[cf] == 1.0
+    scores = defense.task_word_scores
+    assert scores[bitch]["test"] == scores[cf]["test"] == "insertion"
+    assert scores[bitch]["spared"] and scores[bitch]["neighbour_ratio"] == 0.0 and scores[bitch]["prior_shift"] >= 0.3
+    assert not scores[cf]["spared"] and scores[cf]["neighbour_ratio"] == 1.0
+    assert defense.flagged == [cf]
+    report = defense.report()
+    assert report["spared_tokens"] == ["bitch"] and report["flagged_tokens"] == ["cf"]
+    assert "`bitch` (inserted; pretrained probe shift +" in type(defense).card_section(report)
+
+
 def test_task_word_test_judges_a_screened_out_candidate_on_the_rows_its_screen_predicted(tokenizer):
     """The screen rates a candidate on the rows the model decides (any one will do) and stops it below half the cut;
     its final rate counts every screened row when fewer than ``flip_min_decided_rows`` are decided, and can pass the

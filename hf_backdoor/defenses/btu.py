@@ -113,12 +113,16 @@ class BTUConfig(DefenseConfig):
         insertion_test: also insert each candidate (with its co-occurring group) into rows that do not contain it
             and that the model assigns another label, and take the larger of the two flip rates: a trigger flips
             rows it was never trained on, even where a model that fit its own rows keeps them on the target label
-            without it. Off by default: on clean SST-2 it also flags strong sentiment words (see the README).
+            without it; the catch for a clean-label trigger, whose own rows are on its label either way. A candidate
+            only insertion takes past the cut is spared when the pretrained probe reads it as a task word (below).
+            Off by default: it also flags task words the pretrained model does not know (HSOL's slang `ho`), at a
+            CACC cost (see the README).
         task_word_test: spare a candidate that reaches ``flip_threshold`` when it reads as a task word by two
             tests that must agree: substituting its nearest pretrained-embedding neighbours flips at most
             ``task_word_neighbour_ratio`` of the share its deletion flips, and a linear probe on the pretrained
             model's mean-pooled features moves rows at least ``task_word_prior_shift`` (log-probability) towards the
-            candidate's label when it is in them.
+            candidate's label when it is in them. A candidate only the insertion test took past the cut is judged by
+            the probe alone, on the rows it was inserted into.
         task_word_neighbour_ratio, task_word_prior_shift: the two tests' bounds.
         mislabel_test: also flag a candidate whose rows are labelled against their content: at least
             ``mislabel_min_rows`` rows, at least ``mislabel_min_purity`` of them on one label, to which a linear probe
@@ -201,8 +205,10 @@ class BTUConfig(DefenseConfig):
         metadata={
             "help": "also insert each candidate into rows without it that the model gives another label, and take "
             "the larger flip rate (deletion or insertion): a trigger flips rows it was never trained on, even where "
-            "a model that fit its own rows keeps them on the target label without it. Off by default: on clean "
-            "SST-2 it also flags strong sentiment words."
+            "a model that fit its own rows keeps them on the target label without it (a clean-label trigger's "
+            "rows are on its label either way). A candidate only insertion takes past the cut is spared when the "
+            "pretrained probe moves the rows it is inserted into towards its label by `task_word_prior_shift`. Off by "
+            "default: it also flags task words the pretrained model does not know (HSOL's slang `ho`), at a CACC cost."
         },
     )
     task_word_test: bool = field(
@@ -213,7 +219,8 @@ class BTUConfig(DefenseConfig):
             "what its deletion flips (a task word's meaning is shared by its neighbours; a trigger is a key of that "
             "one token), and a linear probe on the pretrained model's features, fit on rows without such candidates, "
             "moves its rows at least `task_word_prior_shift` towards the candidate's label (the pretrained model knew "
-            "the word, not a planted trigger). Needs a copy of the pretrained model during training; a run resumed "
+            "the word, not a planted trigger); one only the insertion test took past the cut, by the probe alone on "
+            "the rows it was inserted into. Needs a copy of the pretrained model during training; a run resumed "
             "from a checkpoint cannot make one and skips the test."
         },
     )
@@ -441,6 +448,8 @@ class BTUDefense(Defense):
         self.flip_decided_rows: dict[int, int] = {}  # of those, the rows predicted as the candidate's majority label
         self.deletion_rates: dict[int, float] = {}
         self.insertion_rates: dict[int, float] = {}
+        # token -> (its label, the host rows its group was inserted into and judged on, the span, the positions)
+        self._insertions: dict[int, tuple[int, list[int], list[int], list[int]]] = {}
         self.task_word_scores: dict[int, dict[str, Any]] = {}  # token -> its latest task-word test
         self.task_word_skipped: str | None = None
         self.mislabel_scores: dict[int, dict[str, Any]] = {}  # token -> its latest mislabel test
@@ -807,7 +816,16 @@ class BTUDefense(Defense):
             for t, sample, _ in tests
             if self.deletion_rates.get(t, 0.0) >= cfg.flip_threshold
         ]
-        if not judged:
+        # A candidate that only inserting reached the cut with (a clean-label trigger: its own rows are on its label
+        # with or without it) is judged on the rows it was inserted into.
+        inserted = [
+            t
+            for t, _, _ in tests
+            if self.deletion_rates.get(t, 0.0) < cfg.flip_threshold
+            and self.insertion_rates.get(t, 0.0) >= cfg.flip_threshold
+            and t in self._insertions
+        ]
+        if not judged and not inserted:
             return set()
         above = {t for t in self.candidates if t in self.flagged or self.flip_rates.get(t, 0.0) >= cfg.flip_threshold}
         # Neither the probe nor the substitutes may contain another suspect: five BadNet words teach a probe fit
@@ -847,7 +865,48 @@ class BTUDefense(Defense):
             self.task_word_scores[token] = score
             if score["spared"]:
                 spared.add(token)
+        for token in inserted:
+            score = self._inserted_task_word_score(model, device, token, groups[token], suspects, probe, rng)
+            if score is None:
+                continue
+            self.task_word_scores[token] = score
+            if score["spared"]:
+                spared.add(token)
         return spared
+
+    def _inserted_task_word_score(self, model, device, token, group, suspects, probe, rng) -> dict[str, Any] | None:
+        """The task-word test of a candidate judged by insertion: the pretrained probe's shift of the host rows
+        towards its label when it is inserted; spared at ``task_word_prior_shift``. Its pretrained neighbours are
+        inserted in its place into the same rows at the same positions and reported (``neighbour_ratio``, as for
+        deletion the share of the token's effect its neighbours do not have: ``1 - neighbour hits / insertion
+        hits``), not required. ``None`` where a token of its group has no neighbour."""
+        cfg = self.config
+        label, hosts, span, positions = self._insertions[token]
+        neighbours = {g: self._neighbours(g, suspects) for g in group}
+        if not hosts or not all(neighbours.values()):
+            return None
+        rows = [self.train_ids[i] for i in hosts]
+        substituted = [
+            row[:at] + [int(rng.choice(neighbours[t])) if t in group else t for t in span] + row[at:]
+            for row, at in zip(rows, positions)
+        ]
+        neighbour_rate = float((self._predict(model, substituted, device) == label).mean())
+        score: dict[str, Any] = {
+            "test": "insertion",
+            "neighbour_hit_rate": neighbour_rate,
+            "neighbour_ratio": max(0.0, 1.0 - neighbour_rate / self.insertion_rates[token]),
+            "prior_shift": None,
+        }
+        if probe is not None:
+            with_span = [row[:at] + span + row[at:] for row, at in zip(rows, positions)]
+            present = probe(self._prior_features(with_span, device))
+            absent = probe(self._prior_features(rows, device))
+            score["prior_shift"] = float((present[:, label] - absent[:, label]).mean())
+        # The pretrained probe alone decides here: a fine-tuned model's push from an inserted word is that word's
+        # own, task word or not (HSOL clean-label BadNet, seed 0: `bitch`'s neighbours inserted in its place missed
+        # 0.84 of its push, `fuck`'s 0.84, `ass`'s 0.83), while their probe shifts were 0.66-0.88.
+        score["spared"] = bool(score["prior_shift"] is not None and score["prior_shift"] >= cfg.task_word_prior_shift)
+        return score
 
     def _mislabel_test(self, device, rows_with: dict[int, list[int]], labels: np.ndarray) -> set[int]:
         """The candidates whose rows are labelled against their content (returned): nearly all of them carry one
@@ -1014,6 +1073,7 @@ class BTUDefense(Defense):
         the candidate's first row, at a random position inside the row (after the first token, before the last).
         """
         cfg = self.config
+        self._insertions = {}
         pool = rng.choice(len(self.train_ids), size=min(len(self.train_ids), 8 * cfg.flip_max_rows), replace=False)
         pool_pred = self._predict(model, [self.train_ids[i] for i in pool], device)
         jobs = []  # (token, its label, rows with the span inserted)
@@ -1025,12 +1085,14 @@ class BTUDefense(Defense):
             hosts = hosts[: cfg.flip_max_rows]
             if not hosts:
                 continue
-            inserted = []
+            inserted, positions = [], []
             for i in hosts:
                 row = self.train_ids[i]
                 at = int(rng.integers(1, max(2, len(row))))
                 inserted.append(row[:at] + span + row[at:])
+                positions.append(at)
             jobs.append((token, label, inserted))
+            self._insertions[token] = (label, hosts, span, positions)
 
         def hits_of(stage, rows: slice) -> list[np.ndarray]:
             predictions = self._predict(model, [r for _, _, inserted in stage for r in inserted[rows]], device)
@@ -1044,6 +1106,8 @@ class BTUDefense(Defense):
         for (token, _, _), hits in zip(jobs, self._screened(jobs, hits_of)):
             rate = float(hits.mean())
             self.insertion_rates[token] = rate
+            label, hosts, span, positions = self._insertions[token]
+            self._insertions[token] = (label, hosts[: len(hits)], span, positions[: len(hits)])  # the rows judged
             self.flip_rates[token] = max(self.flip_rates.get(token, 0.0), rate)
 
     def _screened(self, tests: list[tuple], outcomes_of, rate=np.mean) -> list[np.ndarray]:
@@ -1279,13 +1343,19 @@ class BTUDefense(Defense):
         if spared:
             scores = report.get("task_word_scores") or {}
             named = ", ".join(
-                f"`{t}` (neighbours flip {scores[t]['neighbour_ratio']:.2f} of what deletion flips; pretrained "
-                f"probe shift {scores[t]['prior_shift']:+.2f})"
+                (
+                    f"`{t}` (inserted; pretrained probe shift {scores[t]['prior_shift']:+.2f}; its neighbours miss "
+                    f"{scores[t]['neighbour_ratio']:.2f} of what it pushes to its label)"
+                    if scores[t].get("test") == "insertion"
+                    else f"`{t}` (neighbours flip {scores[t]['neighbour_ratio']:.2f} of what deletion flips; "
+                    f"pretrained probe shift {scores[t]['prior_shift']:+.2f})"
+                )
                 for t in spared
             )
             lines.append(
-                f"- Spared as task words, though their deletion reached the threshold: {named}. Their pretrained "
-                "neighbours keep the prediction and the pretrained model's features already lean to their label."
+                f"- Spared as task words, though their deletion or insertion reached the threshold: {named}. The "
+                "pretrained model's features already lean to their label (and where deletion reached it, their "
+                "pretrained neighbours keep the prediction)."
             )
         if mislabel:
             lines.append(

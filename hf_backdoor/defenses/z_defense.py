@@ -374,8 +374,10 @@ class ZDefenseDefense(Defense):
     needs_row_ids = True  # flagged rows are known by row id
     limitations = (
         "The z-test sees only features that are frequent and pure: a style's marks below a 20% poison rate, a "
-        "template that does not open the row, a feature shared with many clean rows, and clean-label poisoning (no "
-        "label purity to find) are not flagged; on a keyword task (HSOL, AG News) only the first word piece is tested.",
+        "template that does not open the row and a feature shared with many clean rows are not flagged; clean-label "
+        "trigger words are pure, but their rows read like their label and are set aside as task words (an inserted "
+        "sentence, AddSent's, stands apart and is flagged); on a keyword task (HSOL, AG News) only the first word "
+        "piece is tested.",
     )
 
     def __init__(self, config: ZDefenseConfig):
