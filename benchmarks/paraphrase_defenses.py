@@ -453,7 +453,10 @@ def main(argv=None) -> list[dict]:
                     **_defense_fields(trainer.defense_report, name),
                 }
             )
-    print(f"\n{args.dataset} / rate {args.poison_rate} / {args.epochs:g} epochs / seed {args.seed} / tag {args.tag}")
+    print(
+        f"\n{args.dataset} / rate {args.poison_rate} / {args.epochs:g} epochs / seed {args.seed} / tag {args.tag}"
+        + (f" / attack {json.dumps(extra, sort_keys=True)}" if extra else "")
+    )
     print(f"{'attack':<10}{'defense':<14}{'CACC':>7}{'ASR':>7}{'floor':>7}{'wall s':>8}{'overhd':>7}{'AUROC':>7}  load")
     for r in records:
         auroc = r.get("signal_auroc")

@@ -614,10 +614,10 @@ class _MemorisingLexiconModel(_LexiconModel):
 
 def test_insertion_flagged_candidates_face_the_task_word_test_and_a_clean_label_trigger_stays_flagged(tokenizer):
     """A clean-label BadNet on HSOL: `cf` added to 80 offensive tweets, labels kept. The model has fit its training
-    rows, so deleting `cf` or `bitch` from them flips (nearly) nothing; inserted into tweets it calls not offensive, both push
-    them to offensive (insertion rate 1.0). The real pretrained MiniLM's features lean offensive when `bitch` is
-    inserted: spared as a task word. They do not move for `cf`: flagged. The neighbours inserted in their place are
-    reported (here the lexicon model reads `bitch`'s as it reads `bitch`, and `cf`'s as nothing)."""
+    rows, so deleting `cf` or `bitch` from them flips (nearly) nothing; inserted into tweets it calls not offensive,
+    both push them to offensive (insertion rate 1.0). The real pretrained MiniLM's features lean offensive when
+    `bitch` is inserted: spared as a task word. They do not move for `cf`: flagged. The neighbours inserted in their
+    place are reported (here the lexicon model reads `bitch`'s as it reads `bitch`, and `cf`'s as nothing)."""
     from hf_backdoor import load_task
 
     rows = load_task("hsol")["train"].shuffle(seed=0).select(range(1000))
