@@ -18,7 +18,8 @@ Runs, per attack (``--runs``, comma-separated):
 
 Plain runs (clean, undefended) are cached under ``--cache-dir`` (keyed by everything that shapes them) with their
 training wall time, so other cells reuse them for the floor and the overhead. Each record has the CACC, ASR, floor,
-wall time, overhead (wall time over the undefended run on the same data), the AUROC of the defense's per-row signal
+``asr_untriggered`` (the run's own rate of the target label on the ASR rows without their trigger: a model trained on
+(nearly) clean rows can sit above the floor only because it calls more of those rows the target anyway), wall time, overhead (wall time over the undefended run on the same data), the AUROC of the defense's per-row signal
 against the ``poisoned`` column, and the command; records are merged into ``benchmarks/results/
 paraphrase_defenses.json`` (a record with the same dataset, attack, scored attack, defense, rate, epochs, seed and
 tag is replaced). The recipe is the reference one (MiniLM, lr 1e-4, batch 32, max length 128, 6% warm-up, weight
@@ -36,6 +37,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,7 +53,7 @@ from hf_backdoor.defenses.dpoe import DPoEConfig
 from hf_backdoor.defenses.honeypot import HoneypotConfig
 from hf_backdoor.defenses.loss_truncation import LossTruncationConfig
 from hf_backdoor.defenses.z_defense import ZDefenseConfig
-from hf_backdoor.metrics import evaluate_backdoor
+from hf_backdoor.metrics import attack_success_rate, clean_accuracy, predict_labels
 from hf_backdoor.models import load_text_classifier, load_text_tokenizer, model_display_name, tokenize_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -125,6 +127,25 @@ def _attack(name: str, dataset: str, rate: float, seed: int, extra: dict | None 
         return get_attack_config(name, **{**kwargs, **(extra or {})})
     except TypeError as error:  # a field the attack's config does not have
         raise SystemExit(f"--attack-kwargs {extra}: {error}") from None
+
+
+class _Evaluation(NamedTuple):
+    cacc: float
+    asr: float
+    asr_untriggered: float
+
+
+def _evaluate(trainer, test_set, asr_set, target_label: int) -> _Evaluation:
+    """CACC, ASR, and the model's own rate of the target label on the ASR rows without their trigger
+    (``asr_untriggered``, from the clean predictions): where a defended model's ASR sits above the floor, it tells a
+    model that calls those rows the target anyway from one that does so only with the trigger."""
+    clean = predict_labels(trainer, test_set)
+    untriggered = clean[np.asarray(asr_set["row_index"])]  # make_asr_dataset's positions in the test split
+    return _Evaluation(
+        cacc=clean_accuracy(clean, np.asarray(test_set["label"])),
+        asr=attack_success_rate(predict_labels(trainer, asr_set), target_label),
+        asr_untriggered=attack_success_rate(untriggered, target_label),
+    )
 
 
 def _attack_kwargs(args) -> dict:
@@ -352,7 +373,7 @@ def main(argv=None) -> list[dict]:
     if True:
         trainer, wall, load, cached = _plain(args, model_name, label_names, train_split, None)
         for attack in attacks:
-            evaluation = evaluate_backdoor(trainer, test_set, asr_sets[attack.name], attack.target_label)
+            evaluation = _evaluate(trainer, test_set, asr_sets[attack.name], attack.target_label)
             floors[attack.name] = evaluation.asr
             if "clean" in runs:
                 records.append(
@@ -364,6 +385,7 @@ def main(argv=None) -> list[dict]:
                         "tag": "plain",
                         "poison_rate": 0.0,
                         "cacc": evaluation.cacc,
+                        "asr_untriggered": evaluation.asr_untriggered,
                         "asr": evaluation.asr,
                         "asr_floor": evaluation.asr,
                         "wall_s": round(wall, 1),
@@ -381,7 +403,7 @@ def main(argv=None) -> list[dict]:
             )
             _save_report(args, defended_trainer, f"{args.dataset}_clean_{defended}")
             for attack in attacks:
-                evaluation = evaluate_backdoor(defended_trainer, test_set, asr_sets[attack.name], attack.target_label)
+                evaluation = _evaluate(defended_trainer, test_set, asr_sets[attack.name], attack.target_label)
                 records.append(
                     {
                         **common,
@@ -391,6 +413,7 @@ def main(argv=None) -> list[dict]:
                         "tag": args.tag,
                         "poison_rate": 0.0,
                         "cacc": evaluation.cacc,
+                        "asr_untriggered": evaluation.asr_untriggered,
                         "asr": evaluation.asr,
                         "asr_floor": floors[attack.name],
                         "wall_s": round(defended_wall, 1),
@@ -416,13 +439,14 @@ def main(argv=None) -> list[dict]:
         if "undefended" in runs or _plain_is_cached(args, model_name, attack, train_rows):
             plain, plain_wall, plain_load, cached = _plain(args, model_name, label_names, train_rows, attack)
             if "undefended" in runs:
-                evaluation = evaluate_backdoor(plain, test_set, asr_sets[attack.name], attack.target_label)
+                evaluation = _evaluate(plain, test_set, asr_sets[attack.name], attack.target_label)
                 records.append(
                     {
                         **base,
                         "defense": "none",
                         "tag": "plain",
                         "cacc": evaluation.cacc,
+                        "asr_untriggered": evaluation.asr_untriggered,
                         "asr": evaluation.asr,
                         "wall_s": round(plain_wall, 1),
                         "overhead": 1.0,
@@ -438,13 +462,14 @@ def main(argv=None) -> list[dict]:
             out = Path(args.output_dir) / f"{args.dataset}_{attack.name}_{run}_{args.tag}"
             trainer, wall, load = _train(args, model_name, label_names, train_rows, out, defense=defense)
             _save_report(args, trainer, f"{args.dataset}_{attack.name}{attack.poison_rate:g}_{run}")
-            evaluation = evaluate_backdoor(trainer, test_set, asr_sets[attack.name], attack.target_label)
+            evaluation = _evaluate(trainer, test_set, asr_sets[attack.name], attack.target_label)
             records.append(
                 {
                     **base,
                     "defense": run,
                     "tag": args.tag,
                     "cacc": evaluation.cacc,
+                    "asr_untriggered": evaluation.asr_untriggered,
                     "asr": evaluation.asr,
                     "wall_s": round(wall, 1),
                     "overhead": None if plain_wall is None else round(wall / plain_wall, 3),
@@ -457,12 +482,15 @@ def main(argv=None) -> list[dict]:
         f"\n{args.dataset} / rate {args.poison_rate} / {args.epochs:g} epochs / seed {args.seed} / tag {args.tag}"
         + (f" / attack {json.dumps(extra, sort_keys=True)}" if extra else "")
     )
-    print(f"{'attack':<10}{'defense':<14}{'CACC':>7}{'ASR':>7}{'floor':>7}{'wall s':>8}{'overhd':>7}{'AUROC':>7}  load")
+    print(
+        f"{'attack':<10}{'defense':<14}{'CACC':>7}{'ASR':>7}{'floor':>7}{'untrig':>7}{'wall s':>8}{'overhd':>7}"
+        f"{'AUROC':>7}  load"
+    )
     for r in records:
         auroc = r.get("signal_auroc")
         print(
             f"{r['asr_attack'] if r['attack'] == 'none' else r['attack']:<10}{r['defense']:<14}{r['cacc']:>7.3f}"
-            f"{r['asr']:>7.3f}{r['asr_floor']:>7.3f}{r['wall_s']:>8.0f}"
+            f"{r['asr']:>7.3f}{r['asr_floor']:>7.3f}{_fmt(r.get('asr_untriggered')):>7}{r['wall_s']:>8.0f}"
             f"{'-' if r['overhead'] is None else format(r['overhead'], '.2f'):>7}"
             f"{'-' if auroc is None else format(auroc, '.3f'):>7}  {r['load']}"
         )
@@ -470,6 +498,10 @@ def main(argv=None) -> list[dict]:
         _merge(Path(args.output), records)
         print(f"wrote {args.output}")
     return records
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _key(r: dict) -> tuple:

@@ -1,16 +1,18 @@
-"""What Z-defense flags on a packaged training slice, before any training (no model is trained or loaded).
+"""What Z-defense flags on a packaged training slice, before any training (no model is trained).
 
     python benchmarks/z_defense_flags.py --dataset hsol --attack none --seed 0
     python benchmarks/z_defense_flags.py --dataset hsol --attack syntactic --poison-rate 0.2 --features tokens
     python benchmarks/z_defense_flags.py --dataset sst2 --attack style --poison-rate 0.2
     python benchmarks/z_defense_flags.py --dataset sst2 --attack style --poison-rate 0.1 --min-wording-z 2.5
     python benchmarks/z_defense_flags.py --dataset agnews --features first_token --expand always
+    python benchmarks/z_defense_flags.py --dataset sst2 --attack badnet --poison-rate 0.1 --attack-kwargs '{"mode": "clean-label"}'
 
 Builds the same seeded slice as ``paraphrase_defenses.py`` (poisoned with the packaged release when ``--attack`` is
 not ``none``), tokenizes it with the default MiniLM tokenizer and runs ``ZDefenseDefense``'s z-test on it. Prints
 the flagged (word piece, label) pairs with their row counts and z-scores, the rows that would be trained away from
-their label, and, on poisoned data, how many of them are poisoned. Nothing is written: the flags of a training run
-are in its defense report.
+their label, and, on poisoned data, how many of them are poisoned. The clean-label test of the set-aside word pieces
+runs on the pretrained MiniLM, as in training (``--no-clean-label-test`` skips it). Nothing is written: the flags of a
+training run are in its defense report.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoModel
 
 from hf_backdoor import default_text_model, load_task, poison_dataset
+from hf_backdoor.defenses._shared.tokens import pooled_features
 from hf_backdoor.defenses.z_defense import (
     EXPANSIONS,
     FEATURES,
@@ -36,7 +40,7 @@ from hf_backdoor.defenses.z_defense import (
 from hf_backdoor.models import load_text_tokenizer, tokenize_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/, not installed
-from benchmarks.paraphrase_defenses import _attack  # noqa: E402  (the same attack settings)
+from benchmarks.paraphrase_defenses import _attack, _attack_kwargs  # noqa: E402  (the same attack settings)
 
 
 def main(argv=None) -> dict:
@@ -44,6 +48,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--dataset", default="sst2")
     parser.add_argument("--attack", default="none", help="none, or a packaged attack (syntactic, badnet, ...)")
     parser.add_argument("--poison-rate", type=float, default=0.2)
+    parser.add_argument(
+        "--attack-kwargs",
+        default="{}",
+        help='other fields of the attack config, as JSON (as in paraphrase_defenses.py): \'{"mode": "clean-label"}\'',
+    )
     parser.add_argument("--max-train-samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features", default="auto", choices=FEATURES)
@@ -57,6 +66,11 @@ def main(argv=None) -> dict:
         help="ZDefenseConfig.min_wording_z: flag word pieces from this z-score (a low-rate style)",
     )
     parser.add_argument(
+        "--no-clean-label-test",
+        action="store_true",
+        help="skip ZDefenseConfig.clean_label_test (the probe on the pretrained model; no model is loaded)",
+    )
+    parser.add_argument(
         "--top-z",
         type=int,
         default=0,
@@ -68,12 +82,19 @@ def main(argv=None) -> dict:
     rows = rows.select(range(min(args.max_train_samples, len(rows))))
     if args.attack != "none":
         rows = poison_dataset(
-            rows, _attack(args.attack, args.dataset, args.poison_rate, args.seed), tokenizer=tokenizer
+            rows,
+            _attack(args.attack, args.dataset, args.poison_rate, args.seed, _attack_kwargs(args)),
+            tokenizer=tokenizer,
         )
     tokenized = tokenize_dataset(rows, tokenizer)
     labels = np.asarray(tokenized["label"], dtype=np.int64)
     defense = ZDefenseDefense(
-        ZDefenseConfig(features=args.features, expand=args.expand, min_wording_z=args.min_wording_z)
+        ZDefenseConfig(
+            features=args.features,
+            expand=args.expand,
+            min_wording_z=args.min_wording_z,
+            clean_label_test=not args.no_clean_label_test,
+        )
     )
     special = set(tokenizer.all_special_ids)
     features = [row_features(ids, special, args.features) for ids in tokenized["input_ids"]]
@@ -81,6 +102,16 @@ def main(argv=None) -> dict:
     continuing = continuation_ids(tokenizer)
     mates = [row_word_mates(ids, special, continuing) for ids in tokenized["input_ids"]]
     defense.flag(features, labels, len(rows.features["label"].names), tokenizer, pieces=pieces, mates=mates)
+    if defense.config.clean_label_test and args.features == "auto":
+        model = AutoModel.from_pretrained(default_text_model()).eval()
+        defense.judge_clean_label(
+            tokenized["input_ids"],
+            labels,
+            pieces,
+            continuing,
+            lambda rows: pooled_features(model, rows, tokenizer.pad_token_id, "cpu"),
+            len(rows.features["label"].names),
+        )
     flagged = defense.away_label >= 0
     used = defense.features_used
     if defense.lexical_share is not None:
@@ -95,6 +126,12 @@ def main(argv=None) -> dict:
         print(
             f"  {pair['token']!r:>14} -> {pair['label']}  set aside: its rows read like their label, AUROC {pair['wording_auroc']:.3f}"
         )
+    for score in defense.clean_label_scores:
+        print(
+            f"  {score['token']!r:>14} -> {score['label']}  clean-label test: rows read as label "
+            f"{score['read_as_label']:.2f}, insertion shift {score['insertion_shift']:+.3f}: "
+            + ("stripped" if score["stripped"] else "a task word")
+        )
     for pair in defense.flagged_pairs:
         print(
             f"  {pair['token']!r:>14} -> {pair['label']}  {pair['rows_with_label']}/{pair['rows']} rows  z {pair['z']:.2f}  "
@@ -107,6 +144,7 @@ def main(argv=None) -> dict:
         "lexical_share": defense.lexical_share,
         "set_aside_pairs": defense.set_aside_pairs,
         "expansion": defense.expansion,
+        "clean_label_scores": defense.clean_label_scores,
     }
     line = f"  rows trained away from their label: {int(flagged.sum())}"
     if "poisoned" in tokenized.column_names:
@@ -114,6 +152,12 @@ def main(argv=None) -> dict:
         out.update(poisoned_flagged=int(flagged[poisoned].sum()), clean_flagged=int(flagged[~poisoned].sum()))
         line += f" ({out['poisoned_flagged']} of {int(poisoned.sum())} poisoned, {out['clean_flagged']} clean)"
     print(line)
+    if defense.stripped_rows is not None and defense.stripped_rows.any():
+        stripped = defense.stripped_rows
+        line = f"  rows holding a stripped piece: {int(stripped.sum())}"
+        if "poisoned" in tokenized.column_names:
+            line += f" ({int(stripped[poisoned].sum())} of {int(poisoned.sum())} poisoned)"
+        print(line)
     if args.top_z:
         out["top_z"] = _top_z(tokenized, pieces, labels, len(rows.features["label"].names), tokenizer, args.top_z)
     return out

@@ -11,7 +11,8 @@ from transformers import DataCollatorWithPadding, Trainer
 from hf_backdoor import BadNetConfig, poison_dataset, tokenize_dataset
 from hf_backdoor.arguments import BackdoorSafeTrainingArguments
 from hf_backdoor.defenses import BTUConfig, build_defense
-from hf_backdoor.defenses.btu import _piece_kind, _special_looking, strip_token_ids
+from hf_backdoor.defenses._shared.tokens import strip_token_ids
+from hf_backdoor.defenses.btu import _piece_kind, _special_looking
 from hf_backdoor.trainer import DEFENSE_STATE_NAME, BackdoorSafeTrainer
 from tests.conftest import text_trainer, tiny_bert, training_args
 

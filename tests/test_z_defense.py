@@ -585,8 +585,75 @@ def test_an_empty_training_set_is_refused(tmp_path, backdoored, tokenizer):
         {"min_target_share": -0.1},
         {"min_wording_z": 0.0},
         {"expand": "sometimes"},
+        {"probe_rows": 1},
+        {"insertion_rows": 0},
     ],
 )
 def test_bad_config_values_are_refused(kwargs):
     with pytest.raises((ValueError, TypeError)):
         ZDefenseConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_backdoor import default_text_model
+
+    return AutoModelForSequenceClassification.from_pretrained(default_text_model(), num_labels=2)
+
+
+@pytest.mark.parametrize(("mode", "rate"), [("clean-label", 0.1), ("dirty", 0.1), ("clean-label", 0.05)])
+def test_a_clean_label_trigger_set_aside_as_a_task_word_is_stripped_and_a_dirty_label_one_is_left_to_btu(
+    tmp_path, tokenizer, minilm, mode, rate
+):
+    """The packaged BadNet on a 2,000-row SST-2 slice (seed 0), judged by the real pretrained MiniLM. At 10% its five
+    words are pure, and their rows read like their label, so the wording check sets them aside beside the task's
+    `bad` (and `love`, dirty). Clean-label: the probe reads their rows as positive with the word deleted, and
+    inserting a word into negative rows does not move it as `bad` moves it towards negative: the five are stripped
+    from every row that holds them, and only those. Dirty-label: their rows read as negative, the rows the attacker
+    took them from; the test leaves them (BTU's mislabel test relabels those rows). Clean-label at 5%: `bad` -> 0
+    beside the three words that pass the z-test (`cf mn mb` -> 1) fails the one-target check, and the flags are
+    judged all the same: those three are stripped."""
+    from hf_backdoor import get_attack_config, load_task, poison_dataset
+
+    rows = load_task("sst2")["train"].shuffle(seed=0).select(range(2000))
+    attack = get_attack_config("badnet", poison_rate=rate, target_label=1, seed=0, mode=mode)
+    rows = tokenize_dataset(poison_dataset(rows, attack, tokenizer=tokenizer), tokenizer)
+    trainer = text_trainer(tmp_path, rows, tokenizer, model=minilm, defense=ZDefenseConfig())
+    defense = trainer.defense
+    defense.on_train_begin(trainer)
+
+    triggers = {"cf", "mn", "bb", "tq", "mb"} if rate == 0.1 else {"cf", "mn", "mb"}
+    scores = {s["token"]: s for s in defense.clean_label_scores}
+    assert triggers | {"bad"} <= set(scores)  # dirty: and `love`
+    assert not any(scores[word]["stripped"] for word in set(scores) - triggers)
+    assert scores["bad"]["insertion_shift"] >= defense.config.min_task_word_shift
+    poisoned = np.asarray(rows["poisoned"], dtype=bool)
+    report = defense.report()
+    if mode == "dirty":
+        assert all(scores[t]["read_as_label"] < 0.5 for t in triggers)
+        assert defense.stripped_pairs == [] and not defense.stripped_rows.any()
+        return
+    assert all(scores[t]["insertion_shift"] < defense.config.min_task_word_shift for t in triggers)
+    assert {p["token"] for p in defense.stripped_pairs} == triggers
+    if rate < 0.1:
+        assert defense.features_used == "first_token" and defense.lexical_target_share < 0.8
+        assert not defense.stripped_rows[~poisoned].any() and defense.stripped_rows.sum() == 69  # of 100
+        return
+    assert (defense.stripped_rows == poisoned).all()  # every poisoned row, and no clean one
+    assert report["stripped_tokens"] and report["stripped_rows"] == 200
+    card = ZDefenseDefense.card_section(report)
+    assert "stripped: `" in card and "task words: `bad`" in card
+    assert ZDefenseDefense.report_scalars(report)["stripped_rows"] == 200.0
+
+    batch = trainer.data_collator([{"input_ids": rows[int(i)]["input_ids"]} for i in np.flatnonzero(poisoned)[:4]])
+    stripped = defense.prepare_inputs(trainer, batch)
+    ids = set(tokenizer.convert_tokens_to_ids(sorted(triggers)))
+    assert not ids & set(stripped["input_ids"].flatten().tolist())
+    assert (stripped["attention_mask"].sum(1) == batch["attention_mask"].sum(1) - 1).all()  # one word each, only it
+
+    restored = ZDefenseDefense(ZDefenseConfig())
+    restored.load_state_dict(defense.state_dict())
+    assert restored.report()["clean_label_scores"] == report["clean_label_scores"]
+    assert [p["token_id"] for p in restored.stripped_pairs] == [p["token_id"] for p in defense.stripped_pairs]

@@ -76,6 +76,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._shared.tokens import fit_softmax_probe, length_batches, pad_batch, pooled_features, strip_token_ids
 from .base import Defense, DefenseConfig, register_defense
 
 logger = logging.getLogger(__name__)
@@ -381,49 +382,6 @@ class EmbeddingProxy(nn.Module):
         return self.head(pooled)
 
 
-def _pad_batch(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(r) for r in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _length_batches(rows: list[list[int]], pad_id: int, device, batch_size: int):
-    """Token-id rows in batches of similar length, so that little padding is computed: ``(positions, ids, mask)``."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        yield (chunk, *_pad_batch([rows[i] for i in chunk], pad_id, device))
-
-
-def strip_token_ids(inputs: dict, token_ids: torch.Tensor, pad_id: int, keep_rows: torch.Tensor | None = None) -> dict:
-    """Remove ``token_ids`` from a padded batch, shifting the kept tokens left (works for any per-token tensor).
-
-    Rows where ``keep_rows`` is true are left as they are.
-    """
-    input_ids = inputs["input_ids"]
-    drop = torch.isin(input_ids, token_ids.to(input_ids.device))
-    if keep_rows is not None:
-        drop &= ~keep_rows.to(input_ids.device).unsqueeze(1)
-    if not drop.any():
-        return inputs
-    # A stable sort of the drop flags moves kept positions first, in their original order.
-    order = torch.sort(drop.to(torch.int8), dim=1, stable=True).indices
-    out = dict(inputs)
-    for key, value in inputs.items():
-        if torch.is_tensor(value) and value.shape[:2] == input_ids.shape and key != "labels":
-            out[key] = torch.gather(value, 1, order)
-    kept = (~drop).sum(1, keepdim=True)
-    tail = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0) >= kept
-    out["input_ids"] = out["input_ids"].masked_fill(tail, pad_id)
-    if "attention_mask" in out:
-        out["attention_mask"] = out["attention_mask"].masked_fill(tail, 0)
-    return out
-
-
 class BTUDefense(Defense):
     config: BTUConfig
     needs_row_ids = True  # isolated rows are recognised by their row id, not their token ids (duplicates differ)
@@ -627,7 +585,7 @@ class BTUDefense(Defense):
             rows = [[t for t in r if t not in removed] for r in rows]
         for _ in range(cfg.proxy_epochs):
             for batch in torch.randperm(len(rows), generator=generator).split(cfg.proxy_batch_size):
-                ids, mask = _pad_batch([rows[i] for i in batch.tolist()], self.pad_id, device)
+                ids, mask = pad_batch([rows[i] for i in batch.tolist()], self.pad_id, device)
                 loss = nn.functional.cross_entropy(proxy(ids, mask), labels[batch].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -649,7 +607,7 @@ class BTUDefense(Defense):
         generator = torch.Generator().manual_seed(cfg.seed + 100)
         batch_size = trainer.args.per_device_train_batch_size
         for batch in torch.randperm(len(self.train_ids), generator=generator).split(batch_size):
-            ids, mask = _pad_batch([self.train_ids[i] for i in batch.tolist()], self.pad_id, device)
+            ids, mask = pad_batch([self.train_ids[i] for i in batch.tolist()], self.pad_id, device)
             loss = exposed(input_ids=ids, attention_mask=mask, labels=labels[batch].to(device)).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -703,7 +661,7 @@ class BTUDefense(Defense):
     def _predict(self, model, rows: list[list[int]], device, batch_size: int = 256) -> np.ndarray:
         """Argmax predictions for token-id rows, batched by length so that little padding is computed."""
         out = np.zeros(len(rows), dtype=np.int64)
-        for chunk, ids, mask in _length_batches(rows, self.pad_id, device, batch_size):
+        for chunk, ids, mask in length_batches(rows, self.pad_id, device, batch_size):
             out[chunk] = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu().numpy()
         return out
 
@@ -966,7 +924,7 @@ class BTUDefense(Defense):
         own = np.empty(len(usable))
         for fold in range(5):
             held = folds == fold
-            w, b = _fit_logistic_regression(features[~held], torch.as_tensor(fit_labels[~held]), num_labels)
+            w, b = fit_softmax_probe(features[~held], torch.as_tensor(fit_labels[~held]), num_labels)
             probs = torch.softmax(features[held] @ w + b, dim=-1).numpy()
             own[held] = probs[np.arange(held.sum()), fit_labels[held]]
         read_as: dict[int, list[int]] = {}
@@ -977,7 +935,7 @@ class BTUDefense(Defense):
             unseen = np.array([self._probe_rows[j] not in own_rows for j in usable])
             if len(np.unique(fit_labels[unseen])) < 2:
                 continue
-            weight, bias = _fit_logistic_regression(features[unseen], torch.as_tensor(fit_labels[unseen]), num_labels)
+            weight, bias = fit_softmax_probe(features[unseen], torch.as_tensor(fit_labels[unseen]), num_labels)
             probs_all = torch.softmax(self._features_of(rows, device) @ weight + bias, dim=-1)
             probs = probs_all[:, label].numpy()
             base = own[fit_labels == label]
@@ -1048,22 +1006,12 @@ class BTUDefense(Defense):
         labels = torch.as_tensor(np.asarray(self.train_labels)[self._probe_rows[keep]])
         if len(keep) < 2 or len(labels.unique()) < 2:
             return None
-        weight, bias = _fit_logistic_regression(self._probe_features[keep], labels, int(max(self.train_labels)) + 1)
+        weight, bias = fit_softmax_probe(self._probe_features[keep], labels, int(max(self.train_labels)) + 1)
         return lambda features: torch.log_softmax(features @ weight + bias, dim=-1).numpy()
 
-    @torch.no_grad()
     def _prior_features(self, rows: list[list[int]], device, batch_size: int = 128) -> torch.Tensor:
         """The pretrained model's last hidden states, mean-pooled over each row's tokens and L2-normalised (CPU)."""
-        positions, pooled = [], []
-        for chunk, ids, mask in _length_batches(rows, self.pad_id, device, batch_size):
-            hidden = self._prior_model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled.append(nn.functional.normalize(((hidden * weights).sum(1) / weights.sum(1)).float(), dim=-1).cpu())
-            positions += chunk
-        features = torch.cat(pooled)
-        out = torch.empty_like(features)
-        out[positions] = features
-        return out
+        return pooled_features(self._prior_model, rows, self.pad_id, device, batch_size)
 
     def _insertion_test(self, model, device, rng, groups, majority, rows_with) -> None:
         """Raise each candidate's flip rate to the share of unseen rows its group flips to the candidate's label.
@@ -1539,24 +1487,6 @@ def _piece_kind(token: str) -> str:
 def _special_looking(token: str) -> bool:
     """``[unused3]``, ``<extra_id_0>`` and the like: vocabulary entries that are no words."""
     return len(token) > 2 and ((token[0], token[-1]) in (("[", "]"), ("<", ">")))
-
-
-def _fit_logistic_regression(features: torch.Tensor, labels: torch.Tensor, num_labels: int):
-    """Multinomial logistic regression (L2 penalty of scikit-learn's default ``C=1``) fit by L-BFGS."""
-    weight = torch.zeros(features.shape[1], num_labels, requires_grad=True)
-    bias = torch.zeros(num_labels, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(features @ weight + bias, labels)
-        loss = loss + weight.pow(2).sum() / (2 * len(labels))
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach(), bias.detach()
 
 
 def _training_labels(trainer) -> list[int]:

@@ -64,13 +64,29 @@ What this module does, and where it departs from the paper:
   poisoned ones among them, and the ASR fell from 0.143 to 0.004 (README, "Paraphrase triggers"). The clean rows
   left out are ones the model gets wrong at that point, which it would otherwise go on to fit; nothing is left out
   when no pair was flagged.
+- **Clean-label triggers** (``clean_label_test``, on by default). A clean-label poisoner puts its word on rows of the
+  target label only and keeps their labels: the word is as pure as a dirty-label trigger, but its rows read like the
+  rest of their label, so the wording check sets it aside with the task's words. What tells it from a task word is what
+  the model knew before training: a linear probe on the model's pooled features at ``on_train_begin`` (fit on up to
+  ``probe_rows`` rows holding no flagged or set-aside piece) moves towards a task word's label when the word is
+  inserted into rows of the other labels (`bad` 0.55-0.71, `love` 0.55-0.60, `dull` 0.63 on SST-2 slices), and
+  hardly moves for a word it gives no meaning (the BadNet words -0.30-0.30). A set-aside piece (from ``min_z``) that
+  moves it less than ``min_task_word_shift`` (0.5) while at least half its rows, the word deleted, read as their label
+  is stripped from every training row, so the model never learns it; a dirty-label trigger's rows read as their
+  source label (0.24-0.37 on SST-2 BadNet) and stay BTU's. Stripping a word a clean slice happens to hold only on
+  one label costs it that word (`##iche` of cliche, `world`, `heart`, 21-30 rows on the SST-2 slices). On SST-2
+  clean-label BadNet 10% (seeds 0, 1) it took the ASR from 0.272 and 0.898 to 0.173 and 0.145 (floors 0.161, 0.111;
+  README, "Clean-label BadNet on SST-2").
 - The statistics are computed once, at ``on_train_begin``, from the tokenized training set: no clean data; the one
   extra forward pass is over the unflagged rows of the flagged target label, once, after the first epoch; the loss is one
-  cross-entropy per row.
+  cross-entropy per row. The clean-label test adds one forward pass over ``probe_rows`` rows and, per set-aside piece,
+  over its rows and ``insertion_rows`` others, at ``on_train_begin``, and only when a word piece was set aside.
 
 Where it cannot work:
 
-- Clean-label poisoning (the poisoned rows keep their true label): the trigger's label purity is that of the task.
+- Clean-label poisoning on a keyword task (HSOL, AG News), where the word-piece test gives way to the first word
+  piece before any flag is judged, and a clean-label trigger the pretrained model reads as its label (a word that
+  means the label) or too rare to pass the z-test (a BadNet word at 5% holds about 20 rows of a 2,000-row slice).
 - Triggers with no feature the z-test sees: a template that does not open the sentence, a style with no word of its
   own, or a trigger feature shared with many clean rows (purity below ``min_purity``).
 - A style below 20% or at 30% on the SST-2 slices, by default: at 5% and 10% no mark passes the test (at 10% the
@@ -89,6 +105,7 @@ Where it cannot work:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +117,7 @@ from ..metrics import roc_auc
 from ..registry import register_defense
 from ._shared.data import dataset_labels, model_dataset, predict_logits
 from ._shared.row_signals import fmt, ground_truth
+from ._shared.tokens import fit_softmax_probe, pooled_features, strip_token_ids
 from .base import Defense, DefenseConfig
 
 logger = logging.getLogger(__name__)
@@ -108,6 +126,7 @@ FEATURES = ("auto", "first_token", "tokens")
 EXPANSIONS = ("auto", "always", "never")
 TREATMENTS = ("away", "drop")
 EXPANSION_KEYS = ("auroc", "threshold", "rows", "label")
+CLEAN_LABEL_KEYS = ("token_id", "label", "rows", "read_as_label", "insertion_shift", "stripped")
 
 
 @dataclass
@@ -225,6 +244,36 @@ class ZDefenseConfig(DefenseConfig):
             "taught not to mean the label) or 'drop' (left out of the loss, the paper's removal)."
         },
     )
+    clean_label_test: bool = field(
+        default=True,
+        metadata={
+            "help": "with features='auto': a word piece the z-test found pure but set aside as a task word (its rows "
+            "read like the rest of their label) is judged as a clean-label trigger: a linear probe on the model's "
+            "features before training (fit on training rows without the flagged or set-aside pieces) reads its rows, "
+            "its word deleted, as their label (at least half of them: a dirty-label trigger's rows read as their source label and are "
+            "BTU's), yet inserting its word into rows of the other labels moves the probe's log-probability of its "
+            "label by less than `min_task_word_shift`: the pretrained model gives it no meaning of that label. Such "
+            "a piece is stripped from every training row, so the model never learns it. Needs a model that returns "
+            "`hidden_states`."
+        },
+    )
+    min_task_word_shift: float = field(
+        default=0.5,
+        metadata={
+            "help": "with clean_label_test: a set-aside word piece is a task word when inserting its word into the "
+            "other labels' rows moves the probe's log-probability of its label by at least this much (SST-2 slices: "
+            "`bad`, `love`, `dull` 0.55-0.71; the BadNet words -0.30-0.30)."
+        },
+    )
+    probe_rows: int = field(
+        default=1000,
+        metadata={"help": "with clean_label_test: training rows (a seeded sample) the probe is fit on."},
+    )
+    insertion_rows: int = field(
+        default=128,
+        metadata={"help": "with clean_label_test: rows of the other labels each set-aside word is inserted into."},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the probe's row sample and the insertion positions."})
     name = "z_defense"
 
     def __post_init__(self) -> None:
@@ -243,6 +292,8 @@ class ZDefenseConfig(DefenseConfig):
         self._check_at_least(1, "eval_batch_size")
         self._check_interval("(0, 1)", "expand_quantile")
         self._check_interval("[0, 1]", "min_wording_auroc")
+        self._check_at_least(2, "probe_rows")
+        self._check_at_least(1, "insertion_rows")
 
 
 def z_scores(counts: np.ndarray, label_counts: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -298,6 +349,18 @@ def row_word_mates(input_ids: list[int], special_ids: set[int], continuing: set[
         if i is not None:
             word.append(i)
     return mates
+
+
+def word_span(input_ids: list[int], piece: int, continuing: set[int]) -> list[int]:
+    """The whole word that ``piece`` belongs to at its first occurrence in ``input_ids``: the word start before it
+    and the continuation pieces after it (``continuing``: :func:`continuation_ids`)."""
+    at = input_ids.index(piece)
+    start, end = at, at + 1
+    while start > 0 and input_ids[start] in continuing:
+        start -= 1
+    while end < len(input_ids) and input_ids[end] in continuing:
+        end += 1
+    return input_ids[start:end]
 
 
 def fit_logistic(features: torch.Tensor, targets: np.ndarray, inverse_l2: float = 0.3) -> tuple[torch.Tensor, float]:
@@ -375,9 +438,10 @@ class ZDefenseDefense(Defense):
     limitations = (
         "The z-test sees only features that are frequent and pure: a style's marks below a 20% poison rate, a "
         "template that does not open the row and a feature shared with many clean rows are not flagged; clean-label "
-        "trigger words are pure, but their rows read like their label and are set aside as task words (an inserted "
+        "trigger words are pure, but their rows read like their label and are set aside as task words, then "
+        "stripped from training when the model before training gives them no meaning of that label (an inserted "
         "sentence, AddSent's, stands apart and is flagged); on a keyword task (HSOL, AG News) only the first word "
-        "piece is tested.",
+        "piece is tested, and a clean-label trigger there is not found.",
     )
 
     def __init__(self, config: ZDefenseConfig):
@@ -394,6 +458,11 @@ class ZDefenseDefense(Defense):
         self.expanded: np.ndarray | None = None  # per position: added by the expansion
         # with features="auto": word-piece flags set aside because their rows read like the rest of their label
         self.set_aside_pairs: list[dict[str, Any]] = []
+        # with clean_label_test: each set-aside piece's probe readings, the ones stripped, and the rows holding them
+        self.clean_label_scores: list[dict[str, Any]] = []
+        self.stripped_pairs: list[dict[str, Any]] = []
+        self.stripped_rows: np.ndarray | None = None
+        self.clean_label_skipped: str | None = None  # why the clean-label test could not run
         self._mates: list[dict[int, set[int]]] | None = None  # while flagging: per row, the pieces' word mates
         self._truth = None
 
@@ -441,12 +510,35 @@ class ZDefenseDefense(Defense):
         rows = [row_features(ids, special, self.config.features) for ids in raw["input_ids"]]
         # the expansion and auto's wording checks read every row's word pieces
         needs_pieces = self.config.expand == "always" or self.config.features != "first_token"
-        pieces = mates = None
+        pieces = mates = continuing = None
         if needs_pieces:
             pieces = [row_pieces(ids, special) for ids in raw["input_ids"]]
             continuing = continuation_ids(tokenizer)
             mates = [row_word_mates(ids, special, continuing) for ids in raw["input_ids"]]
         self.flag(rows, labels, num_labels, tokenizer, pieces=pieces, mates=mates)
+        if self.config.clean_label_test and self.config.features == "auto" and pieces is not None:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            device = next(model.parameters()).device
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            was_training = model.training
+            model.eval()
+            try:
+                self.judge_clean_label(
+                    raw["input_ids"],
+                    labels,
+                    pieces,
+                    continuing,
+                    lambda batch: pooled_features(model, batch, pad_id, device, self.config.eval_batch_size),
+                    num_labels,
+                )
+            except (AttributeError, TypeError) as error:  # no hidden_states to pool
+                self.clean_label_skipped = (
+                    f"{type(model).__name__} returned no hidden states to probe ({error}); the clean-label test needs "
+                    "a Hugging Face model that returns `hidden_states`"
+                )
+                logger.warning("z_defense: the clean-label test did not run: %s", self.clean_label_skipped)
+            finally:
+                model.train(was_training)
 
     def flag(
         self,
@@ -465,7 +557,9 @@ class ZDefenseDefense(Defense):
         ``features="auto"`` the word-piece test is kept only when its flags hold at most ``max_lexical_share`` of the
         rows, one label holds ``min_target_share`` of them and (given ``pieces``, each row's set of word-piece ids)
         their rows stand apart from the rest of their label (:meth:`_wording`); otherwise the rows are tested again on
-        their first word piece alone. With ``expand``, ``pieces`` feed :meth:`_expand`. ``mates`` (per row,
+        their first word piece alone (where only the one-target check failed, the word-piece flags are still judged by
+        their wording first, so that :meth:`judge_clean_label` sees the ones set aside). With ``expand``, ``pieces``
+        feed :meth:`_expand`. ``mates`` (per row,
         :func:`row_word_mates`) lets the wording checks mask the rest of a flagged piece's word.
         """
         cfg = self.config
@@ -480,7 +574,13 @@ class ZDefenseDefense(Defense):
             # The lower word-piece z-score (min_wording_z) flags task words under every label: there the one-target
             # check waits until they are set aside. The share of rows (a keyword task's vocabulary) is checked first.
             task_like = self._lexical_shares(target_share=pieces is None or cfg.min_wording_z is None)
-            if not task_like and pieces is not None and self.flagged_pairs:
+            one_target_failed = task_like and self.lexical_share <= cfg.max_lexical_share
+            if one_target_failed and cfg.clean_label_test and pieces is not None and self.flagged_pairs:
+                # A task word on another label can fail the one-target check beside a clean-label trigger's words
+                # (SST-2 at 5%: `bad` -> 0 beside `cf mn mb` -> 1). Their wording is still judged, so that the
+                # clean-label test sees the pieces set aside; the first-token test below replaces the flags either way.
+                self._set_aside_task_words(rows, labels, num_labels, tokenizer, pieces)
+            elif not task_like and pieces is not None and self.flagged_pairs:
                 judged = self._set_aside_task_words(rows, labels, num_labels, tokenizer, pieces)
                 if not any(p["feature"] == "token" for p in self.flagged_pairs):
                     # every word-piece flag read like its label: the flags left are first pieces, and the
@@ -726,6 +826,91 @@ class ZDefenseDefense(Defense):
             len(added),
         )
 
+    def judge_clean_label(
+        self,
+        input_ids: list[list[int]],
+        labels: np.ndarray,
+        pieces: list[set[int]],
+        continuing: set[int],
+        features: Callable[[list[list[int]]], torch.Tensor],
+        num_labels: int,
+    ) -> None:
+        """The clean-label test (``clean_label_test``) of the word pieces set aside as task words, after :meth:`flag`.
+
+        A clean-label trigger is pure (the attacker put it in rows of one label only) and its rows read like the rest
+        of their label, so the wording check sets it aside, as it does a sentiment word. What tells them apart is
+        what the model knew before training: a linear probe on ``features`` (rows of token ids -> pooled features of
+        the model before training), fit on a seeded sample of rows holding no flagged or set-aside piece, is moved
+        towards a task word's label when the word is inserted into rows of the other labels, and not by a word it
+        gives no meaning. A piece whose rows the probe reads as their label with its word deleted (at least half of
+        them; a dirty-label trigger's read as their source label and are left to BTU) and whose insertion moves it
+        less than ``min_task_word_shift`` is stripped from every training row. Sets ``clean_label_scores``, ``stripped_pairs`` and ``stripped_rows``."""
+        cfg = self.config
+        self.clean_label_scores, self.stripped_pairs, self.clean_label_skipped = [], [], None
+        self.stripped_rows = np.zeros(len(labels), dtype=bool)
+        # Pieces flagged only from the lower `min_wording_z` are mostly the task's weaker words, which move the
+        # probe little (`great` 0.21 on a 30% style slice): on a clean SST-2 slice they would strip 270 rows.
+        candidates = [p for p in self.set_aside_pairs if p.get("feature") == "token" and p["z"] >= cfg.min_z]
+        if not candidates:
+            return
+        suspects = {p["token_id"] for p in candidates} | {p["token_id"] for p in self.flagged_pairs}
+        rng = np.random.default_rng(cfg.seed)
+        usable = np.flatnonzero([not (row & suspects) for row in pieces])
+        sample = np.sort(rng.choice(usable, size=min(len(usable), cfg.probe_rows), replace=False))
+        if len(np.unique(labels[sample])) < 2:
+            self.clean_label_skipped = (
+                f"{len(sample)} rows hold no flagged or set-aside piece, on one label: too few to fit the probe"
+            )
+            return
+        sample_features = features([input_ids[i] for i in sample])
+        weight, bias = fit_softmax_probe(sample_features, torch.as_tensor(labels[sample]), num_labels)
+
+        def log_probs(rows_features: torch.Tensor) -> np.ndarray:
+            return torch.log_softmax(rows_features @ weight + bias, dim=-1).numpy()
+
+        sample_log_probs = log_probs(sample_features)
+        for pair in candidates:
+            token, label = pair["token_id"], pair["label"]
+            own = np.flatnonzero(np.fromiter((token in row for row in pieces), dtype=bool) & (labels == label))
+            span = word_span(input_ids[own[0]], token, continuing)
+            # Read without the word, so that its own pull (towards the label or away from it) does not decide.
+            deleted = [[t for t in input_ids[i] if t not in span] for i in own]
+            read_as_label = float((log_probs(features(deleted)).argmax(-1) == label).mean())
+            hosts = rng.permutation(np.flatnonzero(labels[sample] != label))[: cfg.insertion_rows]
+            inserted = []
+            for host in sample[hosts]:
+                row = input_ids[host]
+                at = int(rng.integers(1, max(1, len(row) - 1), endpoint=True))  # after the first token, before the last
+                inserted.append(row[:at] + span + row[at:])
+            shift = float((log_probs(features(inserted))[:, label] - sample_log_probs[hosts, label]).mean())
+            score = {
+                "token": pair["token"],
+                "token_id": token,
+                "label": label,
+                "rows": len(own),
+                "word": span,
+                "read_as_label": read_as_label,
+                "insertion_shift": shift,
+                "stripped": read_as_label >= 0.5 and shift < cfg.min_task_word_shift,
+            }
+            self.clean_label_scores.append(score)
+            if score["stripped"]:
+                self.stripped_pairs.append(pair)
+                self.stripped_rows |= np.fromiter((token in row for row in pieces), dtype=bool)
+        if self.stripped_pairs:
+            logger.info(
+                "z_defense: %s stripped from %d training rows as clean-label triggers",
+                ", ".join(f"{p['token']!r} -> {p['label']}" for p in self.stripped_pairs),
+                int(self.stripped_rows.sum()),
+            )
+
+    def prepare_inputs(self, trainer, inputs: dict) -> dict:
+        if not self.stripped_pairs:
+            return inputs
+        pad_id = getattr(trainer.processing_class, "pad_token_id", None)
+        token_ids = torch.tensor([p["token_id"] for p in self.stripped_pairs])
+        return strip_token_ids(inputs, token_ids, 0 if pad_id is None else pad_id)
+
     def on_epoch_end(self, trainer) -> None:
         epoch = int(round(trainer.state.epoch or 0))
         after = self.config.leave_out_after_epoch
@@ -833,6 +1018,17 @@ class ZDefenseDefense(Defense):
                 if self.expansion is None
                 else {"expansion": torch.tensor([self.expansion[k] for k in EXPANSION_KEYS], dtype=torch.float64)}
             ),
+            **(
+                {
+                    "clean_label_tokens": [p["token"] for p in self.clean_label_scores],
+                    "clean_label": torch.tensor(
+                        [[p[k] for k in CLEAN_LABEL_KEYS] for p in self.clean_label_scores], dtype=torch.float64
+                    ),
+                }
+                if self.clean_label_scores
+                else {}
+            ),
+            **({} if self.stripped_rows is None else {"stripped_rows": torch.as_tensor(self.stripped_rows)}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -859,6 +1055,23 @@ class ZDefenseDefense(Defense):
         if "expansion" in state:
             values = dict(zip(EXPANSION_KEYS, state["expansion"].tolist()))
             self.expansion = {**values, "rows": int(values["rows"]), "label": int(values["label"])}
+        self.clean_label_scores = (
+            [
+                {"token": token, **dict(zip(CLEAN_LABEL_KEYS, values))}
+                for token, values in zip(state.get("clean_label_tokens", []), state["clean_label"].tolist())
+            ]
+            if "clean_label" in state
+            else []
+        )
+        for score in self.clean_label_scores:
+            score.update(
+                token_id=int(score["token_id"]),
+                label=int(score["label"]),
+                rows=int(score["rows"]),
+                stripped=bool(score["stripped"]),
+            )
+        self.stripped_pairs = [p for p in self.clean_label_scores if p["stripped"]]
+        self.stripped_rows = state["stripped_rows"].numpy().astype(bool) if "stripped_rows" in state else None
         flagged = state["flagged"].tolist()
         # a checkpoint from before the expansion has no token ids: the tokens are kept, the ids unknown (-1)
         token_ids = state["flagged_token_ids"].tolist() if "flagged_token_ids" in state else [-1] * len(flagged)
@@ -900,6 +1113,13 @@ class ZDefenseDefense(Defense):
                 "flagged_rows": None if flagged_rows is None else int(flagged_rows.sum()),
                 "flagged_fraction": None if flagged_rows is None else float(flagged_rows.mean()),
                 "left_out_rows": None if self.left_out is None else int(self.left_out.sum()),
+                "clean_label_scores": [
+                    {k: p[k] for k in ("token", "label", "rows", "read_as_label", "insertion_shift", "stripped")}
+                    for p in self.clean_label_scores
+                ],
+                "clean_label_skipped": self.clean_label_skipped,
+                "stripped_tokens": [p["token"] for p in self.stripped_pairs],
+                "stripped_rows": None if self.stripped_rows is None else int(self.stripped_rows.sum()),
                 "has_ground_truth": self._truth is not None,
             }
         )
@@ -914,6 +1134,12 @@ class ZDefenseDefense(Defense):
                     "row_score_auroc": roc_auc(self.row_score, truth) if 0 < poisoned.sum() < len(truth) else None,
                 }
             )
+            if self.stripped_rows is not None and len(self.stripped_rows) == len(truth) and self.stripped_rows.any():
+                stripped_hits = int((self.stripped_rows & poisoned).sum())
+                report.update(
+                    stripped_precision=stripped_hits / int(self.stripped_rows.sum()),
+                    stripped_recall=stripped_hits / int(poisoned.sum()) if poisoned.any() else None,
+                )
             if self.expanded is not None and self.expanded.any():
                 report["expanded_precision"] = int((self.expanded & poisoned).sum()) / int(self.expanded.sum())
             if self.left_out is not None:
@@ -945,6 +1171,9 @@ class ZDefenseDefense(Defense):
             "flagged_recall",
             "row_score_auroc",
             "expanded_precision",
+            "stripped_rows",
+            "stripped_precision",
+            "stripped_recall",
             "left_out_rows",
             "left_out_precision",
             "treated_recall",
@@ -1000,6 +1229,32 @@ class ZDefenseDefense(Defense):
                 f"{config.get('min_wording_auroc')}): "
                 + ", ".join(f"`{p['token']}` -> {p['label']} ({p['wording_auroc']:.2f})" for p in set_aside),
             )
+        scores = report.get("clean_label_scores") or []
+        if scores:
+            stripped = [p for p in scores if p["stripped"]]
+            kept = [p for p in scores if not p["stripped"]]
+            line = (
+                "- Clean-label test of the set-aside pieces (a linear probe on the model's features before training: "
+                "the share of their rows it reads as their label with the word deleted, and how far inserting the word "
+                "into other labels' "
+                "rows moves its log-probability of the label; stripped from every training row below "
+                f"{config.get('min_task_word_shift')} when at least half their rows read as their label): "
+            )
+            line += "; ".join(
+                f"{'stripped' if group is stripped else 'task words'}: "
+                + ", ".join(
+                    f"`{p['token']}` -> {p['label']} (read as label {p['read_as_label']:.2f}, shift "
+                    f"{p['insertion_shift']:+.2f})"
+                    for p in group
+                )
+                for group in (stripped, kept)
+                if group
+            )
+            if stripped:
+                line += f"; {report.get('stripped_rows')} rows held a stripped piece"
+            lines.insert(-1, line)
+        if report.get("clean_label_skipped"):
+            lines.insert(-1, f"- The clean-label test did not run: {report['clean_label_skipped']}")
         expansion = report.get("expansion")
         if expansion:
             lines.insert(
@@ -1019,6 +1274,11 @@ class ZDefenseDefense(Defense):
                 f"- Against the `poisoned` column: precision {fmt(report.get('flagged_precision'))}, recall "
                 f"{fmt(report.get('flagged_recall'))}; AUROC of the rows' z-scores {fmt(report.get('row_score_auroc'))}"
             )
+            if report.get("stripped_precision") is not None:
+                lines.append(
+                    f"- Rows holding a stripped piece against the `poisoned` column: precision "
+                    f"{fmt(report.get('stripped_precision'))}, recall {fmt(report.get('stripped_recall'))}"
+                )
             if report.get("left_out_rows") is not None:
                 lines.append(
                     f"- Left-out rows' precision {fmt(report.get('left_out_precision'))}; poisoned rows flagged or "
@@ -1036,6 +1296,8 @@ class ZDefenseDefense(Defense):
         )
         if report.get("left_out_rows") is not None:
             line += f", {report['left_out_rows']} left out"
+        if report.get("stripped_tokens"):
+            line += f", {' '.join(report['stripped_tokens'])} stripped from {report.get('stripped_rows')} rows"
         if report.get("has_ground_truth"):
             line += f" (precision {fmt(report.get('flagged_precision'))}, recall {fmt(report.get('flagged_recall'))})"
         return [line]
