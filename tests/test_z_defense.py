@@ -6,6 +6,8 @@ HiddenKiller paraphrase opens with a subordinate clause; a few clean rows open w
 this stops a real syntactic backdoor is measured on MiniLM by benchmarks/paraphrase_defenses.py.
 """
 
+import types
+
 import datasets
 import numpy as np
 import pytest
@@ -657,3 +659,19 @@ def test_a_clean_label_trigger_set_aside_as_a_task_word_is_stripped_and_a_dirty_
     restored.load_state_dict(defense.state_dict())
     assert restored.report()["clean_label_scores"] == report["clean_label_scores"]
     assert [p["token_id"] for p in restored.stripped_pairs] == [p["token_id"] for p in defense.stripped_pairs]
+
+
+def test_a_model_without_hidden_states_skips_the_clean_label_test_and_says_so(warnings_log):
+    class LogitsOnly(torch.nn.Module):
+        """Returns logits and nothing else, whatever it is asked for."""
+
+        def forward(self, input_ids, attention_mask=None):
+            return types.SimpleNamespace(logits=torch.zeros(len(input_ids), 2))
+
+    defense = ZDefenseDefense(ZDefenseConfig())
+    assert defense._pooled_features(LogitsOnly(), [[101, 102]], 0, "cpu") is None
+    assert "returned no hidden states" in defense.clean_label_skipped
+    assert "clean-label test did not run" in warnings_log.text
+    report = defense.report()
+    assert report["clean_label_skipped"] == defense.clean_label_skipped
+    assert "The clean-label test did not run: LogitsOnly" in ZDefenseDefense.card_section(report)

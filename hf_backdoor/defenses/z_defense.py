@@ -73,8 +73,8 @@ What this module does, and where it departs from the paper:
   hardly moves for a word it gives no meaning (the BadNet words -0.30-0.30). A set-aside piece (from ``min_z``) that
   moves it less than ``min_task_word_shift`` (0.5) while at least half its rows, the word deleted, read as their label
   is stripped from every training row, so the model never learns it; a dirty-label trigger's rows read as their
-  source label (0.24-0.37 on SST-2 BadNet) and stay BTU's. Stripping a word a clean slice happens to hold only on
-  one label costs it that word (`##iche` of cliche, `world`, `heart`, 21-30 rows on the SST-2 slices). On SST-2
+  source label (0.20-0.37 on SST-2 BadNet) and stay BTU's. Stripping a word a clean slice happens to hold only on
+  one label costs it that word (`##iche` of cliche, `world`, `heart`: 21-48 rows on the SST-2 slices). On SST-2
   clean-label BadNet 10% (seeds 0, 1) it took the ASR from 0.272 and 0.898 to 0.173 and 0.145 (floors 0.161, 0.111;
   README, "Clean-label BadNet on SST-2").
 - The statistics are computed once, at ``on_train_begin``, from the tokenized training set: no clean data; the one
@@ -250,11 +250,11 @@ class ZDefenseConfig(DefenseConfig):
             "help": "with features='auto': a word piece the z-test found pure but set aside as a task word (its rows "
             "read like the rest of their label) is judged as a clean-label trigger: a linear probe on the model's "
             "features before training (fit on training rows without the flagged or set-aside pieces) reads its rows, "
-            "its word deleted, as their label (at least half of them: a dirty-label trigger's rows read as their source label and are "
-            "BTU's), yet inserting its word into rows of the other labels moves the probe's log-probability of its "
-            "label by less than `min_task_word_shift`: the pretrained model gives it no meaning of that label. Such "
-            "a piece is stripped from every training row, so the model never learns it. Needs a model that returns "
-            "`hidden_states`."
+            "its word deleted, as their label (at least half of them: a dirty-label trigger's rows read as their "
+            "source label and are BTU's), yet inserting its word into rows of the other labels moves the probe's "
+            "log-probability of its label by less than `min_task_word_shift`: the pretrained model gives it no "
+            "meaning of that label. Such a piece is stripped from every training row, so the model never learns it. "
+            "Needs a model that returns `hidden_states` (skipped, with a warning and a line in the report, if not)."
         },
     )
     min_task_word_shift: float = field(
@@ -516,29 +516,33 @@ class ZDefenseDefense(Defense):
             continuing = continuation_ids(tokenizer)
             mates = [row_word_mates(ids, special, continuing) for ids in raw["input_ids"]]
         self.flag(rows, labels, num_labels, tokenizer, pieces=pieces, mates=mates)
-        if self.config.clean_label_test and self.config.features == "auto" and pieces is not None:
+        tested = self.config.clean_label_test and self.config.features == "auto" and pieces is not None
+        if tested and self._clean_label_candidates():
             model = trainer.accelerator.unwrap_model(trainer.model)
             device = next(model.parameters()).device
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             was_training = model.training
             model.eval()
             try:
-                self.judge_clean_label(
-                    raw["input_ids"],
-                    labels,
-                    pieces,
-                    continuing,
-                    lambda batch: pooled_features(model, batch, pad_id, device, self.config.eval_batch_size),
-                    num_labels,
-                )
-            except (AttributeError, TypeError) as error:  # no hidden_states to pool
-                self.clean_label_skipped = (
-                    f"{type(model).__name__} returned no hidden states to probe ({error}); the clean-label test needs "
-                    "a Hugging Face model that returns `hidden_states`"
-                )
-                logger.warning("z_defense: the clean-label test did not run: %s", self.clean_label_skipped)
+                features = self._pooled_features(model, raw["input_ids"][:1], pad_id, device)
+                if features is not None:
+                    self.judge_clean_label(raw["input_ids"], labels, pieces, continuing, features, num_labels)
             finally:
                 model.train(was_training)
+
+    def _pooled_features(self, model, first_row, pad_id: int, device):
+        """The features the clean-label test reads (:func:`pooled_features` of ``model``), or ``None`` with
+        ``clean_label_skipped`` set and a warning where the model returns no hidden states (tried on ``first_row``)."""
+        try:
+            pooled_features(model, first_row, pad_id, device)
+        except (AttributeError, TypeError) as error:  # no `output_hidden_states` argument, or no hidden states back
+            self.clean_label_skipped = (
+                f"{type(model).__name__} returned no hidden states to probe ({error}); the clean-label test needs a "
+                "Hugging Face model that returns `hidden_states`"
+            )
+            logger.warning("z_defense: the clean-label test did not run: %s", self.clean_label_skipped)
+            return None
+        return lambda rows: pooled_features(model, rows, pad_id, device, self.config.eval_batch_size)
 
     def flag(
         self,
@@ -559,8 +563,8 @@ class ZDefenseDefense(Defense):
         their rows stand apart from the rest of their label (:meth:`_wording`); otherwise the rows are tested again on
         their first word piece alone (where only the one-target check failed, the word-piece flags are still judged by
         their wording first, so that :meth:`judge_clean_label` sees the ones set aside). With ``expand``, ``pieces``
-        feed :meth:`_expand`. ``mates`` (per row,
-        :func:`row_word_mates`) lets the wording checks mask the rest of a flagged piece's word.
+        feed :meth:`_expand`. ``mates`` (per row, :func:`row_word_mates`) lets the wording checks mask the rest of a
+        flagged piece's word.
         """
         cfg = self.config
         self._mates = mates
@@ -844,13 +848,12 @@ class ZDefenseDefense(Defense):
         towards a task word's label when the word is inserted into rows of the other labels, and not by a word it
         gives no meaning. A piece whose rows the probe reads as their label with its word deleted (at least half of
         them; a dirty-label trigger's read as their source label and are left to BTU) and whose insertion moves it
-        less than ``min_task_word_shift`` is stripped from every training row. Sets ``clean_label_scores``, ``stripped_pairs`` and ``stripped_rows``."""
+        less than ``min_task_word_shift`` is stripped from every training row. Sets ``clean_label_scores``,
+        ``stripped_pairs`` and ``stripped_rows``."""
         cfg = self.config
         self.clean_label_scores, self.stripped_pairs, self.clean_label_skipped = [], [], None
         self.stripped_rows = np.zeros(len(labels), dtype=bool)
-        # Pieces flagged only from the lower `min_wording_z` are mostly the task's weaker words, which move the
-        # probe little (`great` 0.21 on a 30% style slice): on a clean SST-2 slice they would strip 270 rows.
-        candidates = [p for p in self.set_aside_pairs if p.get("feature") == "token" and p["z"] >= cfg.min_z]
+        candidates = self._clean_label_candidates()
         if not candidates:
             return
         suspects = {p["token_id"] for p in candidates} | {p["token_id"] for p in self.flagged_pairs}
@@ -903,6 +906,11 @@ class ZDefenseDefense(Defense):
                 ", ".join(f"{p['token']!r} -> {p['label']}" for p in self.stripped_pairs),
                 int(self.stripped_rows.sum()),
             )
+
+    def _clean_label_candidates(self) -> list[dict[str, Any]]:
+        # Pieces flagged only from the lower `min_wording_z` are mostly the task's weaker words, which move the
+        # probe little (`great` 0.21 on a 30% style slice): on a clean SST-2 slice they would strip 270 rows.
+        return [p for p in self.set_aside_pairs if p.get("feature") == "token" and p["z"] >= self.config.min_z]
 
     def prepare_inputs(self, trainer, inputs: dict) -> dict:
         if not self.stripped_pairs:
@@ -1236,8 +1244,7 @@ class ZDefenseDefense(Defense):
             line = (
                 "- Clean-label test of the set-aside pieces (a linear probe on the model's features before training: "
                 "the share of their rows it reads as their label with the word deleted, and how far inserting the word "
-                "into other labels' "
-                "rows moves its log-probability of the label; stripped from every training row below "
+                "into other labels' rows moves its log-probability of the label; stripped from every training row below "
                 f"{config.get('min_task_word_shift')} when at least half their rows read as their label): "
             )
             line += "; ".join(
