@@ -874,7 +874,8 @@ class ZDefenseDefense(Defense):
         sample_log_probs = log_probs(sample_features)
         for pair in candidates:
             token, label = pair["token_id"], pair["label"]
-            own = np.flatnonzero(np.fromiter((token in row for row in pieces), dtype=bool) & (labels == label))
+            holds = np.fromiter((token in row for row in pieces), dtype=bool, count=len(pieces))
+            own = np.flatnonzero(holds & (labels == label))
             span = word_span(input_ids[own[0]], token, continuing)
             # Read without the word, so that its own pull (towards the label or away from it) does not decide.
             deleted = [[t for t in input_ids[i] if t not in span] for i in own]
@@ -899,7 +900,7 @@ class ZDefenseDefense(Defense):
             self.clean_label_scores.append(score)
             if score["stripped"]:
                 self.stripped_pairs.append(pair)
-                self.stripped_rows |= np.fromiter((token in row for row in pieces), dtype=bool)
+                self.stripped_rows |= holds
         if self.stripped_pairs:
             logger.info(
                 "z_defense: %s stripped from %d training rows as clean-label triggers",
