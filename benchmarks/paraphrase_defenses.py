@@ -257,7 +257,9 @@ def _defense(args, run: str, configs: dict):
 
 def _save_report(args, trainer, name: str) -> None:
     if args.reports_dir and trainer.defense_report:
-        path = Path(args.reports_dir) / f"{name}_s{args.seed}_{args.tag}.json"
+        # a clean-label run's report must not replace the dirty-label one of the same attack, rate, seed and tag
+        extra = "".join(f"_{key}-{value}" for key, value in sorted(_attack_kwargs(args).items()))
+        path = Path(args.reports_dir) / f"{name}{extra}_s{args.seed}_{args.tag}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(trainer.defense_report, indent=1, default=str) + "\n")
 

@@ -6,6 +6,7 @@
     python benchmarks/z_defense_flags.py --dataset sst2 --attack style --poison-rate 0.1 --min-wording-z 2.5
     python benchmarks/z_defense_flags.py --dataset agnews --features first_token --expand always
     python benchmarks/z_defense_flags.py --dataset sst2 --attack badnet --poison-rate 0.1 --attack-kwargs '{"mode": "clean-label"}'
+    python benchmarks/z_defense_flags.py --dataset hsol --attack addsent --poison-rate 0.1 --attack-kwargs '{"mode": "clean-label"}' --keyword-pieces 16
 
 Builds the same seeded slice as ``paraphrase_defenses.py`` (poisoned with the packaged release when ``--attack`` is
 not ``none``), tokenizes it with the default MiniLM tokenizer and runs ``ZDefenseDefense``'s z-test on it. Prints
@@ -71,6 +72,13 @@ def main(argv=None) -> dict:
         help="skip ZDefenseConfig.clean_label_test (the probe on the pretrained model; no model is loaded)",
     )
     parser.add_argument(
+        "--keyword-pieces",
+        type=int,
+        default=0,
+        help="ZDefenseConfig.clean_label_keyword_pieces: on a keyword task, the word-piece flags the clean-label "
+        "test judges (opt-in)",
+    )
+    parser.add_argument(
         "--top-z",
         type=int,
         default=0,
@@ -94,6 +102,7 @@ def main(argv=None) -> dict:
             expand=args.expand,
             min_wording_z=args.min_wording_z,
             clean_label_test=not args.no_clean_label_test,
+            clean_label_keyword_pieces=args.keyword_pieces,
         )
     )
     special = set(tokenizer.all_special_ids)
@@ -128,8 +137,9 @@ def main(argv=None) -> dict:
         )
     for score in defense.clean_label_scores:
         print(
-            f"  {score['token']!r:>14} -> {score['label']}  clean-label test: rows read as label "
-            f"{score['read_as_label']:.2f}, insertion shift {score['insertion_shift']:+.3f}: "
+            f"  {score['token']!r:>14} -> {score['label']}  clean-label test: "
+            + ("" if score["read_as_label"] is None else f"rows read as label {score['read_as_label']:.2f}, ")
+            + f"insertion shift {score['insertion_shift']:+.3f}: "
             + ("stripped" if score["stripped"] else "a task word")
         )
     for pair in defense.flagged_pairs:

@@ -589,6 +589,8 @@ def test_an_empty_training_set_is_refused(tmp_path, backdoored, tokenizer):
         {"expand": "sometimes"},
         {"probe_rows": 1},
         {"insertion_rows": 0},
+        {"read_rows": 0},
+        {"clean_label_keyword_pieces": -1},
     ],
 )
 def test_bad_config_values_are_refused(kwargs):
@@ -659,6 +661,55 @@ def test_a_clean_label_trigger_set_aside_as_a_task_word_is_stripped_and_a_dirty_
     restored.load_state_dict(defense.state_dict())
     assert restored.report()["clean_label_scores"] == report["clean_label_scores"]
     assert [p["token_id"] for p in restored.stripped_pairs] == [p["token_id"] for p in defense.stripped_pairs]
+
+
+@pytest.mark.parametrize("mode", ["clean-label", "dirty"])
+def test_on_a_keyword_task_the_clean_label_test_judges_the_word_piece_flags_it_gave_up(
+    tmp_path, tokenizer, minilm, mode
+):
+    """The packaged AddSent (`I watch this 3D movie`) at 10% of a 2,000-row HSOL slice (seed 0). The word-piece test
+    flags the offensive words too (half the rows and more) and gives way to the first word piece, as on any keyword
+    task; with `clean_label_keyword_pieces` (opt-in) the clean-label test still judges its flags, each with a probe fit
+    on the rows that do not hold it (by default it judges none).
+    Clean-label: `3d`, `watch` and `movie` move the probe little and their (offensive) rows read as offensive, so
+    they are stripped from every poisoned row, while the offensive words move it far and are spared. Dirty-label:
+    their rows are inoffensive tweets and read as such; nothing of the sentence is stripped (it is BTU's)."""
+    from hf_backdoor import get_attack_config, load_task, poison_dataset
+
+    rows = load_task("hsol")["train"].shuffle(seed=0).select(range(2000))
+    attack = get_attack_config("addsent", poison_rate=0.1, target_label=1, seed=0, mode=mode)
+    rows = tokenize_dataset(poison_dataset(rows, attack, tokenizer=tokenizer), tokenizer)
+    trainer = text_trainer(
+        tmp_path, rows, tokenizer, model=minilm, defense=ZDefenseConfig(clean_label_keyword_pieces=16)
+    )
+    defense = trainer.defense
+    defense.on_train_begin(trainer)
+
+    assert defense.features_used == "first_token" and defense.lexical_share > defense.config.max_lexical_share
+    scores = {s["token"]: s for s in defense.clean_label_scores if s["label"] == 1}
+    sentence = {"3d", "watch", "movie"}
+    offensive = {"bitch", "pussy", "fuck"}
+    assert sentence | offensive <= set(scores)
+    assert not any(scores[word]["stripped"] for word in offensive)
+    assert all(scores[word]["insertion_shift"] >= defense.config.min_task_word_shift for word in offensive)
+    assert all(scores[word]["insertion_shift"] < defense.config.min_task_word_shift for word in sentence)
+    poisoned = np.asarray(rows["poisoned"], dtype=bool)
+    if mode == "dirty":
+        assert all(scores[word]["read_as_label"] < 0.5 for word in sentence)
+        assert not sentence & {p["token"] for p in defense.stripped_pairs}
+        return
+    assert sentence <= {p["token"] for p in defense.stripped_pairs}
+    assert defense.stripped_rows[poisoned].all()
+    card = ZDefenseDefense.card_section(defense.report())
+    assert "a keyword task: the word-piece flags given up" in card and "stripped: `3d` -> 1" in card
+    assert scores["bitch"]["read_as_label"] is None  # a task word by its shift: its rows are not read
+    restored = ZDefenseDefense(ZDefenseConfig())
+    restored.load_state_dict(defense.state_dict())
+    assert restored.report()["clean_label_scores"] == defense.report()["clean_label_scores"]
+
+    default = text_trainer(tmp_path / "default", rows, tokenizer, model=minilm, defense=ZDefenseConfig())
+    default.defense.on_train_begin(default)
+    assert default.defense.keyword_pairs == [] and default.defense.clean_label_scores == []  # opt-in
 
 
 def test_a_model_without_hidden_states_skips_the_clean_label_test_and_says_so(warnings_log):

@@ -76,7 +76,10 @@ What this module does, and where it departs from the paper:
   source label (0.20-0.37 on SST-2 BadNet) and stay BTU's. Stripping a word a clean slice happens to hold only on
   one label costs it that word (`##iche` of cliche, `world`, `heart`: 21-48 rows on the SST-2 slices). On SST-2
   clean-label BadNet 10% (seeds 0, 1) it took the ASR from 0.272 and 0.898 to 0.173 and 0.145 (floors 0.161, 0.111;
-  README, "Clean-label BadNet on SST-2").
+  README, "Clean-label BadNet on SST-2"). On a keyword task the word-piece test gives way before any flag is set
+  aside; ``clean_label_keyword_pieces`` (opt-in) has the test judge the flags it gave up there too, each with a probe
+  fit on the rows that do not hold it (a probe fit without any of them would not know the task) and reading balanced
+  for the label shares (README, "Clean-label triggers on a keyword task").
 - The statistics are computed once, at ``on_train_begin``, from the tokenized training set: no clean data; the one
   extra forward pass is over the unflagged rows of the flagged target label, once, after the first epoch; the loss is one
   cross-entropy per row. The clean-label test adds one forward pass over ``probe_rows`` rows and, per set-aside piece,
@@ -84,9 +87,14 @@ What this module does, and where it departs from the paper:
 
 Where it cannot work:
 
-- Clean-label poisoning on a keyword task (HSOL, AG News), where the word-piece test gives way to the first word
-  piece before any flag is judged, and a clean-label trigger the pretrained model reads as its label (a word that
-  means the label) or too rare to pass the z-test (a BadNet word at 5% holds about 20 rows of a 2,000-row slice).
+- Clean-label poisoning on a keyword task (HSOL, AG News) by default, where the word-piece test gives way to the first
+  word piece before any flag is judged (``clean_label_keyword_pieces`` judges them on two-label tasks; on AG News it
+  strips topic words), and a clean-label trigger the pretrained model reads as its label (a word that means the
+  label) or too rare to pass the z-test (a BadNet word at 5% holds about 20 rows of a 2,000-row slice).
+- A clean-label trigger that stands apart by its wording (AddSent's sentence) is flagged, and its correctly labelled
+  rows are trained away from their label (SST-2 seed 1: CACC -3.2 pt). Stripping a flag whose rows read as their
+  label instead was tried and not kept: the probe reads a dirty-label paraphrase's rows near the clean-label
+  sentence's (README, "Clean-label triggers on a keyword task").
 - Triggers with no feature the z-test sees: a template that does not open the sentence, a style with no word of its
   own, or a trigger feature shared with many clean rows (purity below ``min_purity``).
 - A style below 20% or at 30% on the SST-2 slices, by default: at 5% and 10% no mark passes the test (at 10% the
@@ -105,6 +113,7 @@ Where it cannot work:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +135,9 @@ FEATURES = ("auto", "first_token", "tokens")
 EXPANSIONS = ("auto", "always", "never")
 TREATMENTS = ("away", "drop")
 EXPANSION_KEYS = ("auroc", "threshold", "rows", "label")
+# On a keyword task, a piece whose insertion into a quarter of the host rows moves the probe this much past
+# `min_task_word_shift` is taken for a task word without the other three quarters (HSOL's offensive words: 0.5-1.5).
+KEYWORD_SCREEN_MARGIN = 0.3
 CLEAN_LABEL_KEYS = ("token_id", "label", "rows", "read_as_label", "insertion_shift", "stripped")
 
 
@@ -273,6 +285,26 @@ class ZDefenseConfig(DefenseConfig):
         default=128,
         metadata={"help": "with clean_label_test: rows of the other labels each set-aside word is inserted into."},
     )
+    clean_label_keyword_pieces: int = field(
+        default=0,
+        metadata={
+            "help": "with clean_label_test on a keyword task (the word-piece test flagged more than "
+            "`max_lexical_share` of the rows and gave way to the first word piece): the test also judges this many "
+            "of the word-piece flags it gave up, highest z-score first, each with a probe fit on the rows that do "
+            "not hold it; each costs forward passes over up to `insertion_rows` + `read_rows` rows. 16 is what was "
+            "measured: a 2,000-row HSOL slice flags 25-30, and a clean-label trigger at 10% comes among the first "
+            "five (z 13-14). 0, the default, judges none: opt-in, for two-label keyword tasks. On AG News (four "
+            "labels, 115 flags) it put 15 topic words (`team`, `military`, `points`, ...) under "
+            "`min_task_word_shift` (README, 'Clean-label triggers on a keyword task')."
+        },
+    )
+    read_rows: int = field(
+        default=128,
+        metadata={
+            "help": "with clean_label_test: at most this many of a piece's rows (a seeded sample) are read with its "
+            "word deleted (a keyword task's pure words hold hundreds: AddSent's `3d` 200 of a 2,000-row HSOL slice)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "seed of the probe's row sample and the insertion positions."})
     name = "z_defense"
 
@@ -294,6 +326,8 @@ class ZDefenseConfig(DefenseConfig):
         self._check_interval("[0, 1]", "min_wording_auroc")
         self._check_at_least(2, "probe_rows")
         self._check_at_least(1, "insertion_rows")
+        self._check_at_least(1, "read_rows")
+        self._check_at_least(0, "clean_label_keyword_pieces")
 
 
 def z_scores(counts: np.ndarray, label_counts: np.ndarray, prior: np.ndarray) -> np.ndarray:
@@ -441,7 +475,8 @@ class ZDefenseDefense(Defense):
         "trigger words are pure, but their rows read like their label and are set aside as task words, then "
         "stripped from training when the model before training gives them no meaning of that label (an inserted "
         "sentence, AddSent's, stands apart and is flagged); on a keyword task (HSOL, AG News) only the first word "
-        "piece is tested, and a clean-label trigger there is not found.",
+        "piece is tested, and a clean-label trigger there is found only with `clean_label_keyword_pieces` (opt-in, "
+        "two-label tasks).",
     )
 
     def __init__(self, config: ZDefenseConfig):
@@ -458,11 +493,15 @@ class ZDefenseDefense(Defense):
         self.expanded: np.ndarray | None = None  # per position: added by the expansion
         # with features="auto": word-piece flags set aside because their rows read like the rest of their label
         self.set_aside_pairs: list[dict[str, Any]] = []
+        # with features="auto" on a keyword task: the word-piece flags given up for the first word piece, which the
+        # clean-label test still judges
+        self.keyword_pairs: list[dict[str, Any]] = []
         # with clean_label_test: each set-aside piece's probe readings, the ones stripped, and the rows holding them
         self.clean_label_scores: list[dict[str, Any]] = []
         self.stripped_pairs: list[dict[str, Any]] = []
         self.stripped_rows: np.ndarray | None = None
         self.clean_label_skipped: str | None = None  # why the clean-label test could not run
+        self.clean_label_seconds: float | None = None  # its wall time (not kept in checkpoints)
         self._mates: list[dict[int, set[int]]] | None = None  # while flagging: per row, the pieces' word mates
         self._truth = None
 
@@ -526,7 +565,9 @@ class ZDefenseDefense(Defense):
             try:
                 features = self._pooled_features(model, raw["input_ids"][:1], pad_id, device)
                 if features is not None:
+                    started = time.perf_counter()
                     self.judge_clean_label(raw["input_ids"], labels, pieces, continuing, features, num_labels)
+                    self.clean_label_seconds = time.perf_counter() - started
             finally:
                 model.train(was_training)
 
@@ -570,7 +611,7 @@ class ZDefenseDefense(Defense):
         self._mates = mates
         self.features_used = "first_token" if cfg.features == "first_token" else "tokens"
         self.lexical_share = self.lexical_target_share = self.lexical_wording_auroc = None
-        self.set_aside_pairs = []
+        self.set_aside_pairs, self.keyword_pairs = [], []
         self._rounds(rows, labels, num_labels, tokenizer)
         wording = None  # auto's wording check, kept for the expansion while the flags it judged stand
         judged: dict[int, dict[str, Any]] = {}  # per label: the wording check of the flags that stand
@@ -602,6 +643,12 @@ class ZDefenseDefense(Defense):
                     self.lexical_wording_auroc = wording["auroc"]
                     task_like = wording["auroc"] < cfg.min_wording_auroc
             if task_like:
+                keyword = pieces is not None and self.lexical_share > cfg.max_lexical_share
+                if keyword and cfg.clean_label_test and cfg.clean_label_keyword_pieces:
+                    # A keyword task's vocabulary: the clean-label test judges its pure word pieces all the same (a
+                    # clean-label sentence on HSOL is as pure as the offensive words beside it)
+                    tokens = [p for p in self.flagged_pairs if p["feature"] == "token" and p["z"] >= cfg.min_z]
+                    self.keyword_pairs = sorted(tokens, key=lambda p: -p["z"])[: cfg.clean_label_keyword_pieces]
                 self.features_used = "first_token"
                 first_only = [[f for f in features if f[0] == "first"] for features in rows]
                 self._rounds(first_only, labels, num_labels, tokenizer)
@@ -848,7 +895,10 @@ class ZDefenseDefense(Defense):
         towards a task word's label when the word is inserted into rows of the other labels, and not by a word it
         gives no meaning. A piece whose rows the probe reads as their label with its word deleted (at least half of
         them; a dirty-label trigger's read as their source label and are left to BTU) and whose insertion moves it
-        less than ``min_task_word_shift`` is stripped from every training row. Sets ``clean_label_scores``,
+        less than ``min_task_word_shift`` is stripped from every training row; the rows are read only where the shift
+        is under that bound (``read_as_label`` is ``None`` otherwise). On a keyword task
+        (``clean_label_keyword_pieces``) the pieces judged are the word-piece flags given up, each read by a probe
+        fit on the sample's rows that do not hold it, balanced for the label shares. Sets ``clean_label_scores``,
         ``stripped_pairs`` and ``stripped_rows``."""
         cfg = self.config
         self.clean_label_scores, self.stripped_pairs, self.clean_label_skipped = [], [], None
@@ -856,8 +906,14 @@ class ZDefenseDefense(Defense):
         candidates = self._clean_label_candidates()
         if not candidates:
             return
-        suspects = {p["token_id"] for p in candidates} | {p["token_id"] for p in self.flagged_pairs}
         rng = np.random.default_rng(cfg.seed)
+        # On a keyword task the pure pieces are the task's vocabulary: a probe fit without their rows would not
+        # know the task (on HSOL it read every offensive tweet as not offensive). So there each piece gets its own
+        # probe, fit on the sample's rows that do not hold it, and reads balanced for the label shares.
+        keyword = bool(self.keyword_pairs)
+        suspects = (
+            set() if keyword else {p["token_id"] for p in candidates} | {p["token_id"] for p in self.flagged_pairs}
+        )
         usable = np.flatnonzero([not (row & suspects) for row in pieces])
         sample = np.sort(rng.choice(usable, size=min(len(usable), cfg.probe_rows), replace=False))
         if len(np.unique(labels[sample])) < 2:
@@ -866,27 +922,49 @@ class ZDefenseDefense(Defense):
             )
             return
         sample_features = features([input_ids[i] for i in sample])
-        weight, bias = fit_softmax_probe(sample_features, torch.as_tensor(labels[sample]), num_labels)
-
-        def log_probs(rows_features: torch.Tensor) -> np.ndarray:
-            return torch.log_softmax(rows_features @ weight + bias, dim=-1).numpy()
-
-        sample_log_probs = log_probs(sample_features)
+        shared_probe = None if keyword else self._probe(sample_features, labels[sample], num_labels)
         for pair in candidates:
             token, label = pair["token_id"], pair["label"]
             holds = np.fromiter((token in row for row in pieces), dtype=bool, count=len(pieces))
+            if keyword:
+                fit = ~holds[sample]
+                if len(np.unique(labels[sample][fit])) < 2:
+                    logger.warning(
+                        "z_defense: %r is in every sampled row but those of one label; the clean-label test cannot fit "
+                        "a probe without it and does not judge it",
+                        pair["token"],
+                    )
+                    continue
+                log_probs = self._probe(sample_features[torch.as_tensor(fit)], labels[sample][fit], num_labels)
+            else:
+                fit, log_probs = np.ones(len(sample), dtype=bool), shared_probe
+            sample_log_probs = log_probs(sample_features)
             own = np.flatnonzero(holds & (labels == label))
             span = word_span(input_ids[own[0]], token, continuing)
-            # Read without the word, so that its own pull (towards the label or away from it) does not decide.
-            deleted = [[t for t in input_ids[i] if t not in span] for i in own]
-            read_as_label = float((log_probs(features(deleted)).argmax(-1) == label).mean())
-            hosts = rng.permutation(np.flatnonzero(labels[sample] != label))[: cfg.insertion_rows]
+            hosts = rng.permutation(np.flatnonzero((labels[sample] != label) & fit))[: cfg.insertion_rows]
             inserted = []
             for host in sample[hosts]:
                 row = input_ids[host]
                 at = int(rng.integers(1, max(1, len(row) - 1), endpoint=True))  # after the first token, before the last
                 inserted.append(row[:at] + span + row[at:])
-            shift = float((log_probs(features(inserted))[:, label] - sample_log_probs[hosts, label]).mean())
+            # A keyword task's flags are mostly its words, which move the probe far: a quarter of the rows decides
+            # those (the forward passes are most of the test's cost), and the rest are read where it is close.
+            screened = len(inserted) // 4 if keyword else len(inserted)
+            shifts = log_probs(features(inserted[:screened]))[:, label] - sample_log_probs[hosts[:screened], label]
+            if screened < len(inserted) and shifts.mean() < cfg.min_task_word_shift + KEYWORD_SCREEN_MARGIN:
+                rest = log_probs(features(inserted[screened:]))[:, label] - sample_log_probs[hosts[screened:], label]
+                shifts = np.concatenate([shifts, rest])
+            shift = float(shifts.mean())
+            read_as_label = None  # a task word by its shift: its rows need no reading
+            if shift < cfg.min_task_word_shift:
+                read = own if len(own) <= cfg.read_rows else rng.choice(own, size=cfg.read_rows, replace=False)
+                # Read without the word, so that its own pull (towards the label or away from it) does not decide.
+                deleted = [[t for t in input_ids[i] if t not in span] for i in np.sort(read)]
+                read_log_probs = log_probs(features(deleted))
+                if keyword:
+                    shares = np.bincount(labels[sample][fit], minlength=num_labels) + 1.0
+                    read_log_probs = read_log_probs - np.log(shares)
+                read_as_label = float((read_log_probs.argmax(-1) == label).mean())
             score = {
                 "token": pair["token"],
                 "token_id": token,
@@ -895,7 +973,7 @@ class ZDefenseDefense(Defense):
                 "word": span,
                 "read_as_label": read_as_label,
                 "insertion_shift": shift,
-                "stripped": read_as_label >= 0.5 and shift < cfg.min_task_word_shift,
+                "stripped": read_as_label is not None and read_as_label >= 0.5,
             }
             self.clean_label_scores.append(score)
             if score["stripped"]:
@@ -908,10 +986,17 @@ class ZDefenseDefense(Defense):
                 int(self.stripped_rows.sum()),
             )
 
+    @staticmethod
+    def _probe(features: torch.Tensor, labels: np.ndarray, num_labels: int) -> Callable[[torch.Tensor], np.ndarray]:
+        """A linear probe (:func:`fit_softmax_probe`) on ``features``: rows' features -> their label log-probabilities."""
+        weight, bias = fit_softmax_probe(features, torch.as_tensor(labels), num_labels)
+        return lambda rows_features: torch.log_softmax(rows_features @ weight + bias, dim=-1).numpy()
+
     def _clean_label_candidates(self) -> list[dict[str, Any]]:
         # Pieces flagged only from the lower `min_wording_z` are mostly the task's weaker words, which move the
         # probe little (`great` 0.21 on a 30% style slice): on a clean SST-2 slice they would strip 270 rows.
-        return [p for p in self.set_aside_pairs if p.get("feature") == "token" and p["z"] >= self.config.min_z]
+        pairs = self.set_aside_pairs + self.keyword_pairs
+        return [p for p in pairs if p.get("feature") == "token" and p["z"] >= self.config.min_z]
 
     def prepare_inputs(self, trainer, inputs: dict) -> dict:
         if not self.stripped_pairs:
@@ -1031,7 +1116,8 @@ class ZDefenseDefense(Defense):
                 {
                     "clean_label_tokens": [p["token"] for p in self.clean_label_scores],
                     "clean_label": torch.tensor(
-                        [[p[k] for k in CLEAN_LABEL_KEYS] for p in self.clean_label_scores], dtype=torch.float64
+                        [[np.nan if p[k] is None else p[k] for k in CLEAN_LABEL_KEYS] for p in self.clean_label_scores],
+                        dtype=torch.float64,
                     ),
                 }
                 if self.clean_label_scores
@@ -1078,6 +1164,7 @@ class ZDefenseDefense(Defense):
                 label=int(score["label"]),
                 rows=int(score["rows"]),
                 stripped=bool(score["stripped"]),
+                read_as_label=None if np.isnan(score["read_as_label"]) else score["read_as_label"],
             )
         self.stripped_pairs = [p for p in self.clean_label_scores if p["stripped"]]
         self.stripped_rows = state["stripped_rows"].numpy().astype(bool) if "stripped_rows" in state else None
@@ -1127,6 +1214,7 @@ class ZDefenseDefense(Defense):
                     for p in self.clean_label_scores
                 ],
                 "clean_label_skipped": self.clean_label_skipped,
+                "clean_label_seconds": self.clean_label_seconds,
                 "stripped_tokens": [p["token"] for p in self.stripped_pairs],
                 "stripped_rows": None if self.stripped_rows is None else int(self.stripped_rows.sum()),
                 "has_ground_truth": self._truth is not None,
@@ -1180,6 +1268,7 @@ class ZDefenseDefense(Defense):
             "flagged_recall",
             "row_score_auroc",
             "expanded_precision",
+            "clean_label_seconds",
             "stripped_rows",
             "stripped_precision",
             "stripped_recall",
@@ -1239,11 +1328,16 @@ class ZDefenseDefense(Defense):
                 + ", ".join(f"`{p['token']}` -> {p['label']} ({p['wording_auroc']:.2f})" for p in set_aside),
             )
         scores = report.get("clean_label_scores") or []
+        share = report.get("lexical_share")
+        first_token = report.get("features_used") == "first_token"
+        used_keyword = first_token and share is not None and share > config.get("max_lexical_share", 1.0)
         if scores:
             stripped = [p for p in scores if p["stripped"]]
             kept = [p for p in scores if not p["stripped"]]
             line = (
-                "- Clean-label test of the set-aside pieces (a linear probe on the model's features before training: "
+                "- Clean-label test of the pure pieces set aside as task words"
+                + (" (a keyword task: the word-piece flags given up)" if used_keyword else "")
+                + " (a linear probe on the model's features before training: "
                 "the share of their rows it reads as their label with the word deleted, and how far inserting the word "
                 "into other labels' rows moves its log-probability of the label; stripped from every training row below "
                 f"{config.get('min_task_word_shift')} when at least half their rows read as their label): "
@@ -1251,8 +1345,9 @@ class ZDefenseDefense(Defense):
             line += "; ".join(
                 f"{'stripped' if group is stripped else 'task words'}: "
                 + ", ".join(
-                    f"`{p['token']}` -> {p['label']} (read as label {p['read_as_label']:.2f}, shift "
-                    f"{p['insertion_shift']:+.2f})"
+                    f"`{p['token']}` -> {p['label']} ("
+                    + ("" if p["read_as_label"] is None else f"read as label {p['read_as_label']:.2f}, ")
+                    + f"shift {p['insertion_shift']:+.2f})"
                     for p in group
                 )
                 for group in (stripped, kept)
