@@ -82,8 +82,10 @@ What this module does, and where it departs from the paper:
   for the label shares (README, "Clean-label triggers on a keyword task").
 - The statistics are computed once, at ``on_train_begin``, from the tokenized training set: no clean data; the one
   extra forward pass is over the unflagged rows of the flagged target label, once, after the first epoch; the loss is one
-  cross-entropy per row. The clean-label test adds one forward pass over ``probe_rows`` rows and, per set-aside piece,
-  over its rows and ``insertion_rows`` others, at ``on_train_begin``, and only when a word piece was set aside.
+  cross-entropy per row. The clean-label test adds one forward pass over ``probe_rows`` rows and, per piece judged,
+  over ``insertion_rows`` others (a quarter of them on a keyword task, for a piece that moves the probe far) and, where
+  its shift is under the bound, up to ``read_rows`` of its own, at ``on_train_begin``, and only when a word piece was
+  set aside (or, with ``clean_label_keyword_pieces``, given up on a keyword task); 17-20 s on the HSOL slices.
 
 Where it cannot work:
 
