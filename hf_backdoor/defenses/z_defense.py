@@ -925,6 +925,7 @@ class ZDefenseDefense(Defense):
             return
         sample_features = features([input_ids[i] for i in sample])
         shared_probe = None if keyword else self._probe(sample_features, labels[sample], num_labels)
+        shared_sample_log_probs = None if keyword else shared_probe(sample_features)
         for pair in candidates:
             token, label = pair["token_id"], pair["label"]
             holds = np.fromiter((token in row for row in pieces), dtype=bool, count=len(pieces))
@@ -938,9 +939,10 @@ class ZDefenseDefense(Defense):
                     )
                     continue
                 log_probs = self._probe(sample_features[torch.as_tensor(fit)], labels[sample][fit], num_labels)
+                sample_log_probs = log_probs(sample_features)
             else:
-                fit, log_probs = np.ones(len(sample), dtype=bool), shared_probe
-            sample_log_probs = log_probs(sample_features)
+                fit = np.ones(len(sample), dtype=bool)
+                log_probs, sample_log_probs = shared_probe, shared_sample_log_probs
             own = np.flatnonzero(holds & (labels == label))
             span = word_span(input_ids[own[0]], token, continuing)
             hosts = rng.permutation(np.flatnonzero((labels[sample] != label) & fit))[: cfg.insertion_rows]
