@@ -102,6 +102,25 @@ def test_abl_isolates_the_poisoned_image_rows(tmp_path, cifar):
         untracked.train()
 
 
+def test_predicted_logits_come_back_in_row_order(tmp_path, sst2, tokenizer):
+    """The shared prediction pass (ABL's isolation, Z-defense's leave-out) batches text rows by length; each row's
+    logits are still its own: those of the row predicted alone, in the dataset's order."""
+    from hf_backdoor.defenses.exposure import model_dataset, predict_logits
+
+    rows = sst2["train"].select(range(40))
+    train = tokenize_dataset(rows, tokenizer, max_length=48)
+    assert len(set(len(ids) for ids in train["input_ids"])) > 5  # lengths vary, so the order really changes
+    model = tiny_bert(**ONE_LAYER, dropout=0.0)
+    trainer = abl_text_trainer(tmp_path, train, tokenizer, model, ABLConfig())
+    data = model_dataset(trainer, train)
+    logits, labels = predict_logits(trainer, model, data, batch_size=8)
+    model.eval()
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([ids])).logits for ids in train["input_ids"]]).numpy()
+    np.testing.assert_allclose(logits, alone, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(labels, np.asarray(rows["label"]))
+
+
 def test_abl_on_text_isolates_and_masks_the_poisoned_rows(tmp_path, sst2, tokenizer):
     # Five "cf" per poisoned sentence at a 20% rate: a trigger a tiny random BERT learns within the LGA epochs.
     attack = BadNetConfig(triggers=("cf",), num_triggers=5, poison_rate=0.2)

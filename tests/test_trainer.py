@@ -597,6 +597,14 @@ def test_task_word_test_spares_a_word_the_pretrained_model_knew_and_keeps_a_plan
         report
     )
 
+    # A later epoch's detection judges the same rows with and without each candidate again: the frozen pretrained
+    # model's features of those rows come from the run's cache, and the scores are the same.
+    first_scores, calls = {token: dict(score) for token, score in scores.items()}, []
+    defense._prior_model.register_forward_hook(lambda *_: calls.append(1))
+    defense.flagged, defense.flagged_by, defense.task_word_scores = [], {}, {}
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), model)
+    assert calls == [] and defense.flagged == [cf] and defense.task_word_scores == first_scores
+
 
 class _MemorisingLexiconModel(_LexiconModel):
     """:class:`_LexiconModel` that also gives label 1 to the rows it memorised (token-id tuples), with or without the

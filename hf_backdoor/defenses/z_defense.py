@@ -249,7 +249,11 @@ class ZDefenseConfig(DefenseConfig):
         },
     )
     eval_batch_size: int = field(
-        default=128, metadata={"help": "batch size of the one prediction pass over those rows."}
+        default=64,
+        metadata={
+            "help": "batch size of the one prediction pass over those rows (and of the clean-label test's features); "
+            "64 ran as fast as 128 and 1.3x as fast as 256 on the 2-core CPU."
+        },
     )
     treatment: str = field(
         default="away",

@@ -129,9 +129,15 @@ def predict_logits(
     trainer, model, dataset: datasets.Dataset, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Logits (float32) and labels (``None`` without a label column) of ``model`` on a :func:`model_dataset`, in row
-    order, in eval mode."""
+    order, in eval mode.
+
+    Token-id rows are predicted in length order (and returned in row order), so that each batch pads little."""
     was_training = model.training
     model.eval()
+    order = None
+    if "input_ids" in dataset.column_names and _format_transform(dataset) is None:
+        order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+        dataset = dataset.select(order)
     logits, labels = [], []
     for inputs, batch_labels in iterate_batches(trainer, dataset, batch_size):
         with trainer.accelerator.autocast():
@@ -140,7 +146,14 @@ def predict_logits(
         if batch_labels is not None:
             labels.append(batch_labels.cpu())
     model.train(was_training)
-    return torch.cat(logits).numpy(), (torch.cat(labels).numpy() if labels else None)
+    logits = torch.cat(logits).numpy()
+    labels = torch.cat(labels).numpy() if labels else None
+    if order is not None:
+        in_row_order = np.empty_like(order)
+        in_row_order[order] = np.arange(len(order))
+        logits = logits[in_row_order]
+        labels = None if labels is None else labels[in_row_order]
+    return logits, labels
 
 
 def per_example_loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
