@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from hf_backdoor.metrics import (
@@ -68,3 +69,37 @@ def test_evaluate_modules_load_offline():
     assert det["precision"] == 0.5 and det["auroc"] == 0.75
     with pytest.raises(ValueError, match="Unknown metric 'accuracy'"):
         load_metric("accuracy")
+
+
+class _FirstWordParity(torch.nn.Module):
+    """Label = parity of the row's first word piece: a prediction that differs between rows of the same length."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # the Trainer reads a device and dtype off a parameter
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **_):
+        odd = (input_ids[:, 1] % 2).float()
+        out = {"logits": torch.stack([1.0 - odd, odd], dim=1) + 0 * self.unused}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(out["logits"], labels)
+        return out
+
+
+def test_predict_labels_are_in_row_order(tmp_path, sst2, tokenizer):
+    """``predict_labels`` (CACC and ASR everywhere) runs the Trainer on rows sorted by length; each row still gets
+    its own prediction."""
+    from transformers import Trainer
+
+    from hf_backdoor import tokenize_dataset
+    from hf_backdoor.metrics import predict_labels
+    from tests.conftest import text_trainer
+
+    rows = tokenize_dataset(sst2["validation"].select(range(48)), tokenizer, max_length=48)
+    assert len(set(map(len, rows["input_ids"]))) > 5  # lengths vary, so the order really changes
+    expected = [ids[1] % 2 for ids in rows["input_ids"]]
+    assert 0 < sum(expected) < len(expected)
+    trainer = text_trainer(
+        tmp_path, rows, tokenizer, cls=Trainer, model=_FirstWordParity(), args={"per_device_eval_batch_size": 8}
+    )
+    assert predict_labels(trainer, rows).tolist() == expected

@@ -135,6 +135,8 @@ class BTUConfig(DefenseConfig):
         task_word_neighbours: pretrained neighbours a substituted token is drawn from (seeded).
         task_word_probe_rows: training rows (a seeded sample) the pretrained probe is fit on.
         flip_max_rows: rows per candidate in the flip test (seeded sample).
+        predict_batch_size: rows per forward pass of the detection tests (length-sorted batches; the pretrained
+            copy's features of a row are computed once per run).
         flip_min_rows: candidates in fewer training rows are not judged (too little evidence) and not flagged.
         cooccurrence: candidates present in at least this share of a candidate's rows are deleted together with it
             (multi-token triggers such as AddSent's sentence).

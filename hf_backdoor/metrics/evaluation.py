@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import datasets
 import numpy as np
 
 from .backdoor import attack_success_rate, clean_accuracy
@@ -24,10 +25,22 @@ class BackdoorEvaluation:
 
 
 def predict_labels(trainer, dataset) -> np.ndarray:
-    """Argmax predictions of a ``transformers.Trainer`` on a (tokenized) dataset, gathered across processes."""
+    """Argmax predictions of a ``transformers.Trainer`` on a (tokenized) dataset, gathered across processes, in row
+    order.
+
+    Token-id rows are predicted in length order, so that the collator pads each batch little."""
+    order = None
+    if isinstance(dataset, datasets.Dataset) and "input_ids" in dataset.column_names:
+        order = np.argsort([len(ids) for ids in dataset.with_format(None)["input_ids"]], kind="stable")
+        dataset = dataset.select(order)
     output = trainer.predict(dataset, metric_key_prefix="predict")
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    return np.argmax(logits, axis=-1)
+    predictions = np.argmax(logits, axis=-1)
+    if order is None:
+        return predictions
+    in_row_order = np.empty_like(predictions)
+    in_row_order[order] = predictions
+    return in_row_order
 
 
 def evaluate_backdoor(
