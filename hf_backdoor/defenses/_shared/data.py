@@ -136,7 +136,7 @@ def predict_logits(
     model.eval()
     order = None
     if "input_ids" in dataset.column_names and _format_transform(dataset) is None:
-        order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+        order = np.argsort([len(ids) for ids in dataset.with_format(None)["input_ids"]], kind="stable")
         dataset = dataset.select(order)
     logits, labels = [], []
     for inputs, batch_labels in iterate_batches(trainer, dataset, batch_size):
