@@ -277,8 +277,9 @@ class BTUConfig(DefenseConfig):
     predict_batch_size: int = field(
         default=64,
         metadata={
-            "help": "rows per forward pass in the detection tests (length-sorted batches). 64 predicted 1.3x as many "
-            "rows per second as 256 on the 2-core CPU (less padding, activations that stay in cache); a GPU wants more."
+            "help": "rows per forward pass in the detection tests (length-sorted batches). 64 predicted 1.27x as many "
+            "HSOL rows per second as 256 on the 2-core CPU (benchmarks/detection_speed.py: less padding, activations "
+            "that stay in cache); a GPU wants more."
         },
     )
     flip_screen_rows: int = field(

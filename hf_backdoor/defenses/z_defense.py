@@ -252,7 +252,7 @@ class ZDefenseConfig(DefenseConfig):
         default=64,
         metadata={
             "help": "batch size of the one prediction pass over those rows (and of the clean-label test's features); "
-            "64 ran as fast as 128 and 1.3x as fast as 256 on the 2-core CPU."
+            "64 ran 1.04x as fast as 128 and 1.27x as fast as 256 on the 2-core CPU (benchmarks/detection_speed.py)."
         },
     )
     treatment: str = field(
