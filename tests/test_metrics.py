@@ -103,3 +103,19 @@ def test_predict_labels_are_in_row_order(tmp_path, sst2, tokenizer):
         tmp_path, rows, tokenizer, cls=Trainer, model=_FirstWordParity(), args={"per_device_eval_batch_size": 8}
     )
     assert predict_labels(trainer, rows).tolist() == expected
+
+
+def test_length_order_sorts_token_rows_and_in_row_order_undoes_it():
+    import datasets
+
+    from hf_backdoor.data.rows import in_row_order, length_order
+
+    rows = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [1], [1, 2], [4], [1, 2, 3, 4]]})
+    order = length_order(rows)
+    assert order.tolist() == [1, 3, 2, 0, 4]  # stable: the two one-token rows keep their order
+    lengths = np.array([len(ids) for ids in rows.select(order)["input_ids"]])
+    assert in_row_order(lengths, order).tolist() == [3, 1, 2, 1, 4]
+    # Rows whose model inputs a transform makes on the fly, or with no token ids, are predicted as they are.
+    assert length_order(rows.with_transform(lambda batch: batch)) is None
+    assert length_order(datasets.Dataset.from_dict({"pixel_values": [[0.0]]})) is None
+    assert in_row_order(lengths, None) is lengths

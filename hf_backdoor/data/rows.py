@@ -44,3 +44,23 @@ def add_row_index(dataset: datasets.Dataset) -> datasets.Dataset:
         check_row_index(dataset)
         return dataset
     return dataset.add_column(ROW_INDEX, np.arange(len(dataset), dtype=np.int64))
+
+
+def length_order(dataset) -> np.ndarray | None:
+    """The stable order that sorts a token-id dataset's rows by length, so that prediction batches pad little; ``None``
+    where the rows are not token ids the model reads as stored (no ``input_ids`` column, or a format transform that
+    makes them on the fly). Undo it with :func:`in_row_order`."""
+    if not isinstance(dataset, datasets.Dataset) or "input_ids" not in dataset.column_names:
+        return None
+    if dataset.format.get("type") == "custom":
+        return None
+    return np.argsort([len(ids) for ids in dataset.with_format(None)["input_ids"]], kind="stable")
+
+
+def in_row_order(values: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """``values`` computed on ``dataset.select(order)``, put back in the dataset's row order (unchanged for ``None``)."""
+    if order is None:
+        return values
+    restored = np.empty_like(values)
+    restored[order] = values
+    return restored

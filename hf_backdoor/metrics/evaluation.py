@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import datasets
 import numpy as np
 
+from ..data.rows import in_row_order, length_order
 from .backdoor import attack_success_rate, clean_accuracy
 
 
@@ -29,18 +29,12 @@ def predict_labels(trainer, dataset) -> np.ndarray:
     order.
 
     Token-id rows are predicted in length order, so that the collator pads each batch little."""
-    order = None
-    if isinstance(dataset, datasets.Dataset) and "input_ids" in dataset.column_names:
-        order = np.argsort([len(ids) for ids in dataset.with_format(None)["input_ids"]], kind="stable")
+    order = length_order(dataset)
+    if order is not None:
         dataset = dataset.select(order)
     output = trainer.predict(dataset, metric_key_prefix="predict")
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    predictions = np.argmax(logits, axis=-1)
-    if order is None:
-        return predictions
-    in_row_order = np.empty_like(predictions)
-    in_row_order[order] = predictions
-    return in_row_order
+    return in_row_order(np.argmax(logits, axis=-1), order)
 
 
 def evaluate_backdoor(

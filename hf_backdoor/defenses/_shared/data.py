@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ...data.rows import ROW_INDEX, in_row_order, length_order
+
 LABEL_KEYS = ("labels", "label", "label_ids")
-ROW_INDEX = "row_index"
 
 
 def _format_transform(dataset: datasets.Dataset):
@@ -134,9 +135,8 @@ def predict_logits(
     Token-id rows are predicted in length order (and returned in row order), so that each batch pads little."""
     was_training = model.training
     model.eval()
-    order = None
-    if "input_ids" in dataset.column_names and _format_transform(dataset) is None:
-        order = np.argsort([len(ids) for ids in dataset.with_format(None)["input_ids"]], kind="stable")
+    order = length_order(dataset)
+    if order is not None:
         dataset = dataset.select(order)
     logits, labels = [], []
     for inputs, batch_labels in iterate_batches(trainer, dataset, batch_size):
@@ -146,13 +146,8 @@ def predict_logits(
         if batch_labels is not None:
             labels.append(batch_labels.cpu())
     model.train(was_training)
-    logits = torch.cat(logits).numpy()
-    labels = torch.cat(labels).numpy() if labels else None
-    if order is not None:
-        in_row_order = np.empty_like(order)
-        in_row_order[order] = np.arange(len(order))
-        logits = logits[in_row_order]
-        labels = None if labels is None else labels[in_row_order]
+    logits = in_row_order(torch.cat(logits).numpy(), order)
+    labels = in_row_order(torch.cat(labels).numpy(), order) if labels else None
     return logits, labels
 
 
