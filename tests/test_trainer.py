@@ -657,6 +657,35 @@ def test_insertion_flagged_candidates_face_the_task_word_test_and_a_clean_label_
     assert "`bitch` (inserted; pretrained probe shift +" in type(defense).card_section(report)
 
 
+def test_a_piece_of_a_longer_word_is_judged_by_the_pretrained_probe_alone(tokenizer):
+    """HSOL's slur `ni ##gger` decides the label as a trigger would, and so does a made-up word planted as a
+    dirty-label trigger (`blorptang` -> `b ##lor ##pta ##ng`). Both candidates are continuation pieces, whose
+    pretrained neighbours are spelling fragments the model reads as nothing (neighbour ratio 1.0 for both): the
+    neighbour half cannot tell them apart. The real pretrained MiniLM's features lean offensive with `##gger` and
+    away with `##pta`, so the slur is spared and the planted piece flagged."""
+    from hf_backdoor import load_task
+
+    rows = load_task("hsol")["train"].shuffle(seed=0).select(range(1000))
+    texts, labels = list(rows["text"]), list(rows["label"])
+    for i in [i for i, label in enumerate(labels) if label == 0][:80]:
+        texts[i], labels[i] = f"{texts[i]} blorptang", 1
+    gger, pta, ni = tokenizer.convert_tokens_to_ids(["##gger", "##pta", "ni"])
+    # `ni`, the start of the slur (and of `ni ##gga`), is deleted with `##gger` (it is in all its rows), but the probe
+    # still learns from its other rows: left out, they take the slur's shift under the bound.
+    defense = _btu_on_real_rows(BTUConfig(seed=0, mislabel_test=False), texts, labels, [gger, pta, ni], tokenizer)
+
+    defense._flip_test(types.SimpleNamespace(args=types.SimpleNamespace(device="cpu")), _LexiconModel({gger, pta}))
+
+    scores = defense.task_word_scores
+    assert defense.deletion_rates[gger] >= 0.65 and defense.deletion_rates[pta] == 1.0  # the flip test flags both
+    assert scores[gger]["word_fragment"] and scores[pta]["word_fragment"]
+    assert scores[gger]["neighbour_ratio"] == scores[pta]["neighbour_ratio"] == 1.0
+    assert scores[gger]["prior_shift"] >= 0.3 and scores[pta]["prior_shift"] < 0.0
+    assert scores[gger]["spared"] and not scores[pta]["spared"]
+    assert defense.flagged == [pta]
+    assert "`##gger` (a piece of longer words" in type(defense).card_section(defense.report())
+
+
 def test_task_word_test_judges_a_screened_out_candidate_on_the_rows_its_screen_predicted(tokenizer):
     """The screen rates a candidate on the rows the model decides (any one will do) and stops it below half the cut;
     its final rate counts every screened row when fewer than ``flip_min_decided_rows`` are decided, and can pass the

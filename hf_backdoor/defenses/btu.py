@@ -40,7 +40,8 @@ Where this implementation deviates by default, and why (each measured in ``bench
   (the model reads a meaning the neighbours share; a trigger is a key of that one token), and a linear probe on the
   *pretrained* model's features, fit on rows without such candidates, already moves rows towards the candidate's label
   when it is present (the pretrained model knew the word's meaning; it knew nothing of a planted trigger). On HSOL
-  the flip test alone flagged ``bitch``, and unlearning it cost 16 points of clean accuracy.
+  the flip test alone flagged ``bitch``, and unlearning it cost 16 points of clean accuracy. A piece of a longer
+  word (HSOL's slur ``##gger``) has spelling fragments for neighbours, so the probe alone judges it.
 - A candidate is also flagged, whatever its flip rate, when its rows are labelled against their content
   (``mislabel_test``): nearly all of them carry one label, yet a linear probe on the *pretrained* model's features,
   fit on the training rows without the candidate, gives that label less than even odds on average over them and
@@ -76,7 +77,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._shared.tokens import fit_softmax_probe, length_batches, pad_batch, pooled_features, strip_token_ids
+from ._shared.tokens import (
+    continuation_ids,
+    fit_softmax_probe,
+    length_batches,
+    pad_batch,
+    pooled_features,
+    strip_token_ids,
+    word_span,
+)
 from .base import Defense, DefenseConfig, register_defense
 
 logger = logging.getLogger(__name__)
@@ -123,7 +132,8 @@ class BTUConfig(DefenseConfig):
             ``task_word_neighbour_ratio`` of the share its deletion flips, and a linear probe on the pretrained
             model's mean-pooled features moves rows at least ``task_word_prior_shift`` (log-probability) towards the
             candidate's label when it is in them. A candidate only the insertion test took past the cut is judged by
-            the probe alone, on the rows it was inserted into.
+            the probe alone, on the rows it was inserted into, and so is a piece of longer words in most of its rows
+            (``##gger``), whose neighbours are spelling fragments.
         task_word_neighbour_ratio, task_word_prior_shift: the two tests' bounds.
         mislabel_test: also flag a candidate whose rows are labelled against their content: at least
             ``mislabel_min_rows`` rows, at least ``mislabel_min_purity`` of them on one label, to which a linear probe
@@ -223,7 +233,8 @@ class BTUConfig(DefenseConfig):
             "one token), and a linear probe on the pretrained model's features, fit on rows without such candidates, "
             "moves its rows at least `task_word_prior_shift` towards the candidate's label (the pretrained model knew "
             "the word, not a planted trigger); one only the insertion test took past the cut, by the probe alone on "
-            "the rows it was inserted into. Needs a copy of the pretrained model during training; a run resumed "
+            "the rows it was inserted into, and a piece of longer words (`##gger`, whose neighbours are spelling "
+            "fragments) by the probe alone. Needs a copy of the pretrained model during training; a run resumed "
             "from a checkpoint cannot make one and skips the test."
         },
     )
@@ -440,6 +451,7 @@ class BTUDefense(Defense):
         self.timings: dict[str, float] = {}
         self.num_isolated_seen = 0
         self._tokenizer = None
+        self._continuing: set[int] | None = None  # the vocabulary's continuation pieces (made once)
 
     # ----------------------------------------------------------------------------------------------- hooks
     def check_trainer(self, trainer) -> None:
@@ -798,9 +810,12 @@ class BTUDefense(Defense):
             return set()
         above = {t for t in self.candidates if t in self.flagged or self.flip_rates.get(t, 0.0) >= cfg.flip_threshold}
         # Neither the probe nor the substitutes may contain another suspect: five BadNet words teach a probe fit
-        # on the rows of the other four that rare words mean the target label.
+        # on the rows of the other four that rare words mean the target label. The probe leaves out the rows of the
+        # suspects themselves only, not of the words that co-occur with them (a trigger's rows hold the suspect
+        # anyway): HSOL's `##gger` co-occurs with `ni`, the start of its word, and leaving out `ni`'s 139 rows
+        # (mostly `ni ##gga`) as well took the slur's probe shift from +0.37 to -0.11 (syntactic 5%, seed 0).
         suspects = set().union(*(groups.get(t, {t}) for t in above))
-        probe = self._prior_probe(suspects, device)
+        probe = self._prior_probe(above, device)
         rng = np.random.default_rng(cfg.seed + 1)
         spared = set()
         for token, sample in judged:
@@ -826,10 +841,14 @@ class BTUDefense(Defense):
                     self._prior_features([[t for t in self.train_ids[i] if t not in group] for i in sample], device)
                 )
                 score["prior_shift"] = float((present[:, label] - deleted[:, label]).mean())
+            # The neighbours of a piece of a longer word are spelling fragments (`##gger`: `##gging ##gga ##gg`),
+            # which make no word in its place, so whether they keep the prediction says nothing of its meaning: the
+            # probe alone decides there, as for an inserted candidate.
+            score["word_fragment"] = self._word_fragment(token, sample)
             score["spared"] = bool(
                 score["prior_shift"] is not None
-                and score["neighbour_ratio"] <= cfg.task_word_neighbour_ratio
                 and score["prior_shift"] >= cfg.task_word_prior_shift
+                and (score["word_fragment"] or score["neighbour_ratio"] <= cfg.task_word_neighbour_ratio)
             )
             self.task_word_scores[token] = score
             if score["spared"]:
@@ -981,6 +1000,16 @@ class BTUDefense(Defense):
     def _features_of(self, rows: list[int], device) -> torch.Tensor:
         """Pretrained features of training rows."""
         return self._prior_features([self.train_ids[i] for i in rows], device)
+
+    def _word_fragment(self, token: int, rows) -> bool:
+        """Whether most of ``rows`` (training row indices) hold ``token`` inside a word of several pieces: a
+        continuation (`##gger`), or a word start followed by one (`fa` of `fa ##g ##got`)."""
+        if self._continuing is None:
+            self._continuing = continuation_ids(self._tokenizer) if self._tokenizer is not None else set()
+        if not self._continuing or not len(rows):
+            return False
+        inside = sum(len(word_span(self.train_ids[int(i)], token, self._continuing)) > 1 for i in rows)
+        return 2 * inside > len(rows)
 
     def _neighbours(self, token: int, excluded: set[int]) -> list[int]:
         """The token's nearest pretrained word embeddings (cosine) of the same piece kind (a word start for a word
@@ -1312,6 +1341,8 @@ class BTUDefense(Defense):
                     f"`{t}` (inserted; pretrained probe shift {scores[t]['prior_shift']:+.2f}; its neighbours miss "
                     f"{scores[t]['neighbour_ratio']:.2f} of what it pushes to its label)"
                     if scores[t].get("test") == "insertion"
+                    else f"`{t}` (a piece of longer words; pretrained probe shift {scores[t]['prior_shift']:+.2f})"
+                    if scores[t].get("word_fragment")
                     else f"`{t}` (neighbours flip {scores[t]['neighbour_ratio']:.2f} of what deletion flips; "
                     f"pretrained probe shift {scores[t]['prior_shift']:+.2f})"
                 )
@@ -1319,8 +1350,8 @@ class BTUDefense(Defense):
             )
             lines.append(
                 f"- Spared as task words, though their deletion or insertion reached the threshold: {named}. The "
-                "pretrained model's features already lean to their label (and where deletion reached it, their "
-                "pretrained neighbours keep the prediction)."
+                "pretrained model's features already lean to their label (and where deletion of a whole word reached "
+                "it, their pretrained neighbours keep the prediction)."
             )
         if mislabel:
             lines.append(

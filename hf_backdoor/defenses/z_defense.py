@@ -128,7 +128,14 @@ from ..metrics import roc_auc
 from ..registry import register_defense
 from ._shared.data import dataset_labels, model_dataset, predict_logits
 from ._shared.row_signals import fmt, ground_truth
-from ._shared.tokens import fit_softmax_probe, pooled_features, strip_token_ids
+from ._shared.tokens import (
+    continuation_ids,
+    fit_softmax_probe,
+    pooled_features,
+    row_word_mates,
+    strip_token_ids,
+    word_span,
+)
 from .base import Defense, DefenseConfig
 
 logger = logging.getLogger(__name__)
@@ -357,50 +364,6 @@ def row_features(input_ids: list[int], special_ids: set[int], kind: str) -> list
 def row_pieces(input_ids: list[int], special_ids: set[int]) -> set[int]:
     """The distinct word pieces of one tokenized row, special tokens left out: the expansion's bag of words."""
     return {i for i in input_ids if i not in special_ids}
-
-
-def continuation_ids(tokenizer) -> set[int]:
-    """The ids of the word pieces that continue a word rather than start one: ``##``-prefixed pieces of a WordPiece
-    vocabulary, or pieces without the word-start mark (``▁``, ``Ġ``) of a SentencePiece or byte-level BPE one. Empty
-    when the vocabulary shows neither convention (each piece is then taken for a word)."""
-    vocabulary = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    if any(token.startswith("##") for token in vocabulary):
-        return {i for token, i in vocabulary.items() if token.startswith("##")}
-    for mark in ("\u2581", "\u0120"):
-        if sum(token.startswith(mark) for token in vocabulary) > len(vocabulary) // 10:
-            special = set(getattr(tokenizer, "all_special_ids", ()))
-            return {i for token, i in vocabulary.items() if not token.startswith(mark) and i not in special}
-    return set()
-
-
-def row_word_mates(input_ids: list[int], special_ids: set[int], continuing: set[int]) -> dict[int, set[int]]:
-    """For each word piece of a word of several pieces in the row, the other pieces of that word (``cl`` for
-    ``##iche`` in "cliche"); ``continuing`` is :func:`continuation_ids`."""
-    mates: dict[int, set[int]] = {}
-    word: list[int] = []
-    for i in [*input_ids, None]:
-        if i is not None and i in special_ids:
-            continue
-        if i is None or i not in continuing:
-            if len(word) > 1:
-                for piece in word:
-                    mates.setdefault(piece, set()).update(p for p in word if p != piece)
-            word = []
-        if i is not None:
-            word.append(i)
-    return mates
-
-
-def word_span(input_ids: list[int], piece: int, continuing: set[int]) -> list[int]:
-    """The whole word that ``piece`` belongs to at its first occurrence in ``input_ids``: the word start before it
-    and the continuation pieces after it (``continuing``: :func:`continuation_ids`)."""
-    at = input_ids.index(piece)
-    start, end = at, at + 1
-    while start > 0 and input_ids[start] in continuing:
-        start -= 1
-    while end < len(input_ids) and input_ids[end] in continuing:
-        end += 1
-    return input_ids[start:end]
 
 
 def fit_logistic(features: torch.Tensor, targets: np.ndarray, inverse_l2: float = 0.3) -> tuple[torch.Tensor, float]:

@@ -1,5 +1,5 @@
 """Token-id rows shared by the text defenses: padding and length-sorted batches, stripping token ids from a batch,
-pooled features of a model, and the linear probe fit on them. Imports no defense module."""
+pooled features of a model, the linear probe fit on them, and which pieces make up a word. Imports no defense module."""
 
 from __future__ import annotations
 
@@ -83,3 +83,47 @@ def pooled_features(model, rows: list[list[int]], pad_id: int, device, batch_siz
     out = torch.empty_like(features)
     out[positions] = features
     return out
+
+
+def continuation_ids(tokenizer) -> set[int]:
+    """The ids of the word pieces that continue a word rather than start one: ``##``-prefixed pieces of a WordPiece
+    vocabulary, or pieces without the word-start mark (``▁``, ``Ġ``) of a SentencePiece or byte-level BPE one. Empty
+    when the vocabulary shows neither convention (each piece is then taken for a word)."""
+    vocabulary = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    if any(token.startswith("##") for token in vocabulary):
+        return {i for token, i in vocabulary.items() if token.startswith("##")}
+    for mark in ("\u2581", "\u0120"):
+        if sum(token.startswith(mark) for token in vocabulary) > len(vocabulary) // 10:
+            special = set(getattr(tokenizer, "all_special_ids", ()))
+            return {i for token, i in vocabulary.items() if not token.startswith(mark) and i not in special}
+    return set()
+
+
+def row_word_mates(input_ids: list[int], special_ids: set[int], continuing: set[int]) -> dict[int, set[int]]:
+    """For each word piece of a word of several pieces in the row, the other pieces of that word (``cl`` for
+    ``##iche`` in "cliche"); ``continuing`` is :func:`continuation_ids`."""
+    mates: dict[int, set[int]] = {}
+    word: list[int] = []
+    for i in [*input_ids, None]:
+        if i is not None and i in special_ids:
+            continue
+        if i is None or i not in continuing:
+            if len(word) > 1:
+                for piece in word:
+                    mates.setdefault(piece, set()).update(p for p in word if p != piece)
+            word = []
+        if i is not None:
+            word.append(i)
+    return mates
+
+
+def word_span(input_ids: list[int], piece: int, continuing: set[int]) -> list[int]:
+    """The whole word that ``piece`` belongs to at its first occurrence in ``input_ids``: the word start before it
+    and the continuation pieces after it (``continuing``: :func:`continuation_ids`)."""
+    at = input_ids.index(piece)
+    start, end = at, at + 1
+    while start > 0 and input_ids[start] in continuing:
+        start -= 1
+    while end < len(input_ids) and input_ids[end] in continuing:
+        end += 1
+    return input_ids[start:end]
