@@ -6,6 +6,8 @@ pixels) and positions change under ``select``/``shuffle``, so every row carries 
 from, as an int64 ``row_index`` column. :func:`hf_backdoor.poison_dataset` and :func:`hf_backdoor.make_asr_dataset`
 add it, ``prepare_image_dataset(..., keep_row_index=True)`` adds it when missing, and a column that is already there
 is kept (so ids survive a save/load round trip or a second pass), after checking that it still identifies rows.
+Prediction passes may visit token-id rows in length order (:func:`length_order`) and hand results back in row order
+(:func:`in_row_order`).
 
 A leaf module: it imports nothing from ``hf_backdoor``.
 """
@@ -46,13 +48,21 @@ def add_row_index(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.add_column(ROW_INDEX, np.arange(len(dataset), dtype=np.int64))
 
 
+def format_transform(dataset: datasets.Dataset):
+    """The transform a ``with_transform``/``set_transform`` format applies to the rows on access, or ``None``."""
+    fmt = dataset.format
+    if fmt.get("type") != "custom":
+        return None
+    return (fmt.get("format_kwargs") or {}).get("transform")
+
+
 def length_order(dataset) -> np.ndarray | None:
     """The stable order that sorts a token-id dataset's rows by length, so that prediction batches pad little; ``None``
     where the rows are not token ids the model reads as stored (no ``input_ids`` column, or a format transform that
     makes them on the fly). Undo it with :func:`in_row_order`."""
     if not isinstance(dataset, datasets.Dataset) or "input_ids" not in dataset.column_names:
         return None
-    if dataset.format.get("type") == "custom":
+    if format_transform(dataset) is not None:
         return None
     return np.argsort([len(ids) for ids in dataset.with_format(None)["input_ids"]], kind="stable")
 

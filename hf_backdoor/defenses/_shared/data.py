@@ -13,16 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ...data.rows import ROW_INDEX, in_row_order, length_order
+from ...data.rows import ROW_INDEX, format_transform, in_row_order, length_order
 
 LABEL_KEYS = ("labels", "label", "label_ids")
-
-
-def _format_transform(dataset: datasets.Dataset):
-    fmt = dataset.format
-    if fmt.get("type") != "custom":
-        return None
-    return (fmt.get("format_kwargs") or {}).get("transform")
 
 
 def _forward_columns(model) -> set[str]:
@@ -50,7 +43,7 @@ def model_dataset(trainer, dataset: datasets.Dataset, augment: bool = False, max
         raise TypeError(f"Expected a datasets.Dataset, got {type(dataset).__name__}.")
     if len(dataset) == 0:
         raise ValueError("The dataset is empty.")
-    transform = _format_transform(dataset)
+    transform = format_transform(dataset)
     if transform is not None:
         if not augment and getattr(transform, "augment", False) and hasattr(transform, "without_augmentation"):
             dataset = dataset.with_transform(transform.without_augmentation())
@@ -85,7 +78,7 @@ def augmented_view(dataset):
     (``prepare_image_dataset(..., train=False)``) gets the same augmentation as the model's training, with its own
     ``crop_padding``.
     """
-    transform = _format_transform(dataset) if isinstance(dataset, datasets.Dataset) else None
+    transform = format_transform(dataset) if isinstance(dataset, datasets.Dataset) else None
     if not hasattr(transform, "with_augmentation"):
         return dataset, None
     augmented = transform.with_augmentation()
