@@ -192,7 +192,6 @@ def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, 
     config = plain_sgd_unlearning(unlearning_epochs=1, unlearning_learning_rate=0.1, unlearning_objective=objective)
     trainer = abl_text_trainer(tmp_path, train, tokenizer, model, config)
     isolated = np.flatnonzero(np.asarray(rows["poisoned"], dtype=bool)).tolist()[:16]
-    trainer.defense.isolated_indices = isolated
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     iso_inputs, iso_labels = next(
@@ -212,12 +211,25 @@ def test_unlearning_step_is_the_configured_objective(tmp_path, sst2, tokenizer, 
     gradients = torch.autograd.grad(objective_value, list(model.parameters()))
     expected = {n: before[n] - 0.1 * g for (n, _), g in zip(model.named_parameters(), gradients)}
 
-    trainer.defense._unlearn(trainer)
+    seen = []  # what the after-epoch callback is handed: the epoch and the weights as they stand after it
+    history = trainer.defense.unlearn(
+        trainer, isolated, after_epoch=lambda epoch, m: seen.append((epoch, m.classifier.bias.detach().clone()))
+    )
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter.detach(), expected[name], rtol=1e-4, atol=1e-6)
-    history = trainer.defense.unlearning
+    assert [epoch for epoch, _ in seen] == [1] and torch.equal(seen[0][1], model.classifier.bias)
+    assert history is trainer.defense.unlearning and trainer.defense.report()["isolated_row_indices"] == isolated
     assert history[1]["isolated_loss"] > history[0]["isolated_loss"]
     assert ("retained_train_loss" in history[1]) == (objective != "ascent")
+
+
+def test_unlearning_on_its_own_names_rows_of_the_training_set(tmp_path, sst2, tokenizer):
+    train = tokenize_dataset(sst2["train"].select(range(40)), tokenizer, max_length=48)
+    trainer = abl_text_trainer(tmp_path, train, tokenizer, tiny_bert(**ONE_LAYER), ABLConfig(unlearning_epochs=1))
+    with pytest.raises(ValueError, match=r"isolated_indices \[40, -1\] are outside the training set's 40 rows"):
+        trainer.defense.unlearn(trainer, [3, 40, -1])
+    with pytest.raises(ValueError, match="`isolated_indices` is empty"):
+        trainer.defense.unlearn(trainer, [])
 
 
 def _guarded_unlearning(tmp_path, sst2, tokenizer, guard_drop):
