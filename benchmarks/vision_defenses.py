@@ -154,7 +154,17 @@ def _split(value: str) -> list[str]:
 
 def recipe_argv(args, attack: str, seed: int, output_dir: Path) -> list[str]:
     """The ``recipes/cifar10_vit.py`` arguments of this benchmark's settings (models saved to ``output_dir``)."""
-    abl = {"isolation_epochs": args.abl_isolation_epochs, "lga": args.abl_lga, **runs.abl_unlearning_fields(args)}
+    from hf_backdoor.defenses import ABLConfig
+
+    # ABLConfig's own (official) unlearning where no flag sets it, not the recipe's ViT setting: this benchmark
+    # measures the published settings and the flags' departures from them.
+    official = {name: getattr(ABLConfig(), name) for name in runs.ABL_UNLEARNING_FIELDS}
+    abl = {
+        "isolation_epochs": args.abl_isolation_epochs,
+        "lga": args.abl_lga,
+        **official,
+        **runs.abl_unlearning_fields(args),
+    }
     argv = ["--dataset", args.data, "--attack", attack, "--num_train_epochs", str(args.epochs), "--seed", str(seed)]
     argv += ["--poison_rate", str(args.poison_rate), "--output_dir", str(output_dir), "--save_models"]
     argv += ["--defense_kwargs", json.dumps(abl), "--crop_padding", str(args.crop_padding)]

@@ -9,8 +9,10 @@
 
 Runs (``--runs``): ``clean`` (no poison: its ASR on the triggered rows is the ASR floor), ``undefended`` (plain
 ``Trainer`` on the poisoned data) and ``abl`` (``BackdoorSafeTrainer`` with ``ABLConfig``: ``--defense_kwargs`` on top
-of the official ``isolation_epochs=10``). Each run prints CACC and ASR as soon as it ends; then a table with ABL's
-isolation precision/recall. Besides this recipe's flags, every ``BackdoorSafeTrainingArguments`` field is a flag; the
+of ``ABL_DEFAULTS``, the setting measured on this ViT: batch LGA, isolation after 5 epochs, complementary-label
+unlearning until the isolated rows are unlearnt). ABL's isolation needs the trigger learned early; the default random
+crop moves a corner patch and delays it (README): with ``--crop_padding 0`` ABL met its bar on the ``cpu`` preset.
+Each run prints CACC and ASR as soon as it ends; then a table with ABL's isolation precision/recall. Besides this recipe's flags, every ``BackdoorSafeTrainingArguments`` field is a flag; the
 defaults are the reference ViT training (AdamW lr 1e-3, weight decay 0.05, warm-up then cosine decay, label smoothing
 0.1, batch 128, 60 epochs, random crop with reflect padding 4 and flip). ``--results_json`` writes the records.
 """
@@ -31,7 +33,17 @@ from benchmarks.common.launch import RecipeHelpFormatter, device_defaults, prepa
 from benchmarks.common.runs import limit_splits, recipe_defense, selected_runs  # noqa: E402
 
 RUNS = ("clean", "undefended", "abl")
-ABL_DEFAULTS = {"isolation_epochs": 10}  # T_te of the official code; ABLConfig's own default suits text fine-tuning
+# The ABL setting measured to meet its bar on this ViT (README, "ABL's bar on both seeds"): the official code's batch
+# LGA, isolation after 5 epochs, and unlearning with the complementary-label loss until every isolated row has left
+# its label. ABLConfig's own defaults (the paper's per-example LGA, the official 4-epoch ascent) did not remove the
+# ViT's backdoor; they suit text fine-tuning.
+ABL_DEFAULTS = {
+    "isolation_epochs": 5,
+    "lga": "batch",
+    "unlearning_epochs": 20,
+    "unlearning_stop_accuracy": 0.0,
+    "unlearning_objective": "complementary",
+}
 
 
 @dataclass

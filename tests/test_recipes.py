@@ -189,7 +189,9 @@ def test_recipe_defense_takes_the_recipe_defaults_under_defense_kwargs_and_the_t
     recipe = _recipe("cifar10_vit")
     _, training_args = recipe.parse_args(["--seed", "4", "--defense_kwargs", '{"isolation_ratio": 0.05}'])
     config = runs.recipe_defense(training_args, recipe.ABL_DEFAULTS)
-    assert (config.isolation_ratio, config.isolation_epochs, config.seed) == (0.05, 10, 4)
+    assert (config.isolation_ratio, config.isolation_epochs, config.seed) == (0.05, 5, 4)
+    # the recipe's ABL is the setting measured on the ViT, not ABLConfig's text defaults
+    assert (config.lga, config.unlearning_objective, config.unlearning_stop_accuracy) == ("batch", "complementary", 0.0)
     _, training_args = recipe.parse_args(["--defense_kwargs", '{"abl": {"isolation_epochs": 2, "seed": 9}}'])
     config = runs.recipe_defense(training_args, recipe.ABL_DEFAULTS)
     assert (config.isolation_epochs, config.seed) == (2, 9)
