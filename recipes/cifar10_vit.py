@@ -12,9 +12,10 @@ Runs (``--runs``): ``clean`` (no poison: its ASR on the triggered rows is the AS
 of ``ABL_DEFAULTS``, the setting measured on this ViT: batch LGA, isolation after 5 epochs, complementary-label
 unlearning until the isolated rows are unlearnt). ABL's isolation needs the trigger learned early; the default random
 crop moves a corner patch and delays it (README): with ``--crop_padding 0`` ABL met its bar on the ``cpu`` preset.
-Each run prints CACC and ASR as soon as it ends; then a table with ABL's isolation precision/recall. Besides this recipe's flags, every ``BackdoorSafeTrainingArguments`` field is a flag; the
-defaults are the reference ViT training (AdamW lr 1e-3, weight decay 0.05, warm-up then cosine decay, label smoothing
-0.1, batch 128, 60 epochs, random crop with reflect padding 4 and flip). ``--results_json`` writes the records.
+Each run prints CACC and ASR as soon as it ends; then a table with ABL's isolation precision/recall. Besides this
+recipe's flags, every ``BackdoorSafeTrainingArguments`` field is a flag; the defaults are the reference ViT training
+(AdamW lr 1e-3, weight decay 0.05, warm-up then cosine decay, label smoothing 0.1, batch 128, 60 epochs, random crop
+with reflect padding 4 and flip). ``--results_json`` writes the records.
 """
 
 import sys

@@ -423,7 +423,7 @@ class ABLDefense(Defense):
                 f"isolated_indices {outside[:5]} are outside the training set's {size} rows: pass the training set "
                 "the ABL run isolated them from (same data, attack, poison rate and seed)."
             )
-        self.isolated_indices, self.isolation_done, self.unlearning = rows, True, []
+        self.isolated_indices, self.isolation_done, self.unlearning, self.unlearning_guard = rows, True, [], {}
         self._index_isolated_rows(trainer)
         self._unlearn(trainer, after_epoch)
         return self.unlearning
