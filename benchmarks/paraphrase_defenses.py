@@ -18,8 +18,9 @@ Runs, per attack (``--runs``, comma-separated):
 
 Plain runs (clean, undefended) are cached under ``--cache-dir`` (keyed by everything that shapes them) with their
 training wall time, so other cells reuse them for the floor and the overhead. Each record has the CACC, ASR, floor,
-``asr_untriggered`` (the run's own rate of the target label on the ASR rows without their trigger: a model trained on
-(nearly) clean rows can sit above the floor only because it calls more of those rows the target anyway), wall time, overhead (wall time over the undefended run on the same data), the AUROC of the defense's per-row signal
+``asr_untriggered`` (``evaluate_backdoor``'s rate of the target label on the ASR rows without their trigger: a model
+trained on (nearly) clean rows can sit above the floor only because it calls more of those rows the target anyway),
+wall time, overhead (wall time over the undefended run on the same data), the AUROC of the defense's per-row signal
 against the ``poisoned`` column, and the command; records are merged into ``benchmarks/results/
 paraphrase_defenses.json`` (a record with the same dataset, attack, scored attack, defense, rate, epochs, seed and
 tag is replaced). The recipe is the reference one (MiniLM, lr 1e-4, batch 32, max length 128, 6% warm-up, weight
@@ -37,7 +38,6 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -47,13 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: b
 from benchmarks.common.records import device_name  # noqa: E402
 from hf_backdoor import BackdoorSafeTrainer, default_text_model, load_task, make_asr_dataset, poison_dataset
 from hf_backdoor.attacks import get_attack_config
-from hf_backdoor.data import get_task_spec
+from hf_backdoor.data import add_row_index, get_task_spec
 from hf_backdoor.defenses.btu import BTUConfig
 from hf_backdoor.defenses.dpoe import DPoEConfig
 from hf_backdoor.defenses.honeypot import HoneypotConfig
 from hf_backdoor.defenses.loss_truncation import LossTruncationConfig
 from hf_backdoor.defenses.z_defense import ZDefenseConfig
-from hf_backdoor.metrics import attack_success_rate, clean_accuracy, predict_labels
+from hf_backdoor.metrics import evaluate_backdoor
 from hf_backdoor.models import load_text_classifier, load_text_tokenizer, model_display_name, tokenize_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -127,25 +127,6 @@ def _attack(name: str, dataset: str, rate: float, seed: int, extra: dict | None 
         return get_attack_config(name, **{**kwargs, **(extra or {})})
     except TypeError as error:  # a field the attack's config does not have
         raise SystemExit(f"--attack-kwargs {extra}: {error}") from None
-
-
-class _Evaluation(NamedTuple):
-    cacc: float
-    asr: float
-    asr_untriggered: float
-
-
-def _evaluate(trainer, test_set, asr_set, target_label: int) -> _Evaluation:
-    """CACC, ASR, and the model's own rate of the target label on the ASR rows without their trigger
-    (``asr_untriggered``, from the clean predictions): where a defended model's ASR sits above the floor, it tells a
-    model that calls those rows the target anyway from one that does so only with the trigger."""
-    clean = predict_labels(trainer, test_set)
-    untriggered = clean[np.asarray(asr_set["row_index"])]  # make_asr_dataset's positions in the test split
-    return _Evaluation(
-        cacc=clean_accuracy(clean, np.asarray(test_set["label"])),
-        asr=attack_success_rate(predict_labels(trainer, asr_set), target_label),
-        asr_untriggered=attack_success_rate(untriggered, target_label),
-    )
 
 
 def _attack_kwargs(args) -> dict:
@@ -347,6 +328,9 @@ def main(argv=None) -> list[dict]:
     test_split = task["test"]
     if args.max_eval_samples:
         test_split = test_split.shuffle(seed=args.seed).select(range(min(args.max_eval_samples, len(test_split))))
+    # Row ids on the test rows, kept by make_asr_dataset, so that evaluate_backdoor finds each ASR row's clean row
+    # (asr_untriggered).
+    test_split = add_row_index(test_split)
     test_set = tokenize_dataset(test_split, tokenizer, args.max_length)
     asr_sets = {a.name: tokenize_dataset(make_asr_dataset(test_split, a), tokenizer, args.max_length) for a in attacks}
     poisoned = {a.name: poison_dataset(train_split, a, tokenizer=tokenizer) for a in attacks}
@@ -375,7 +359,7 @@ def main(argv=None) -> list[dict]:
     if True:
         trainer, wall, load, cached = _plain(args, model_name, label_names, train_split, None)
         for attack in attacks:
-            evaluation = _evaluate(trainer, test_set, asr_sets[attack.name], attack.target_label)
+            evaluation = evaluate_backdoor(trainer, test_set, asr_sets[attack.name], attack.target_label)
             floors[attack.name] = evaluation.asr
             if "clean" in runs:
                 records.append(
@@ -405,7 +389,7 @@ def main(argv=None) -> list[dict]:
             )
             _save_report(args, defended_trainer, f"{args.dataset}_clean_{defended}")
             for attack in attacks:
-                evaluation = _evaluate(defended_trainer, test_set, asr_sets[attack.name], attack.target_label)
+                evaluation = evaluate_backdoor(defended_trainer, test_set, asr_sets[attack.name], attack.target_label)
                 records.append(
                     {
                         **common,
@@ -441,7 +425,7 @@ def main(argv=None) -> list[dict]:
         if "undefended" in runs or _plain_is_cached(args, model_name, attack, train_rows):
             plain, plain_wall, plain_load, cached = _plain(args, model_name, label_names, train_rows, attack)
             if "undefended" in runs:
-                evaluation = _evaluate(plain, test_set, asr_sets[attack.name], attack.target_label)
+                evaluation = evaluate_backdoor(plain, test_set, asr_sets[attack.name], attack.target_label)
                 records.append(
                     {
                         **base,
@@ -464,7 +448,7 @@ def main(argv=None) -> list[dict]:
             out = Path(args.output_dir) / f"{args.dataset}_{attack.name}_{run}_{args.tag}"
             trainer, wall, load = _train(args, model_name, label_names, train_rows, out, defense=defense)
             _save_report(args, trainer, f"{args.dataset}_{attack.name}{attack.poison_rate:g}_{run}")
-            evaluation = _evaluate(trainer, test_set, asr_sets[attack.name], attack.target_label)
+            evaluation = evaluate_backdoor(trainer, test_set, asr_sets[attack.name], attack.target_label)
             records.append(
                 {
                     **base,

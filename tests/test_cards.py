@@ -112,6 +112,7 @@ def test_the_card_shows_the_floor_and_warns_when_the_asr_means_nothing(trained, 
     trainer.backdoor_evaluations = [
         {"model": "this model", "cacc": 0.86, "asr": 0.12, "asr_floor": 0.10, "attack": "badnet", "dataset": "sst2"},
         {"model": "collapsed", "cacc": 0.51, "asr": 1.0, "attack": "badnet", "prediction_shares": [0.02, 0.98]},
+        {"model": "matched", "cacc": 0.85, "asr": 0.2, "asr_floor": 0.1, "asr_untriggered": 0.18, "attack": "badnet"},
     ]
     try:
         text = build_model_card(trainer).text
@@ -122,6 +123,10 @@ def test_the_card_shows_the_floor_and_warns_when_the_asr_means_nothing(trained, 
     assert "collapsed: CACC 0.510 is at or near chance (0.500, guessing among 2 classes)" in text
     assert "collapsed: The model predicts class 1 for 98% of the clean rows" in text
     assert "this model: CACC" not in text  # 0.86 on two classes is far from chance
+    # Where evaluate_backdoor matched the ASR rows to their clean rows, the card says how the model reads them
+    # without the trigger: here most of the ASR above the floor is not the trigger's.
+    assert "the backdoor is gone. Without the trigger this model labels 0.180 of the same rows as the target." in text
+    assert text.count("Without the trigger") == 1
 
 
 def test_evaluation_warnings_read_chance_from_the_class_balance():

@@ -119,3 +119,40 @@ def test_length_order_sorts_token_rows_and_in_row_order_undoes_it():
     assert length_order(rows.with_transform(lambda batch: batch)) is None
     assert length_order(datasets.Dataset.from_dict({"pixel_values": [[0.0]]})) is None
     assert in_row_order(lengths, None) is lengths
+
+
+def test_evaluate_backdoor_reads_the_asr_rows_without_their_trigger(tmp_path, sst2, tokenizer, caplog):
+    """``asr_untriggered``: the model's rate of the target label on the clean rows the ASR rows were made from,
+    matched by ``row_index`` (not by position), and left unmeasured where the rows cannot be matched safely."""
+    from transformers import Trainer
+
+    from hf_backdoor import BadNetConfig, make_asr_dataset, tokenize_dataset
+    from hf_backdoor.data import add_row_index
+    from hf_backdoor.metrics import evaluate_backdoor
+    from tests.conftest import text_trainer
+
+    split = add_row_index(sst2["validation"].select(range(64)))
+    clean = tokenize_dataset(split, tokenizer, max_length=48)
+    asr = tokenize_dataset(make_asr_dataset(split, BadNetConfig(triggers=("cf",), target_label=1)), tokenizer, 48)
+    trainer = text_trainer(tmp_path, clean, tokenizer, cls=Trainer, model=_FirstWordParity())
+    # The parity model's prediction of a clean row is its first word piece's parity: what the ASR rows' originals
+    # are labelled without the trigger is known without the model.
+    parity = {i: ids[1] % 2 for i, ids in zip(clean["row_index"], clean["input_ids"])}
+    expected = float(np.mean([parity[i] == 1 for i in asr["row_index"]]))
+    assert 0 < expected < 1 and len(asr) < len(clean)
+
+    assert evaluate_backdoor(trainer, clean, asr).asr_untriggered == pytest.approx(expected)
+    shuffled = clean.shuffle(seed=0)
+    assert evaluate_backdoor(trainer, shuffled, asr).asr_untriggered == pytest.approx(expected)
+
+    caplog.set_level("INFO", logger="hf_backdoor.metrics.evaluation")
+    assert evaluate_backdoor(trainer, clean.remove_columns("row_index"), asr).asr_untriggered is None
+    held_out = [i for i, label in zip(clean["row_index"], clean["label"]) if label == 0][:3]
+    subset = clean.filter(lambda i: i not in held_out, input_columns="row_index")
+    assert evaluate_backdoor(trainer, subset, asr).asr_untriggered is None
+    assert "3 of the ASR set's" in caplog.text
+    # Ids that number another split: the same row_index values, other rows (their labels give it away).
+    other = tokenize_dataset(add_row_index(sst2["test"].select(range(64))), tokenizer, max_length=48)
+    assert (np.asarray(other["label"])[asr["row_index"]] != np.asarray(asr["orig_label"])).any()
+    assert evaluate_backdoor(trainer, other, asr).asr_untriggered is None
+    assert "ids number another split" in caplog.text

@@ -293,6 +293,8 @@ def test_paraphrase_benchmark_scores_a_defense_on_clean_data_against_the_plain_c
         assert record["asr_floor"] == plain[attack]["asr"]
         assert record["overhead"] == pytest.approx(record["wall_s"] / plain[attack]["wall_s"], rel=0.05)
         assert record["signal"] == "expert_confidence" and record["signal_auroc"] is None  # no poisoned rows
+        # evaluate_backdoor matched the ASR rows to their clean rows by the row ids the benchmark gave the test rows.
+        assert 0.0 <= record["asr_untriggered"] <= 1.0 and 0.0 <= plain[attack]["asr_untriggered"] <= 1.0
     with pytest.raises(SystemExit, match="--runs must list"):
         main([*argv[:4], "--runs", "clean+undefended"])
 

@@ -1,9 +1,10 @@
 """Reading backdoor evaluations: the CACC/ASR table and the warnings that say when an ASR cannot be trusted.
 
 An evaluation is the dict ``trainer.evaluate_backdoor`` / ``trainer.add_backdoor_evaluation`` records: ``model``,
-``cacc``, ``asr``, ``asr_floor``, ``attack``, ``dataset``, ``num_clean``, ``num_asr``, and, when the caller measured
-them (the CLI does), ``num_labels``, ``majority_share`` (the most frequent class's share of the clean rows) and
-``prediction_shares`` (the model's predicted-class shares on the clean rows). The card, the run report and the CLI all
+``cacc``, ``asr``, ``asr_floor``, ``attack``, ``dataset``, ``num_clean``, ``num_asr``, ``asr_untriggered`` (when the
+ASR rows could be matched to the clean rows), and, when the caller measured them (the CLI does), ``num_labels``,
+``majority_share`` (the most frequent class's share of the clean rows) and ``prediction_shares`` (the model's
+predicted-class shares on the clean rows). The card, the run report and the CLI all
 use these functions, so the three say the same thing.
 
 Why the warnings: an ASR is the share of triggered rows sent to the target class. A model that has not learned the
@@ -88,12 +89,23 @@ def floor_text(evaluation: dict[str, Any]) -> str | None:
     """One sentence on the ASR floor of an evaluation with an ASR (``None`` without an ASR)."""
     if evaluation.get("asr") is None:
         return None
+    untriggered = evaluation.get("asr_untriggered")
+    # Beside the floor, the model's own reading of the same rows without the trigger says how much of its ASR the
+    # trigger causes.
+    untriggered = (
+        ""
+        if untriggered is None
+        else f" Without the trigger this model labels {untriggered:.3f} of the same rows as the target."
+    )
     floor = evaluation.get("asr_floor")
     if floor is None:
-        return f"ASR floor unknown: no model trained on clean data was scored on the same triggered rows; {FLOOR_HINT}."
+        return (
+            "ASR floor unknown: no model trained on clean data was scored on the same triggered rows; "
+            f"{FLOOR_HINT}.{untriggered}"
+        )
     source = evaluation.get("floor_model")
     source = f" (the ASR of the clean model `{source}` on the same rows)" if source else ""
-    return f"ASR floor {floor:.3f}{source}: an ASR at the floor means the backdoor is gone."
+    return f"ASR floor {floor:.3f}{source}: an ASR at the floor means the backdoor is gone.{untriggered}"
 
 
 def evaluation_table(evaluations: list[dict[str, Any]]) -> str:
