@@ -305,6 +305,24 @@ def test_word_mates_pair_the_pieces_of_one_word(tokenizer):
     assert named == {"cl": {"##iche"}, "##iche": {"cl"}, "make": {"##th"}, "##th": {"make"}}
 
 
+def test_a_word_is_inserted_inside_the_row_and_both_tests_insert_it_the_same_way():
+    """``insert_span``: BTU's insertion test and the clean-label test insert a word after ``[CLS]`` and before
+    ``[SEP]`` (a one-piece row: after it), at positions drawn from the seed alone."""
+    from hf_backdoor.defenses._shared.tokens import insert_span
+
+    rows = [[101, 7, 8, 9, 102], [101, 102], [101]]
+    rng = np.random.default_rng(0)
+    positions = []
+    for _ in range(200):
+        for row in rows:
+            inserted, at = insert_span(row, [55, 56], rng)
+            assert inserted == row[:at] + [55, 56] + row[at:] and 1 <= at <= max(1, len(row) - 1)
+            positions.append((len(row), at))
+    assert {at for n, at in positions if n == 5} == {1, 2, 3, 4}  # every inner position is used
+    again = np.random.default_rng(0)
+    assert [insert_span(rows[i % 3], [55], again)[1] for i in range(600)] == [at for _, at in positions]
+
+
 def split_word_rows(seed: int = 3):
     """1,100 rows of 6 filler pieces (label 1 on half). A task word of two pieces, 6 + 5 (as "cliche" is `cl` +
     `##iche`), on 40 rows of label 1 that read like any other; the word start 6 is also in 60 rows of any label (as

@@ -80,6 +80,7 @@ from torch import nn
 from ._shared.tokens import (
     continuation_ids,
     fit_softmax_probe,
+    insert_span,
     length_batches,
     pad_batch,
     pooled_features,
@@ -1079,12 +1080,7 @@ class BTUDefense(Defense):
             hosts = hosts[: cfg.flip_max_rows]
             if not hosts:
                 continue
-            inserted, positions = [], []
-            for i in hosts:
-                row = self.train_ids[i]
-                at = int(rng.integers(1, max(2, len(row))))
-                inserted.append(row[:at] + span + row[at:])
-                positions.append(at)
+            inserted, positions = map(list, zip(*(insert_span(self.train_ids[i], span, rng) for i in hosts)))
             jobs.append((token, label, inserted))
             self._insertions[token] = (label, hosts, span, positions)
 

@@ -131,6 +131,7 @@ from ._shared.row_signals import fmt, ground_truth
 from ._shared.tokens import (
     continuation_ids,
     fit_softmax_probe,
+    insert_span,
     pooled_features,
     row_word_mates,
     strip_token_ids,
@@ -913,11 +914,7 @@ class ZDefenseDefense(Defense):
             own = np.flatnonzero(holds & (labels == label))
             span = word_span(input_ids[own[0]], token, continuing)
             hosts = rng.permutation(np.flatnonzero((labels[sample] != label) & fit))[: cfg.insertion_rows]
-            inserted = []
-            for host in sample[hosts]:
-                row = input_ids[host]
-                at = int(rng.integers(1, max(1, len(row) - 1), endpoint=True))  # after the first token, before the last
-                inserted.append(row[:at] + span + row[at:])
+            inserted = [insert_span(input_ids[host], span, rng)[0] for host in sample[hosts]]
             # A keyword task's flags are mostly its words, which move the probe far: a quarter of the rows decides
             # those (the forward passes are most of the test's cost), and the rest are read where it is close.
             screened = len(inserted) // 4 if keyword else len(inserted)

@@ -1,8 +1,10 @@
 """Token-id rows shared by the text defenses: padding and length-sorted batches, stripping token ids from a batch,
-pooled features of a model, the linear probe fit on them, and which pieces make up a word. Imports no defense module."""
+pooled features of a model, the linear probe fit on them, which pieces make up a word, and inserting a word into a
+row. Imports no defense module."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -127,3 +129,11 @@ def word_span(input_ids: list[int], piece: int, continuing: set[int]) -> list[in
     while end < len(input_ids) and input_ids[end] in continuing:
         end += 1
     return input_ids[start:end]
+
+
+def insert_span(row: list[int], span: list[int], rng: np.random.Generator) -> tuple[list[int], int]:
+    """``row`` with ``span`` inserted at a seeded random position after its first token and before its last (a
+    tokenized row's ``[CLS]`` and ``[SEP]`` stay at its ends), and that position. BTU's insertion test and
+    Z-defense's clean-label test insert candidate words the same way."""
+    at = int(rng.integers(1, max(2, len(row))))
+    return row[:at] + span + row[at:], at
