@@ -255,9 +255,12 @@ def test_train_with_a_stack_and_a_floor_then_evaluate_and_sanitize(poisoned, tin
     assert main([*argv, "--output", str(result_path)]) == 0
     result = json.loads(result_path.read_text())
     # The saved model scores exactly what the trainer measured before saving; the floor is the same too.
-    for key in ("cacc", "asr", "asr_floor"):
+    for key in ("cacc", "asr", "asr_floor", "asr_untriggered"):
         assert result[key] == pytest.approx(recorded[key]), key
     assert result["num_clean"] == 48 and result["attack"] == "badnet"
+    # The triggered rows name their test rows by the ids `poison` gave the test split before slicing it.
+    assert 0.0 <= result["asr_untriggered"] <= 1.0
+    assert f"Without the trigger this model labels {result['asr_untriggered']:.3f}" in capsys.readouterr().out
     capsys.readouterr()
 
     argv = ["sanitize", "--model", str(run), "--dataset", str(poisoned), "--defense", "finetune"]

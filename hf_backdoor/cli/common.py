@@ -123,7 +123,7 @@ def load_data(data_args, source: DatasetSource, needed_split: str | None = None)
     run without ``needed_split`` fails here when it is missing."""
     import datasets
 
-    from ..data import load_task
+    from ..data import add_row_index, load_task
 
     if source.saved:
         data = datasets.load_from_disk(str(source.path))
@@ -135,6 +135,10 @@ def load_data(data_args, source: DatasetSource, needed_split: str | None = None)
                 f"{error} (No local file or folder named {source.name!r} exists in {Path.cwd()} either.)"
             ) from None
     data = datasets.DatasetDict(data)
+    if "test" in data:
+        # Row ids before any slice: triggered rows made from the test split name their clean rows by them, so the
+        # model's reading of those rows without the trigger can be measured (``asr_untriggered``).
+        data["test"] = add_row_index(data["test"])
     max_train = getattr(data_args, "max_train_samples", None)
     limits = {"train": max_train, "test": data_args.max_eval_samples, TRIGGERED_SPLIT: data_args.max_eval_samples}
     for split, limit in limits.items():
@@ -279,8 +283,11 @@ def backdoor_safe_trainer(model, tokenizer, training_args, run_id: str, train=No
 # --------------------------------------------------------------------------------------------------- evaluation
 def measure(trainer, clean, asr=None, num_labels: int | None = None) -> dict[str, Any]:
     """CACC on ``clean`` and ASR on ``asr`` (both tokenized), with what the warnings read: the label count, the
-    most frequent clean label's share and the model's predicted-class shares on the clean rows."""
+    most frequent clean label's share and the model's predicted-class shares on the clean rows; and
+    ``asr_untriggered`` (as ``evaluate_backdoor``'s) where both carry row ids that match the triggered rows to their
+    clean rows."""
     from ..metrics import attack_success_rate, clean_accuracy, predict_labels
+    from ..metrics.evaluation import untriggered_positions
 
     labels = np.asarray(clean["label"])
     predictions = predict_labels(trainer, clean)
@@ -303,6 +310,9 @@ def measure(trainer, clean, asr=None, num_labels: int | None = None) -> dict[str
             )
         result["asr"] = attack_success_rate(predict_labels(trainer, asr), int(targets[0]))
         result["num_asr"] = len(asr)
+        rows = untriggered_positions(clean, asr)  # the triggered rows' clean rows, where row ids match them
+        if rows is not None:
+            result["asr_untriggered"] = attack_success_rate(predictions[rows], int(targets[0]))
     return result
 
 
