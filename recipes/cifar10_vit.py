@@ -34,9 +34,9 @@ from benchmarks.common.launch import RecipeHelpFormatter, device_defaults, prepa
 from benchmarks.common.runs import limit_splits, recipe_defense, selected_runs  # noqa: E402
 
 RUNS = ("clean", "undefended", "abl")
-# The ABL setting measured to meet its bar on this ViT (README, "ABL's bar on both seeds"): the official code's batch
-# LGA, isolation after 5 epochs, and unlearning with the complementary-label loss until every isolated row has left
-# its label. ABLConfig's own defaults (the paper's per-example LGA, the official 4-epoch ascent) did not remove the
+# The ABL setting measured to meet its bar on this ViT on seeds 0-2 (README, "ABL's bar on both seeds" and "ABL on a
+# third seed"): the official code's batch LGA, isolation after 5 epochs, and unlearning with the complementary-label
+# loss until every isolated row has left its label. ABLConfig's own defaults (the paper's per-example LGA, the official 4-epoch ascent) did not remove the
 # ViT's backdoor; they suit text fine-tuning.
 ABL_DEFAULTS = {
     "isolation_epochs": 5,

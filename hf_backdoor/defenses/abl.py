@@ -37,9 +37,9 @@ Deviations and options, and why:
   ``-log(1 - p(y))`` on the isolated rows (Kim et al., "NLNL: Negative Learning for Noisy Labels", ICCV 2019),
   paired with the same retained-row descent. It stops pushing once the isolated rows are off their label, so it does
   not drag the whole model off that label. Not in the paper; added because both ascents collapsed MiniLM on SST-2.
-  It worked on one seed and broke the other (below). On the ViT it is the objective that meets ABL's bar on both
-  seeds measured: its gradient on the label's logit is p(label), strongest on the confidently fit isolated rows
-  where the ascent's (1 - p) is almost nothing, so it unlearns in fewer epochs and overshoots less.
+  It worked on one seed and broke the other (below). On the ViT it is the objective that meets ABL's bar on the
+  three seeds measured (seed 2 held out): its gradient on the label's logit is p(label), strongest on the confidently
+  fit isolated rows where the ascent's (1 - p) is almost nothing, so it unlearns in fewer epochs and overshoots less.
 - ``unlearning_stop_accuracy`` ends the ascent early once the isolated rows are no longer predicted as their
   (poisoned) labels; official: no early stop. ``unlearning_epochs`` counts ascent epochs (official 5 loop
   iterations = 4 ascent epochs).
