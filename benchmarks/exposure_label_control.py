@@ -76,7 +76,7 @@ def main(argv=None) -> list[dict]:
         print(f"label-flip control: {flipped.sum()} of {len(flipped)} rows relabelled to {target}, no trigger; "
               f"CACC {evaluation.cacc:.3f}, ASR on the {attack.name} rows {evaluation.asr:.3f}")  # fmt: skip
         for method, fraction in SETTINGS:
-            clean = vd.exposure_clean_slice(args, task, fraction, seed, poisoned_rows=flipped)
+            clean = vd.exposure_clean_slice(args, task, fraction, seed, trainer, poisoned_rows=flipped)
             result = expose_model(trainer, clean, ExposeConfig(method=method, seed=seed))
             record = vd.exposure_record(
                 args, training_args, attack, "none", evaluation, result, wall, method, fraction, command

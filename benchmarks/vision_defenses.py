@@ -249,7 +249,7 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         # CACC and ASR of the model itself: an attack whose backdoor did not take cannot be exposed.
         evaluation = vision.evaluate_images(trainer, task["test"], asr_rows, attack.target_label)
         poisoned_rows = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
-        clean = exposure_clean_slice(args, task, args.cul_clean_fraction, seed, poisoned_rows)
+        clean = exposure_clean_slice(args, task, args.cul_clean_fraction, seed, trainer, poisoned_rows)
         config = ExposeConfig(
             method=args.cul_method,
             learning_rate=args.cul_lr,
@@ -295,12 +295,18 @@ def saved_model_list(text: str) -> list[tuple[str, int, Path]]:
     return models
 
 
-def exposure_clean_slice(args, task, fraction: float, seed: int, poisoned_rows=None):
+def exposure_clean_slice(args, task, fraction: float, seed: int, trainer, poisoned_rows=None):
     """The exposure's clean rows, from where ``--cul-clean-from`` says: the training rows outside ``poisoned_rows``
-    (EBYD), or as many rows of the test split."""
+    (EBYD), or as many rows of the test split; prepared with ``trainer``'s image processor and ``--crop-padding``, so
+    that the exposure's augmentation is the model's training one (a model read from disk carries no training set
+    from which the library could take it)."""
+    from hf_backdoor.vision import prepare_image_dataset
+
     if args.cul_clean_from == "test":
-        return runs.stratified_clean_slice(task["test"], fraction, seed, reference_size=len(task["train"]))
-    return runs.stratified_clean_slice(task["train"], fraction, seed, exclude=poisoned_rows)
+        rows = runs.stratified_clean_slice(task["test"], fraction, seed, reference_size=len(task["train"]))
+    else:
+        rows = runs.stratified_clean_slice(task["train"], fraction, seed, exclude=poisoned_rows)
+    return prepare_image_dataset(rows, trainer.processing_class, crop_padding=args.crop_padding)
 
 
 def exposure_record(

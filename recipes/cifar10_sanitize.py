@@ -16,6 +16,7 @@ is a flag; the defaults are the reference ViT training (AdamW lr 1e-3, weight de
 
 import dataclasses
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainingArguments
@@ -28,7 +29,17 @@ from benchmarks.common import repair, vision  # noqa: E402
 from benchmarks.common.launch import prepare_recipe_process  # noqa: E402
 from benchmarks.common.runs import limit_splits, save_trained_model, saved_training_epochs  # noqa: E402
 
-ScriptArguments = vision.ImageRecipeArguments  # this recipe's data, attack and model flags are the shared ones
+
+@dataclass
+class ScriptArguments(vision.ImageRecipeArguments):  # the shared data, attack and model flags, and the crop
+    crop_padding: int = field(
+        default=4,
+        metadata={
+            "help": "Random-crop reflect padding of the ViT's training and of the repairs' augmentation (0: flip "
+            "only). With --load_model, give the one the model was trained with (cifar10_vit.py --crop_padding): a "
+            "model read from disk does not carry it."
+        },
+    )
 
 
 def parse_args(argv=None) -> tuple[ScriptArguments, repair.RepairArguments, TrainingArguments]:
@@ -53,7 +64,12 @@ def main(argv=None) -> list[dict]:
     def train(rows, name: str):
         args = dataclasses.replace(training_args, output_dir=str(out / name))
         return vision.train_vit(
-            args, rows, label_names, model=script.model_name_or_path, config_overrides=script.config_overrides
+            args,
+            rows,
+            label_names,
+            model=script.model_name_or_path,
+            config_overrides=script.config_overrides,
+            crop_padding=script.crop_padding,
         )
 
     def load(path: str):
@@ -81,7 +97,7 @@ def main(argv=None) -> list[dict]:
         floor = vision.evaluate_images(load(repair_args.floor_model)[0], test, asr_rows, target).asr
     setup = repair.RepairSetup(
         trainer=trainer,
-        clean=prepare_image_dataset(clean, trainer.processing_class),
+        clean=prepare_image_dataset(clean, trainer.processing_class, crop_padding=script.crop_padding),
         evaluate=lambda: vision.evaluate_images(trainer, test, asr_rows, target),
         train_wall_s=wall,
         floor=floor,

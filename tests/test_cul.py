@@ -99,6 +99,17 @@ def test_random_label_exposure_and_unexposable_warning(backdoored_vit, clean_ima
     assert result.method == "random_label" and len(result.history) == 4
     stored = backdoored_vit.expose(clean_images, ExposeConfig(epochs=1, escalate=0, augment=False))
     assert stored.augmentation is None and "trained through" not in ExposeDefense.card_section(stored.report())
+    # Raw images get the augmentation the model was trained through: without the random crop, only the flip.
+    processor = backdoored_vit.processing_class
+    flip_trained = BackdoorSafeTrainer(
+        model=backdoored_vit.model,
+        args=backdoored_vit.args,
+        train_dataset=prepare_image_dataset(backdoored_vit.poisoned_rows, processor, train=True, crop_padding=0),
+        processing_class=processor,
+        data_collator=DefaultDataCollator(),
+    )
+    flipped = expose_model(flip_trained, clean_images, ExposeConfig(epochs=1, escalate=0))
+    assert flipped.augmentation == "horizontal flip", flipped.augmentation
     stuck = backdoored_vit.expose(clean_images, ExposeConfig(learning_rate=1e-9, epochs=1, escalate=0))
     assert not stuck.exposed
     assert "did not expose the model: clean accuracy went from" in caplog.text

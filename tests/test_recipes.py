@@ -109,9 +109,10 @@ def test_a_fresh_classification_head_is_announced_in_one_line_and_other_load_rep
 def test_sanitize_recipe_repairs_an_image_model_with_the_image_attack(tmp_path):
     records_ = _recipe("cifar10_sanitize").main(
         [*TINY_IMAGES, "--attack", "blended", "--num_train_epochs", "1", "--defenses", "finetune",
-         "--defense_epochs", "1", "--clean_fraction", "0.5", "--output_dir", str(tmp_path)]
+         "--defense_epochs", "1", "--clean_fraction", "0.5", "--crop_padding", "0", "--output_dir", str(tmp_path)]
     )  # fmt: skip
     assert [r["defense"] for r in records_] == ["none", "finetune"]
+    assert records_[1]["fit_augmentation"] == "horizontal flip"  # the repair trains through the model's own crop
     for record in records_:
         assert record["dataset"] == "cifar10" and record["attack"] == "blended" and record["modality"] == "vision"
         assert record["model"].startswith("vit-small-32 (hidden 32, 2 layers, patch 8")

@@ -29,6 +29,18 @@ def _is_tokenizer(processing_class) -> bool:
     return isinstance(processing_class, PreTrainedTokenizerBase)
 
 
+def training_augmentation(trainer) -> dict:
+    """The crop padding and flip of the transform the trainer trains through (``train_dataset``), for raw image rows
+    given to a defense: a model trained without the random crop is then not exposed or repaired through one. Empty
+    (the transform's defaults: crop after 4-pixel padding, flip) when the trainer holds no such image training set,
+    e.g. a model loaded to be exposed; pass rows prepared with ``prepare_image_dataset(..., crop_padding=...)`` there."""
+    train = getattr(trainer, "train_dataset", None)
+    transform = format_transform(train) if isinstance(train, datasets.Dataset) else None
+    if transform is None or not hasattr(transform, "crop_padding"):
+        return {}
+    return {"crop_padding": transform.crop_padding, "horizontal_flip": transform.horizontal_flip}
+
+
 def model_dataset(trainer, dataset: datasets.Dataset, augment: bool = False, max_length: int = 128):
     """``dataset`` in a form the trainer's collator turns into model inputs and labels.
 
@@ -36,7 +48,8 @@ def model_dataset(trainer, dataset: datasets.Dataset, augment: bool = False, max
       hf-backdoor's :class:`~hf_backdoor.vision.ImageClassificationTransform` loses its augmentation unless
       ``augment`` (loss-based scores are read on the images as stored, as the official ABL code does).
     - Raw ``text``/``label`` rows are tokenized with the trainer's tokenizer (``max_length``); raw ``image``/``label``
-      rows get the trainer's image processor (``processing_class``).
+      rows get the trainer's image processor (``processing_class``) and its training set's crop and flip settings
+      (:func:`training_augmentation`).
     - Columns the model does not take (``text``, ``poisoned``, ``orig_label`` …) are dropped.
     """
     if not isinstance(dataset, datasets.Dataset):
@@ -58,7 +71,7 @@ def model_dataset(trainer, dataset: datasets.Dataset, augment: bool = False, max
         elif "image" in columns and processing is not None and not _is_tokenizer(processing):
             from ...vision.transforms import ImageClassificationTransform
 
-            return dataset.with_transform(ImageClassificationTransform(processing))
+            return dataset.with_transform(ImageClassificationTransform(processing, **training_augmentation(trainer)))
         else:
             raise ValueError(
                 f"Cannot make model inputs from columns {columns}: pass a tokenized dataset (input_ids), one with "
