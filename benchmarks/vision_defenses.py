@@ -127,7 +127,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--cul-kwargs",
         default=None,
-        help="other ExposeConfig fields as JSON, e.g. '{\"check_every_step\": true}' (recorded with the result)",
+        help="other ExposeConfig fields as JSON, e.g. '{\"check_every_step\": true}' or '{\"seed\": 3}' (the "
+        "exposure's batch order and dropout; default: the model's seed), recorded with the result",
     )
     parser.add_argument(
         "--cul-no-augment",
@@ -250,13 +251,8 @@ def vision_cul(args, recipe, command, tmp) -> list[dict]:
         evaluation = vision.evaluate_images(trainer, task["test"], asr_rows, attack.target_label)
         poisoned_rows = None if attack_name == "none" else np.asarray(poisoned["poisoned"], dtype=bool)
         clean = exposure_clean_slice(args, task, args.cul_clean_fraction, seed, trainer, poisoned_rows)
-        config = ExposeConfig(
-            method=args.cul_method,
-            learning_rate=args.cul_lr,
-            seed=seed,
-            augment=not args.cul_no_augment,
-            **json.loads(args.cul_kwargs or "{}"),
-        )
+        fields = dict(method=args.cul_method, learning_rate=args.cul_lr, seed=seed, augment=not args.cul_no_augment)
+        config = ExposeConfig(**{**fields, **json.loads(args.cul_kwargs or "{}")})  # --cul-kwargs may set the seed
         result = expose_model(trainer, clean, config)
         record = exposure_record(
             args, training_args, attack, attack_name, evaluation, result, wall, args.cul_method,
