@@ -31,9 +31,10 @@ def _is_tokenizer(processing_class) -> bool:
 
 def training_augmentation(trainer) -> dict:
     """The crop padding and flip of the transform the trainer trains through (``train_dataset``), for raw image rows
-    given to a defense: a model trained without the random crop is then not exposed or repaired through one. Empty
-    (the transform's defaults: crop after 4-pixel padding, flip) when the trainer holds no such image training set,
-    e.g. a model loaded to be exposed; pass rows prepared with ``prepare_image_dataset(..., crop_padding=...)`` there."""
+    given to a defense (the exposure's clean set): a model trained without the random crop is then not exposed
+    through one. Empty (the transform's defaults: crop after 4-pixel padding, flip) when the trainer holds no such
+    image training set, e.g. a model loaded to be exposed; pass rows prepared with
+    ``prepare_image_dataset(..., crop_padding=...)`` there."""
     train = getattr(trainer, "train_dataset", None)
     transform = format_transform(train) if isinstance(train, datasets.Dataset) else None
     if transform is None or not hasattr(transform, "crop_padding"):
