@@ -16,7 +16,6 @@ is a flag; the defaults are the reference ViT training (AdamW lr 1e-3, weight de
 
 import dataclasses
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainingArguments
@@ -29,17 +28,7 @@ from benchmarks.common import repair, vision  # noqa: E402
 from benchmarks.common.launch import prepare_recipe_process  # noqa: E402
 from benchmarks.common.runs import limit_splits, save_trained_model, saved_training_epochs  # noqa: E402
 
-
-@dataclass
-class ScriptArguments(vision.ImageRecipeArguments):  # the shared data, attack and model flags, and the crop
-    crop_padding: int = field(
-        default=4,
-        metadata={
-            "help": "Random-crop reflect padding of the ViT's training and of the repairs' augmentation (0: flip "
-            "only). With --load_model, give the one the model was trained with (cifar10_vit.py --crop_padding): a "
-            "model read from disk does not carry it."
-        },
-    )
+ScriptArguments = vision.ImageRecipeArguments  # this recipe's data, attack, model and crop flags are the shared ones
 
 
 def parse_args(argv=None) -> tuple[ScriptArguments, repair.RepairArguments, TrainingArguments]:

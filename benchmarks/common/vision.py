@@ -72,6 +72,15 @@ class ImageRecipeArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Seeded slice of the training split."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Seeded slice of the test split."})
+    crop_padding: int = field(
+        default=4,
+        metadata={
+            "help": "Random-crop reflect padding of the ViT's training and of the repairs' augmentation (0: flip "
+            "only; a corner trigger then stays put). With the crop the `cpu` preset learns BadNets too late "
+            "for ABL's isolation, which then misses; with 0 ABL met its bar on it (README, 'ABL on the cpu preset'). "
+            "A model read from disk does not carry it: give the one it was trained with."
+        },
+    )
 
     @property
     def attack_kwargs_text(self) -> str | None:
