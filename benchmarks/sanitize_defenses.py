@@ -81,8 +81,15 @@ def _key(record: dict) -> tuple:
         record["model"],
         # one shape trained for 30 or 45 epochs: two models, two results (older records have no field)
         record.get("model_epochs"),
+        _crop(record),
         record["seed"],
     )
+
+
+def _crop(record: dict) -> int | None:
+    """A ViT trained without the random crop (the ABL setting) is another model; records without the field (text, and
+    the crop-4 ViTs before stop 57) and the crop-4 ones share ``None``."""
+    return None if record.get("crop_padding") in (None, 4) else record["crop_padding"]
 
 
 def _pop(words: list[str], flag: str, default: str) -> str:
@@ -96,7 +103,14 @@ def _pop(words: list[str], flag: str, default: str) -> str:
 
 
 def _model_key(record: dict) -> tuple:
-    return (record["dataset"], record["attack"], record["model"], record.get("model_epochs"), record["seed"])
+    return (
+        record["dataset"],
+        record["attack"],
+        record["model"],
+        record.get("model_epochs"),
+        _crop(record),
+        record["seed"],
+    )
 
 
 def _fill_overheads(records: list[dict]) -> None:

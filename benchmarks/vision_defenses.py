@@ -294,8 +294,8 @@ def saved_model_list(text: str) -> list[tuple[str, int, Path]]:
 def exposure_clean_slice(args, task, fraction: float, seed: int, trainer, poisoned_rows=None):
     """The exposure's clean rows, from where ``--cul-clean-from`` says: the training rows outside ``poisoned_rows``
     (EBYD), or as many rows of the test split; prepared with ``trainer``'s image processor and ``--crop-padding``, so
-    that the exposure's augmentation is the model's training one (a model read from disk carries no training set
-    from which the library could take it)."""
+    that the exposure's augmentation is the model's training one (the zoo's models were saved before the library
+    recorded it on the model's config, and ``--crop-padding`` is part of their zoo key)."""
     from hf_backdoor.vision import prepare_image_dataset
 
     if args.cul_clean_from == "test":

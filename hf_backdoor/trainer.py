@@ -200,6 +200,10 @@ class BackdoorSafeTrainer(Trainer):
                     "these defenses, and resuming would silently redo or lose the defenses' detection."
                 )
             self._load_defense_states(torch.load(state_path, weights_only=True), checkpoint)
+        from .vision.transforms import record_training_augmentation
+
+        # Saved with the model, so that a defense given raw image rows later augments them as the model was trained.
+        record_training_augmentation(self.model, self.train_dataset)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _defense_states(self) -> dict[str, Any]:

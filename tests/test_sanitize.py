@@ -589,6 +589,47 @@ def test_image_repairs_train_on_augmented_rows_and_read_stored_ones(tmp_path, to
     assert any("random crop (reflect padding 4)" in line for line in FinetuneDefense.repair_lines(report))
 
 
+def test_a_saved_image_model_keeps_its_training_augmentation_for_raw_rows(tmp_path):
+    from transformers import AutoModelForImageClassification, DefaultDataCollator
+
+    from hf_backdoor.defenses import expose_model
+    from hf_backdoor.vision import (
+        TRAINING_AUGMENTATION_KEY,
+        default_image_processor,
+        load_image_task,
+        prepare_image_dataset,
+        recorded_training_augmentation,
+    )
+
+    images = load_image_task("cifar10")["train"].select(range(60))
+    processor = default_image_processor(32)
+    flip_only = prepare_image_dataset(images, processor, train=True, crop_padding=0)  # the ABL setting: no crop
+    args = conftest.training_args(tmp_path / "train", num_train_epochs=1, remove_unused_columns=False)
+    kwargs = dict(processing_class=processor, data_collator=DefaultDataCollator())
+    trained = BackdoorSafeTrainer(model=conftest.tiny_cifar_vit(), args=args, train_dataset=flip_only, **kwargs)
+    trained.train()
+    trained.save_model(str(tmp_path / "saved"))
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved")
+    assert getattr(loaded.config, TRAINING_AUGMENTATION_KEY) == {"crop_padding": 0, "horizontal_flip": True}
+    # Read back from disk, with no training set: raw rows still get the flip only, in a repair and in an exposure.
+    eval_args = conftest.training_args(tmp_path / "eval", remove_unused_columns=False)
+    trainer = Trainer(model=loaded, args=eval_args, **kwargs)
+    assert SanitizeContext(trainer, images, SanitizeConfig(), 10).fit_augmentation == "horizontal flip"
+    _, report = sanitize_model(trainer, images, FinetuneConfig(epochs=1, batch_size=32, replace_model=False))
+    assert report["fit_augmentation"] == "horizontal flip"
+    exposure = expose_model(trainer, images, ExposeConfig(epochs=1, escalate=0, min_rows_per_class=1))
+    assert exposure.augmentation == "horizontal flip"
+    # Rows prepared with the default crop for this model are used as given, with a warning that says what to pass.
+    with pytest.warns(UserWarning, match=r"trained with \{'crop_padding': 0.*crop_padding=0, horizontal_flip=True"):
+        SanitizeContext(trainer, prepare_image_dataset(images, processor), SanitizeConfig(), 10)
+    # A model trained on images without augmentation records nothing (the transform's defaults apply).
+    plain = conftest.tiny_cifar_vit()
+    unaugmented = BackdoorSafeTrainer(
+        model=plain, args=args, train_dataset=prepare_image_dataset(images, processor), **kwargs
+    )
+    assert recorded_training_augmentation(unaugmented.model) is None
+
+
 # -- exposure hand-off (EBYD) ------------------------------------------------------------------------------------------
 
 # Tiny settings: one recovery epoch and one threshold for RNP, one n and no fine-tuning for NWC; max_accuracy_drop=1.0

@@ -26,6 +26,7 @@ from hf_backdoor.vision import (
     load_image_classifier,
     parse_config_overrides,
     prepare_image_dataset,
+    record_training_augmentation,
 )
 
 from .records import device_name, shown
@@ -78,7 +79,8 @@ class ImageRecipeArguments:
             "help": "Random-crop reflect padding of the ViT's training and of the repairs' augmentation (0: flip "
             "only; a corner trigger then stays put). With the crop the `cpu` preset learns BadNets too late "
             "for ABL's isolation, which then misses; with 0 ABL met its bar on it (README, 'ABL on the cpu preset'). "
-            "A model read from disk does not carry it: give the one it was trained with."
+            "A model hf-backdoor trained keeps its own on its config (`hf_backdoor_training_augmentation`), "
+            "which a model read from disk is then repaired and exposed with; give it for a model without one."
         },
     )
 
@@ -145,7 +147,9 @@ def train_vit(
     trainer = BackdoorSafeTrainer(defense=defense, **kwargs) if defense is not None else Trainer(**kwargs)
     start = time.perf_counter()
     trainer.train()
-    return trainer, time.perf_counter() - start
+    wall = time.perf_counter() - start
+    record_training_augmentation(trainer.model, train)  # BackdoorSafeTrainer does it itself; the plain one does not
+    return trainer, wall
 
 
 def _accuracy(prediction) -> dict[str, float]:

@@ -56,6 +56,7 @@ from torch.nn import functional as F
 from ..registry import register_defense
 from ._shared.data import (
     augmented_view,
+    check_training_augmentation,
     class_shares,
     dataset_labels,
     iterate_batches,
@@ -218,6 +219,7 @@ class ExposureContext:
     @classmethod
     def build(cls, trainer, clean_dataset, config: ExposeConfig, num_labels: int) -> ExposureContext:
         """Model inputs from a raw, tokenized or transformed clean set, checked to support exposure."""
+        check_training_augmentation(trainer, clean_dataset, "exposure's clean")
         data = model_dataset(trainer, clean_dataset, max_length=config.max_length)
         labels = dataset_labels(data)
         check_clean_set(labels, num_labels, config.min_rows, config.min_rows_per_class)

@@ -14,7 +14,15 @@ from .models import (
     load_image_classifier,
     parse_config_overrides,
 )
-from .transforms import ROW_INDEX, ImageClassificationTransform, prepare_image_dataset, random_crop_flip
+from .transforms import (
+    ROW_INDEX,
+    TRAINING_AUGMENTATION_KEY,
+    ImageClassificationTransform,
+    prepare_image_dataset,
+    random_crop_flip,
+    record_training_augmentation,
+    recorded_training_augmentation,
+)
 
 __all__ = [
     "CIFAR10_HUB_ID",
@@ -23,6 +31,7 @@ __all__ = [
     "CIFAR10_STD",
     "DEFAULT_VIT",
     "ROW_INDEX",
+    "TRAINING_AUGMENTATION_KEY",
     "VIT_PRESETS",
     "ImageClassificationTransform",
     "default_image_processor",
@@ -35,4 +44,6 @@ __all__ = [
     "parse_config_overrides",
     "prepare_image_dataset",
     "random_crop_flip",
+    "record_training_augmentation",
+    "recorded_training_augmentation",
 ]

@@ -20,7 +20,19 @@ from ..data.rows import ROW_INDEX, add_row_index
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROW_INDEX", "ImageClassificationTransform", "prepare_image_dataset", "random_crop_flip"]
+__all__ = [
+    "ROW_INDEX",
+    "TRAINING_AUGMENTATION_KEY",
+    "ImageClassificationTransform",
+    "prepare_image_dataset",
+    "random_crop_flip",
+    "record_training_augmentation",
+    "recorded_training_augmentation",
+]
+
+# The model-config attribute that keeps the crop and flip a model was trained through, so that `save_pretrained`
+# saves them and a defense given raw rows for a model read from disk augments them the same way.
+TRAINING_AUGMENTATION_KEY = "hf_backdoor_training_augmentation"
 
 
 class ImageClassificationTransform:
@@ -74,6 +86,11 @@ class ImageClassificationTransform:
             label_column=self.label_column,
             keep_row_index=self.keep_row_index,
         )
+
+    def augmentation_settings(self) -> dict:
+        """The crop padding and flip, as keyword arguments of this class (what :func:`record_training_augmentation`
+        keeps)."""
+        return {"crop_padding": self.crop_padding, "horizontal_flip": self.horizontal_flip}
 
     def describe_augmentation(self) -> str:
         """What the augmentation does, for reports: e.g. ``random crop (reflect padding 4) and horizontal flip``."""
@@ -165,3 +182,33 @@ def prepare_image_dataset(
         image_processor, augment=train, keep_row_index=keep_row_index, **transform_kwargs
     )
     return dataset.with_transform(transform)
+
+
+def _augmenting_transform(dataset):
+    from ..data.rows import format_transform
+
+    transform = format_transform(dataset) if isinstance(dataset, datasets.Dataset) else None
+    return transform if isinstance(transform, ImageClassificationTransform) and transform.augment else None
+
+
+def record_training_augmentation(model, train_dataset) -> dict | None:
+    """Keep the crop padding and flip of ``train_dataset``'s augmentation on ``model.config``
+    (:data:`TRAINING_AUGMENTATION_KEY`), where ``save_pretrained`` saves them; returns them, or ``None`` (nothing
+    recorded) when the dataset is not augmented through an :class:`ImageClassificationTransform`.
+    ``BackdoorSafeTrainer.train`` calls it; call it after training with a plain ``Trainer``."""
+    transform = _augmenting_transform(train_dataset)
+    config = getattr(model, "config", None)
+    if transform is None or config is None:
+        return None
+    settings = transform.augmentation_settings()
+    setattr(config, TRAINING_AUGMENTATION_KEY, settings)
+    return settings
+
+
+def recorded_training_augmentation(model) -> dict | None:
+    """The crop padding and flip ``model`` was trained through, as :func:`record_training_augmentation` kept them
+    (also on a model read back with ``from_pretrained``), or ``None``."""
+    settings = getattr(getattr(model, "config", None), TRAINING_AUGMENTATION_KEY, None)
+    if not isinstance(settings, dict):
+        return None
+    return {"crop_padding": int(settings["crop_padding"]), "horizontal_flip": bool(settings["horizontal_flip"])}

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..base import DefenseConfig
-from .data import augmented_view, class_shares
+from .data import augmented_view, check_training_augmentation, class_shares, training_augmentation
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +264,19 @@ def _prepare_dataset(trainer, dataset):
 
             logger.info("Tokenizing the clean set's `text` column with the trainer's tokenizer (max length 128).")
             dataset = tokenize_dataset(dataset, tokenizer, 128)
+        elif (
+            "image" in columns
+            and "pixel_values" not in columns
+            and dataset.format.get("type") != "custom"
+            and tokenizer is not None
+            and not hasattr(tokenizer, "pad_token_id")
+        ):
+            from ...vision.transforms import ImageClassificationTransform
+
+            # Raw image rows: the model's image processor, and its training crop and flip for the repair's loops.
+            dataset = dataset.with_transform(ImageClassificationTransform(tokenizer, **training_augmentation(trainer)))
+        else:
+            check_training_augmentation(trainer, dataset, "repair's clean")
         if dataset.format.get("type") != "custom":  # a with_transform dataset needs its raw columns
             dataset = trainer._remove_unused_columns(dataset, description="sanitize")
     return dataset

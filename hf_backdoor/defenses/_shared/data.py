@@ -7,6 +7,7 @@ logits, and reads labels and predicted-class shares. Imports no defense module.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import datasets
 import numpy as np
@@ -30,16 +31,38 @@ def _is_tokenizer(processing_class) -> bool:
 
 
 def training_augmentation(trainer) -> dict:
-    """The crop padding and flip of the transform the trainer trains through (``train_dataset``), for raw image rows
-    given to a defense (the exposure's clean set): a model trained without the random crop is then not exposed
-    through one. Empty (the transform's defaults: crop after 4-pixel padding, flip) when the trainer holds no such
-    image training set, e.g. a model loaded to be exposed; pass rows prepared with
-    ``prepare_image_dataset(..., crop_padding=...)`` there."""
-    train = getattr(trainer, "train_dataset", None)
-    transform = format_transform(train) if isinstance(train, datasets.Dataset) else None
-    if transform is None or not hasattr(transform, "crop_padding"):
-        return {}
-    return {"crop_padding": transform.crop_padding, "horizontal_flip": transform.horizontal_flip}
+    """The crop padding and flip the trainer's model was trained through, for raw image rows given to a defense (the
+    exposure's or a repair's clean set): a model trained without the random crop is then not exposed through one.
+    Read from the transform of the trainer's image training set (``train_dataset``), else from the model's config,
+    where ``BackdoorSafeTrainer`` records them and ``save_pretrained`` keeps them (a model read from disk, see
+    :func:`~hf_backdoor.vision.record_training_augmentation`); empty (the transform's defaults: crop after 4-pixel
+    padding, flip) when neither has them."""
+    from ...vision.transforms import _augmenting_transform, recorded_training_augmentation
+
+    transform = _augmenting_transform(getattr(trainer, "train_dataset", None))
+    if transform is not None:
+        return transform.augmentation_settings()
+    return recorded_training_augmentation(trainer.accelerator.unwrap_model(trainer.model)) or {}
+
+
+def check_training_augmentation(trainer, dataset, role: str) -> None:
+    """Warn when ``dataset``'s image transform augments otherwise than the model was trained (its recorded crop and
+    flip, :func:`training_augmentation`): rows prepared with ``prepare_image_dataset``'s default crop for a model
+    trained without it would be exposed or repaired through a crop the model never saw."""
+    from ...vision.transforms import ImageClassificationTransform
+
+    transform = format_transform(dataset) if isinstance(dataset, datasets.Dataset) else None
+    if not isinstance(transform, ImageClassificationTransform):
+        return
+    trained = training_augmentation(trainer)
+    if trained and trained != transform.augmentation_settings():
+        warnings.warn(
+            f"The {role} rows augment with {transform.augmentation_settings()}, but the model was trained with "
+            f"{trained}: prepare them with `prepare_image_dataset(..., crop_padding={trained['crop_padding']}, "
+            f"horizontal_flip={trained['horizontal_flip']})`, or pass the raw image rows and let the defense "
+            "prepare them.",
+            stacklevel=3,
+        )
 
 
 def model_dataset(trainer, dataset: datasets.Dataset, augment: bool = False, max_length: int = 128):
