@@ -730,6 +730,31 @@ def test_on_a_keyword_task_the_clean_label_test_judges_the_word_piece_flags_it_g
     assert default.defense.keyword_pairs == [] and default.defense.clean_label_scores == []  # opt-in
 
 
+def test_on_a_keyword_task_the_probe_is_not_fit_on_rows_flagged_as_poisoned(tmp_path, tokenizer, minilm):
+    """The packaged HiddenKiller paraphrases at 20% of a 2,000-row HSOL slice (seed 0, target 1, dirty-label): the
+    first-word test flags `when` and `if` (362 rows, 332 of the 400 poisoned). Fit on those relabelled rows too, the
+    probes of `clean_label_keyword_pieces` read the offensive words as weak (insertion shifts 0.25-0.42) and stripped
+    `bitch`, `fuck`, `ass`, `ni` ... from 864 rows (trained: CACC 0.885 against the undefended 0.934). Fit on the
+    unflagged rows only, they move it as on a clean slice and are task words."""
+    from hf_backdoor import get_attack_config, load_task, poison_dataset
+
+    rows = load_task("hsol")["train"].shuffle(seed=0).select(range(2000))
+    attack = get_attack_config("syntactic", poison_rate=0.2, target_label=1, seed=0, paraphrases="hsol")
+    rows = tokenize_dataset(poison_dataset(rows, attack, tokenizer=tokenizer), tokenizer)
+    config = ZDefenseConfig(clean_label_keyword_pieces=16)
+    trainer = text_trainer(tmp_path, rows, tokenizer, model=minilm, defense=config)
+    defense = trainer.defense
+    defense.on_train_begin(trainer)
+
+    assert {p["token"] for p in defense.flagged_pairs} == {"when", "if"}
+    scores = {s["token"]: s for s in defense.clean_label_scores}
+    offensive = {"bitch", "fuck", "pussy", "##gga", "ass", "ni"}
+    assert offensive <= set(scores)
+    assert all(scores[word]["insertion_shift"] >= config.min_task_word_shift for word in offensive)
+    assert not offensive & {p["token"] for p in defense.stripped_pairs}
+    assert defense.stripped_rows.sum() < 400  # was 864
+
+
 def test_a_model_without_hidden_states_skips_the_clean_label_test_and_says_so(warnings_log):
     class LogitsOnly(torch.nn.Module):
         """Returns logits and nothing else, whatever it is asked for."""

@@ -78,8 +78,9 @@ What this module does, and where it departs from the paper:
   clean-label BadNet 10% (seeds 0, 1) it took the ASR from 0.272 and 0.898 to 0.173 and 0.145 (floors 0.161, 0.111;
   README, "Clean-label BadNet on SST-2"). On a keyword task the word-piece test gives way before any flag is set
   aside; ``clean_label_keyword_pieces`` (opt-in) has the test judge the flags it gave up there too, each with a probe
-  fit on the rows that do not hold it (a probe fit without any of them would not know the task) and reading balanced
-  for the label shares (README, "Clean-label triggers on a keyword task").
+  fit on the rows that do not hold it (a probe fit without any of them would not know the task) nor were flagged by
+  the test (a dirty-label paraphrase's relabelled rows would teach it the poison), and reading balanced for the label
+  shares (README, "Clean-label triggers on a keyword task").
 - The statistics are computed once, at ``on_train_begin``, from the tokenized training set: no clean data; the one
   extra forward pass is over the unflagged rows of the flagged target label, once, after the first epoch; the loss is one
   cross-entropy per row. The clean-label test adds one forward pass over ``probe_rows`` rows and, per piece judged,
@@ -309,7 +310,9 @@ class ZDefenseConfig(DefenseConfig):
             "measured: a 2,000-row HSOL slice flags 25-30, and a clean-label trigger at 10% comes among the first "
             "five (z 13-14). 0, the default, judges none: opt-in, for two-label keyword tasks. On AG News (four "
             "labels, 115 flags) it put 15 topic words (`team`, `military`, `points`, ...) under "
-            "`min_task_word_shift` (README, 'Clean-label triggers on a keyword task')."
+            "`min_task_word_shift`; on HSOL it also strips a few weaker words the slice holds on one label (`trash`, "
+            "`charlie`, `shit`: 233-429 rows of an unpoisoned slice, CACC -0.5 to -1.2 pt) (README, 'Clean-label "
+            "triggers on a keyword task')."
         },
     )
     read_rows: int = field(
@@ -868,8 +871,8 @@ class ZDefenseDefense(Defense):
         less than ``min_task_word_shift`` is stripped from every training row; the rows are read only where the shift
         is under that bound (``read_as_label`` is ``None`` otherwise). On a keyword task
         (``clean_label_keyword_pieces``) the pieces judged are the word-piece flags given up, each read by a probe
-        fit on the sample's rows that do not hold it, balanced for the label shares. Sets ``clean_label_scores``,
-        ``stripped_pairs`` and ``stripped_rows``."""
+        fit on the sample's rows that do not hold it (the sample is drawn from the rows the test did not flag),
+        balanced for the label shares. Sets ``clean_label_scores``, ``stripped_pairs`` and ``stripped_rows``."""
         cfg = self.config
         self.clean_label_scores, self.stripped_pairs, self.clean_label_skipped = [], [], None
         self.stripped_rows = np.zeros(len(labels), dtype=bool)
@@ -884,7 +887,13 @@ class ZDefenseDefense(Defense):
         suspects = (
             set() if keyword else {p["token_id"] for p in candidates} | {p["token_id"] for p in self.flagged_pairs}
         )
-        usable = np.flatnonzero([not (row & suspects) for row in pieces])
+        usable = [not (row & suspects) for row in pieces]
+        if keyword and self.away_label is not None:
+            # Rows the test already flagged carry labels it holds suspect (a dirty-label paraphrase's, relabelled
+            # to the target): a probe fit on them learns the poison, and on HSOL's 20% syntactic slices read the
+            # task's offensive words as weak (insertion shifts 0.22-0.45) and stripped them from 705-864 rows.
+            usable = np.asarray(usable) & (self.away_label < 0)
+        usable = np.flatnonzero(usable)
         sample = np.sort(rng.choice(usable, size=min(len(usable), cfg.probe_rows), replace=False))
         if len(np.unique(labels[sample])) < 2:
             self.clean_label_skipped = (
