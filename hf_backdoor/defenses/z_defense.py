@@ -311,7 +311,7 @@ class ZDefenseConfig(DefenseConfig):
             "five (z 13-14). 0, the default, judges none: opt-in, for two-label keyword tasks. On AG News (four "
             "labels, 115 flags) it put 15 topic words (`team`, `military`, `points`, ...) under "
             "`min_task_word_shift`; on HSOL it also strips a few weaker words the slice holds on one label (`trash`, "
-            "`charlie`, `shit`: 233-429 rows of an unpoisoned slice, CACC -0.5 to -1.2 pt) (README, 'Clean-label "
+            "`charlie`, `shit`: 233-429 rows of an unpoisoned slice, CACC -0.8 to -1.2 pt) (README, 'Clean-label "
             "triggers on a keyword task')."
         },
     )
@@ -891,7 +891,7 @@ class ZDefenseDefense(Defense):
         if keyword and self.away_label is not None:
             # Rows the test already flagged carry labels it holds suspect (a dirty-label paraphrase's, relabelled
             # to the target): a probe fit on them learns the poison, and on HSOL's 20% syntactic slices read the
-            # task's offensive words as weak (insertion shifts 0.22-0.45) and stripped them from 705-864 rows.
+            # task's offensive words as weak (insertion shifts 0.18-0.45) and stripped them from 705-864 rows.
             usable = np.asarray(usable) & (self.away_label < 0)
         usable = np.flatnonzero(usable)
         sample = np.sort(rng.choice(usable, size=min(len(usable), cfg.probe_rows), replace=False))
