@@ -267,6 +267,15 @@ def pruned_against_d(report: dict, d: list[np.ndarray], k: int) -> dict:
     }
 
 
+def _model_id(path) -> str:
+    """A saved model's zoo key (its content-addressed folder name), or for a model saved elsewhere the last three
+    parts of its path (``<zoo>/badnet_seed0/undefended``), which name it where its folder name alone does not."""
+    path = Path(path).resolve()
+    if len(path.name) == 64 and all(c in "0123456789abcdef" for c in path.name):
+        return path.name
+    return "/".join(path.parts[-3:])
+
+
 def main(argv=None) -> list[dict]:
     mine, script, repair_args, training_args, rest = parse_args(argv)
     torch.manual_seed(training_args.seed)
@@ -289,6 +298,7 @@ def main(argv=None) -> list[dict]:
         _pixels(test.select(asr_rows["row_index"]), processor),
         target,
     )
+    clean, crop_padding = vision.repair_rows(trainer, clean_rows, script.crop_padding)  # as the recipe hands them
     tokens = _trigger_tokens(score.asr_clean_pixels, score.asr_pixels, trainer.model.config.patch_size)
     config = trainer.model.config
     base = {
@@ -298,14 +308,15 @@ def main(argv=None) -> list[dict]:
         "model": describe_default_vit(
             **{k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "patch_size")}
         ),
-        "zoo_key": Path(repair_args.load_model).name,
-        "control_zoo_key": Path(repair_args.floor_model).name,
+        "zoo_key": _model_id(repair_args.load_model),
+        "control_zoo_key": _model_id(repair_args.floor_model),
         "poison_rate": script.poison_rate,
         "seed": seed,
         "device": device_name(),
         "num_eval": len(test),
         "num_asr": len(asr_rows),
         "top_k": mine.top_k,
+        "crop_padding": crop_padding,
         "command": command_line("benchmarks/backdoor_location.py", sys.argv[1:] if argv is None else argv),
     }
     records = []
@@ -340,7 +351,6 @@ def main(argv=None) -> list[dict]:
 
     # The defenses, each on the same backdoored weights and clean rows as in the sanitize recipe.
     undefended = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    clean = prepare_image_dataset(clean_rows, processor)
     configs = repair.repair_configs(repair_args, seed)
     runs = [(name, config, None) for name, config in configs.items()]
     if repair_args.exposed:

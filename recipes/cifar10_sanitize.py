@@ -21,12 +21,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from hf_backdoor import make_asr_dataset, poison_dataset
-from hf_backdoor.vision import (
-    describe_default_vit,
-    load_image_task,
-    prepare_image_dataset,
-    recorded_training_augmentation,
-)
+from hf_backdoor.vision import describe_default_vit, load_image_task
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: benchmarks/common, not installed
 from benchmarks.common import repair, vision  # noqa: E402
@@ -89,15 +84,11 @@ def main(argv=None) -> list[dict]:
         floor = vision.evaluate_images(train(task["train"], "clean")[0], test, asr_rows, target).asr
     if repair_args.floor_model:
         floor = vision.evaluate_images(load(repair_args.floor_model)[0], test, asr_rows, target).asr
-    recorded = recorded_training_augmentation(trainer.model)
-    if recorded:
-        clean_rows = clean  # raw rows: the repairs augment them as the model records it was trained
-    else:  # a model saved without that record (before hf-backdoor kept it): --crop_padding says
-        clean_rows = prepare_image_dataset(clean, trainer.processing_class, crop_padding=script.crop_padding)
+    clean_rows, crop_padding = vision.repair_rows(trainer, clean, script.crop_padding)
     base_record = repair.recipe_record(
         script, attack, model, seed, clean_source, "vision", "recipes/cifar10_sanitize.py", argv, model_epochs
     )
-    base_record["crop_padding"] = recorded["crop_padding"] if recorded else script.crop_padding  # the model's
+    base_record["crop_padding"] = crop_padding  # the model's own where it records it, else --crop_padding
     setup = repair.RepairSetup(
         trainer=trainer,
         clean=clean_rows,

@@ -27,6 +27,7 @@ from hf_backdoor.vision import (
     parse_config_overrides,
     prepare_image_dataset,
     record_training_augmentation,
+    recorded_training_augmentation,
 )
 
 from .records import device_name, shown
@@ -184,6 +185,16 @@ def load_saved_vit(run_dir, training_args: TrainingArguments | None = None) -> t
     processor = AutoImageProcessor.from_pretrained(run_dir)
     args = training_args or TrainingArguments(output_dir=str(run_dir / "eval"), **VIT_TRAINING_DEFAULTS)
     return Trainer(model=model, args=args, processing_class=processor), saved_training_wall(run_dir)
+
+
+def repair_rows(trainer, clean, crop_padding: int):
+    """The clean rows to hand a repair, and the crop padding they will be augmented with. A model that records its
+    training augmentation (``BackdoorSafeTrainer`` and ``train_vit`` write it) gets the raw rows, which the defense
+    prepares through that record; an older model without it gets rows prepared with ``crop_padding`` (the flag)."""
+    recorded = recorded_training_augmentation(trainer.model)
+    if recorded:
+        return clean, recorded["crop_padding"]
+    return prepare_image_dataset(clean, trainer.processing_class, crop_padding=crop_padding), crop_padding
 
 
 def evaluate_images(trainer, test, asr_set, target: int) -> BackdoorEvaluation:

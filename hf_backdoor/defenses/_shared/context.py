@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..base import DefenseConfig
-from .data import augmented_view, check_training_augmentation, class_shares, training_augmentation
+from .data import augmented_view, check_training_augmentation, class_shares, image_rows_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -271,10 +271,7 @@ def _prepare_dataset(trainer, dataset):
             and tokenizer is not None
             and not hasattr(tokenizer, "pad_token_id")
         ):
-            from ...vision.transforms import ImageClassificationTransform
-
-            # Raw image rows: the model's image processor, and its training crop and flip for the repair's loops.
-            dataset = dataset.with_transform(ImageClassificationTransform(tokenizer, **training_augmentation(trainer)))
+            dataset = image_rows_dataset(trainer, dataset)
         else:
             check_training_augmentation(trainer, dataset, "repair's clean")
         if dataset.format.get("type") != "custom":  # a with_transform dataset needs its raw columns

@@ -65,6 +65,17 @@ def check_training_augmentation(trainer, dataset, role: str) -> None:
         )
 
 
+def image_rows_dataset(trainer, dataset: datasets.Dataset) -> datasets.Dataset:
+    """Raw ``image``/``label`` rows through the trainer's image processor (``processing_class``) and the crop and
+    flip its model was trained through (:func:`training_augmentation`): the one way a defense prepares them, so the
+    exposure and the repairs never augment otherwise than the training did."""
+    from ...vision.transforms import ImageClassificationTransform
+
+    return dataset.with_transform(
+        ImageClassificationTransform(trainer.processing_class, **training_augmentation(trainer))
+    )
+
+
 def model_dataset(trainer, dataset: datasets.Dataset, augment: bool = False, max_length: int = 128):
     """``dataset`` in a form the trainer's collator turns into model inputs and labels.
 
@@ -93,9 +104,7 @@ def model_dataset(trainer, dataset: datasets.Dataset, augment: bool = False, max
 
             dataset = tokenize_dataset(dataset, processing, max_length)
         elif "image" in columns and processing is not None and not _is_tokenizer(processing):
-            from ...vision.transforms import ImageClassificationTransform
-
-            return dataset.with_transform(ImageClassificationTransform(processing, **training_augmentation(trainer)))
+            return image_rows_dataset(trainer, dataset)
         else:
             raise ValueError(
                 f"Cannot make model inputs from columns {columns}: pass a tokenized dataset (input_ids), one with "
