@@ -42,7 +42,7 @@ from benchmarks.common.records import RESULTS, command_line, device_name, merge_
 from benchmarks.common.runs import limit_splits  # noqa: E402
 from hf_backdoor import make_asr_dataset  # noqa: E402
 from hf_backdoor.attacks import get_image_attack_config  # noqa: E402
-from hf_backdoor.defenses import ExposeConfig, TransformerUnits, expose_model, sanitize_model  # noqa: E402
+from hf_backdoor.defenses import ExposeConfig, RNPConfig, TransformerUnits, expose_model, sanitize_model  # noqa: E402
 from hf_backdoor.metrics import attack_success_rate, clean_accuracy  # noqa: E402
 from hf_backdoor.vision import describe_default_vit, load_image_task, prepare_image_dataset  # noqa: E402
 
@@ -262,6 +262,8 @@ def pruned_against_d(report: dict, d: list[np.ndarray], k: int) -> dict:
             for layer in range(layers)
         ],
         "pruned_in_top_k_per_layer": in_top,
+        # [layer, head] pairs, to set beside the heads whose ablation alone removes the backdoor (ablate_head_asr)
+        "pruned_heads": [[u["layer"], u["index"]] for u in report.get("pruned_units", []) if u["kind"] == "head"],
         "pruned_share_of_positive_d": round(covered / max(sum(float(p.sum()) for p in positive), 1e-9), 4),
         "pruned_median_rank": round(float(np.median(ranks)), 3) if ranks else None,
     }
@@ -361,15 +363,21 @@ def main(argv=None) -> list[dict]:
         trainer.model.load_state_dict(undefended)
         _, report = sanitize_model(trainer, clean, config, exposed=exposure)
         extra = {"defense_wall_s": round(report["wall_s"], 1)}
+        if "units" in report and tuple(report["units"]) != RNPConfig().units:  # keyed apart from the default's
+            extra["rnp_units"] = ",".join(report["units"])
         if "pruned_units" in report:
             extra.update(pruned_against_d(report, backdoor_d, mine.top_k), num_pruned=report["num_pruned"])
         measure(Probe(trainer.model), "backdoored", name, extra)
     trainer.model.load_state_dict(undefended)
 
     if not mine.no_save:
-        merge_records(Path(mine.output), records, key=lambda r: (r["zoo_key"], r["which"], r["defense"], r["seed"]))
+        merge_records(Path(mine.output), records, key=_record_key)
         print(f"wrote {mine.output}")
     return records
+
+
+def _record_key(record: dict) -> tuple:
+    return record["zoo_key"], record["which"], record["defense"], record["seed"], record.get("rnp_units")
 
 
 def _print(r: dict) -> None:
@@ -390,6 +398,8 @@ def _print(r: dict) -> None:
         print(f"   pruned FFN per layer {r['pruned_ffn_per_layer']} (in the top-{r['top_k']} d of their layer: "
               f"{r['pruned_in_top_k_per_layer']}), LayerNorm {r['pruned_layernorm_per_layer']}, "
               f"share of positive d {r['pruned_share_of_positive_d']}, median rank {r['pruned_median_rank']}")  # fmt: skip
+        if r.get("rnp_units"):
+            print(f"   units {r['rnp_units']}; pruned heads [layer, head]: {r['pruned_heads']}")
 
 
 if __name__ == "__main__":
