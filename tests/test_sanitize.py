@@ -628,6 +628,14 @@ def test_a_saved_image_model_keeps_its_training_augmentation_for_raw_rows(tmp_pa
         model=plain, args=args, train_dataset=prepare_image_dataset(images, processor), **kwargs
     )
     assert recorded_training_augmentation(unaugmented.model) is None
+    # The benchmarks and the sanitize recipe hand such a model the raw rows, an older one rows with --crop_padding.
+    from benchmarks.common.vision import repair_rows
+    from hf_backdoor.data.rows import format_transform
+
+    rows, crop = repair_rows(trainer, images, crop_padding=4)
+    assert rows is images and crop == 0
+    older, crop = repair_rows(unaugmented, images, crop_padding=2)
+    assert crop == 2 and format_transform(older).augmentation_settings() == {"crop_padding": 2, "horizontal_flip": True}
 
 
 # -- exposure hand-off (EBYD) ------------------------------------------------------------------------------------------

@@ -23,8 +23,10 @@ stop check and recovery rate):
   models). ``units`` picks FFN intermediate neurons (``"ffn"``), attention heads (``"head"``), LayerNorm scale
   channels (``"layernorm"``, the literal BatchNorm-scale analogue) or a combination; see ``units.py``. The default
   is FFN neurons and LayerNorm channels together: on the small ViT the pair lowered the ASR further than either kind
-  alone, and attention heads were refused there (their masks fall together, and even threshold 0 cost held-out
-  accuracy beyond ``max_accuracy_drop``).
+  alone, and attention heads alone were refused there (their masks fall together, and even threshold 0 cost
+  held-out accuracy beyond ``max_accuracy_drop``). Heads *among* the units (``("ffn", "head", "layernorm")``) are
+  the setting for a ViT trained without the random crop: one head there copies the trigger out of its patch, and
+  RNP + CUL pruned that head and met the removal bar on one of two such models (refused on the other).
 - Recovery rate: ``recovering_lr`` is 1.0, not the official 0.2. At 0.2 the masks of a few thousand transformer
   units barely moved in 20 epochs, where the official log's recovery restores most of the clean accuracy; 1.0 gives
   transformer units that room (100 epochs at 0.2 gave nearly the same sweep as 20 at 1.0).
@@ -86,7 +88,10 @@ class RNPConfig(SanitizeConfig):
 
     units: tuple[str, ...] | str = field(
         default=("ffn", "layernorm"),
-        metadata={"help": f"Unit kinds to mask and prune, any of {UNIT_KINDS} (official: BatchNorm scales)."},
+        metadata={
+            "help": f"Unit kinds to mask and prune, any of {UNIT_KINDS} (official: BatchNorm scales). Add 'head' "
+            "for a ViT trained without the random crop, where one attention head can carry the trigger."
+        },
     )
     unlearning_lr: float = field(default=0.01, metadata={"help": "Step 1's SGD learning rate (official 0.01)."})
     unlearning_momentum: float = field(default=0.9, metadata={"help": "Step 1's SGD momentum (official 0.9)."})
