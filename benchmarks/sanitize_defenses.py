@@ -34,7 +34,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo root: benchmarks/common, not installed
-from benchmarks.common.records import RESULTS, fill_floors, known_records, merge_records, shown  # noqa: E402
+from benchmarks.common.records import (  # noqa: E402
+    RESULTS,
+    crop_key,
+    fill_floors,
+    known_records,
+    merge_records,
+    shown,
+)
 
 RECIPES = {"text": "recipes/sst2_sanitize.py", "vision": "recipes/cifar10_sanitize.py"}
 ALL = "rnp,nad,nwc,finetune"
@@ -81,15 +88,9 @@ def _key(record: dict) -> tuple:
         record["model"],
         # one shape trained for 30 or 45 epochs: two models, two results (older records have no field)
         record.get("model_epochs"),
-        _crop(record),
+        crop_key(record),
         record["seed"],
     )
-
-
-def _crop(record: dict) -> int | None:
-    """A ViT trained without the random crop (the ABL setting) is another model; records without the field (text, and
-    the crop-4 ViTs before stop 57) and the crop-4 ones share ``None``."""
-    return None if record.get("crop_padding") in (None, 4) else record["crop_padding"]
 
 
 def _pop(words: list[str], flag: str, default: str) -> str:
@@ -108,9 +109,26 @@ def _model_key(record: dict) -> tuple:
         record["attack"],
         record["model"],
         record.get("model_epochs"),
-        _crop(record),
+        crop_key(record),
         record["seed"],
     )
+
+
+def _rows_key(record: dict) -> tuple:
+    """The model and the rows its ASR is read on (held-out clean rows come out of the evaluation)."""
+    return *_model_key(record), record.get("clean_source"), record.get("num_clean_rows")
+
+
+def _fill_floors_from_output(records: list[dict], output: Path) -> None:
+    """A cell that loads a saved model without ``--floor-model`` takes the floor an earlier record of ``output``
+    measured for the same model on the same rows (a clean model trained again would give the same number)."""
+    existing = json.loads(output.read_text()) if output.exists() else []
+    floors = {_rows_key(r): r for r in existing if r.get("asr_floor") is not None}
+    for record in records:
+        earlier = floors.get(_rows_key(record))
+        if record.get("asr_floor") is None and earlier is not None:
+            record["asr_floor"] = earlier["asr_floor"]
+            record["asr_floor_source"] = f"{output.name}: the floor of `{earlier['command']}` on the same rows"
 
 
 def _fill_overheads(records: list[dict]) -> None:
@@ -223,6 +241,7 @@ def main() -> None:
     for record in new_records:
         if record.get("asr_floor") is None:
             record["asr_floor"] = floors.get(_model_key(record))
+    _fill_floors_from_output(new_records, Path(args.output))
     fill_floors(new_records, known_records(), attack_field="attack")
     _print_table(new_records)
     btu = _btu_rows()

@@ -235,6 +235,31 @@ def test_a_floor_comes_from_a_clean_model_measured_on_the_same_device_where_one_
     assert elsewhere["asr_floor_source"].endswith("measured on another device (cpu: AVX2)")
 
 
+def test_a_floor_comes_from_a_clean_model_trained_with_the_same_crop_and_from_an_earlier_record_on_the_same_rows(
+    tmp_path,
+):
+    """A crop-0 ViT's clean control (backdoor_location's records) once stood as a floor for a crop-4 model of the same
+    name and seed; and a cell that loads a saved model without --floor-model takes its earlier floor on the same rows."""
+    from benchmarks.sanitize_defenses import _fill_floors_from_output
+
+    crop0 = dict(dataset="cifar10", attack="none", defense="none", asr_attack="badnet", model="vit", seed=0)
+    known = [("loc.json", {**crop0, "asr": 0.041, "crop_padding": 0, "device": "cpu", "command": "crop 0"})]
+    crop4 = dict(dataset="cifar10", asr_attack="badnet", model="vit", seed=0, device="cpu")
+    records.fill_floors([crop4], known)
+    assert crop4.get("asr_floor") is None
+    crop0_model = {**crop4, "crop_padding": 0}
+    records.fill_floors([crop0_model], known)
+    assert crop0_model["asr_floor"] == 0.041  # its own control still serves it
+    same = dict(dataset="cifar10", attack="badnet", model="vit", model_epochs=45.0, seed=0, clean_source="held-out")
+    earlier = {**same, "defense": "none", "num_clean_rows": 500, "asr_floor": 0.048, "command": "cell"}
+    output = tmp_path / "sanitize.json"
+    output.write_text(json.dumps([earlier]))
+    loaded = [{**same, "defense": "rnp", "num_clean_rows": 500}, {**same, "defense": "rnp", "num_clean_rows": 1000}]
+    _fill_floors_from_output(loaded, output)
+    assert loaded[0]["asr_floor"] == 0.048 and "`cell` on the same rows" in loaded[0]["asr_floor_source"]
+    assert loaded[1].get("asr_floor") is None  # 1,000 clean rows held out: other evaluation rows
+
+
 def test_paraphrase_records_of_other_training_sizes_or_rates_are_kept_apart(tmp_path):
     """A full-split run once replaced the 2,000-row slice's record of the same attack: the key holds both now."""
     from benchmarks.paraphrase_defenses import _merge

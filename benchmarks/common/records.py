@@ -102,7 +102,7 @@ def fill_floors(records: list[dict], known: list[tuple[str, dict]], attack_field
     clean_models: dict[tuple, list[tuple[str, dict]]] = {}
     for source, record in known:
         if record["attack"] == "none" and record["defense"] == "none" and record.get("asr") is not None:
-            key = (record["dataset"], record.get("asr_attack"), record["model"], record["seed"])
+            key = (record["dataset"], record.get("asr_attack"), record["model"], crop_key(record), record["seed"])
             clean_models.setdefault(key, []).append((source, record))
     for record in records:
         if record.get("asr_floor") is not None:
@@ -110,7 +110,7 @@ def fill_floors(records: list[dict], known: list[tuple[str, dict]], attack_field
         attack = record.get(attack_field)
         if attack is None:  # e.g. a model-detection record: no ASR, so no floor
             continue
-        found = clean_models.get((record["dataset"], attack, record["model"], record["seed"]))
+        found = clean_models.get((record["dataset"], attack, record["model"], crop_key(record), record["seed"]))
         if not found:
             continue
         same_device = [(s, r) for s, r in found if r.get("device") == record.get("device")]
@@ -120,6 +120,13 @@ def fill_floors(records: list[dict], known: list[tuple[str, dict]], attack_field
         record["asr_floor_source"] = (
             f"{source}: the clean model of `{clean['command']}` on the same {attack} rows{where}"
         )
+
+
+def crop_key(record: dict) -> int | None:
+    """The random-crop padding an image model was trained with, ``None`` for the default 4 and for records without
+    the field: a ViT trained without the crop is another model, whose clean control is another model too."""
+    crop = record.get("crop_padding")
+    return None if crop in (None, 4) else crop
 
 
 def merge_records(output: Path, new_records: list[dict], key: Callable[[dict], tuple]) -> list[dict]:
