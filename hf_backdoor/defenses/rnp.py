@@ -26,7 +26,8 @@ stop check and recovery rate):
   alone, and attention heads alone were refused there (their masks fall together, and even threshold 0 cost
   held-out accuracy beyond ``max_accuracy_drop``). Heads *among* the units (``("ffn", "head", "layernorm")``) are
   the setting for a ViT trained without the random crop: one head there copies the trigger out of its patch, and
-  RNP + CUL pruned that head and met the removal bar on one of two such models (refused on the other).
+  RNP + CUL pruned that head and met the removal bar on one of two such models (refused on the other, and on the
+  crop-4 model that the default units repair).
 - Recovery rate: ``recovering_lr`` is 1.0, not the official 0.2. At 0.2 the masks of a few thousand transformer
   units barely moved in 20 epochs, where the official log's recovery restores most of the clean accuracy; 1.0 gives
   transformer units that room (100 epochs at 0.2 gave nearly the same sweep as 20 at 1.0).
